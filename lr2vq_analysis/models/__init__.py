@@ -1,0 +1,1 @@
+"""Model architectures: the bundled pretrained digits CNN and weight-free ResNet skeletons."""

@@ -1,0 +1,521 @@
+"""Whole-model analysis: one trade-off model per layer, the global d̃, the plan, and a saved report.
+
+:func:`analyze` loads a model's compressible layers, fits a :class:`~lr2vq_analysis.tradeoff.TradeoffModel`
+to each (layers are independent, so ``n_jobs`` analyses them in parallel), and collects the results
+in a :class:`Report` that converts to a pandas DataFrame, saves to JSON or npz, reloads exactly and
+produces the compression plan.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from tqdm.auto import tqdm
+
+from ._io import write_atomic
+from ._validation import InvalidParameterError, InvalidWeightsError, WeightFileError, check_m, check_rho, check_seed
+from .plan import LayerPlan, effective_k
+from .probes import clustering_error_curve
+from .subvectors import n_subvectors
+from .tradeoff import DEFAULT_RHO, TradeoffModel, fit_tradeoff
+from .weights import load_weights
+
+__all__ = ["LayerReport", "ModelPrediction", "Report", "analyze", "predict_d_tilde"]
+
+REPORT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """The analysis of one layer.
+
+    Attributes
+    ----------
+    name : str
+        State-dict key of the weight, e.g. ``"layer1.0.conv1.weight"``.
+    kind : str
+        ``"conv2d"``, ``"conv1d"`` or ``"linear"``.
+    shape : tuple of int
+        Shape of the weight.
+    model : TradeoffModel
+        The fitted trade-off model (curves, probes, knee, fitted parameters, ρ).
+    measured_curve : numpy.ndarray or None
+        Measured k-means clustering error at every d̃ (only with ``measure_full_curve=True``).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    model: TradeoffModel
+    measured_curve: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        """Number of centroids used for this layer (after PQF's cap on small layers)."""
+        return int(self.model.k)
+
+    @property
+    def m(self) -> int:
+        """Subvector size."""
+        return int(self.model.m)
+
+    @property
+    def rho(self) -> float:
+        """Share of the low-rank error that training does not recover."""
+        return float(self.model.rho)
+
+    @property
+    def n_weights(self) -> int:
+        """Number of weights in the layer."""
+        return int(np.prod(self.shape))
+
+    @property
+    def n_subvectors(self) -> int:
+        """Number of subvectors of size m."""
+        return n_subvectors(self.shape, self.m)
+
+    @property
+    def lowrank_curve(self) -> np.ndarray:
+        """Exact relative low-rank error, d̃ = 1..m."""
+        return np.asarray(self.model.lowrank(np.arange(1, self.m + 1)))
+
+    @property
+    def clustering_curve(self) -> np.ndarray:
+        """Modelled relative clustering error, d̃ = 1..m."""
+        return np.asarray(self.model.clustering(np.arange(1, self.m + 1)))
+
+    @property
+    def total_curve(self) -> np.ndarray:
+        """Modelled total error ρ·lowrank + clustering, d̃ = 1..m."""
+        return np.asarray(self.model.total(np.arange(1, self.m + 1)))
+
+    @property
+    def d_tilde(self) -> int:
+        """Predicted clustering dimensionality (argmin of the total)."""
+        return int(self.model.d_tilde)
+
+    @property
+    def knee(self) -> int:
+        """Reverse water-filling knee: the number of components that get bits at this k."""
+        return int(self.model.knee)
+
+    @property
+    def probes(self) -> dict[int, float]:
+        """Measured clustering errors used for calibration, {d̃: relative error}."""
+        return dict(self.model.probes)
+
+    def plan(self, d_tilde: int | None = None) -> LayerPlan:
+        """The :class:`LayerPlan` for this layer, at the predicted d̃ unless another is given."""
+        return LayerPlan(k=self.k, m=self.m, d_tilde=self.d_tilde if d_tilde is None else d_tilde)
+
+    def bits_per_weight(self, d_tilde: int | None = None) -> float:
+        """Compressed bits per weight (codes, fp16 codebook and projection; bias excluded)."""
+        return sum(self.plan(d_tilde).compressed_bits(self.shape).values()) / self.n_weights
+
+    def with_rho(self, rho: float) -> LayerReport:
+        """The same analysis with another ρ (no refit)."""
+        return replace(self, model=self.model.with_rho(rho))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; floats are written with full precision, so loading is exact."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "model": self.model.to_dict(),
+            "measured_curve": None if self.measured_curve is None else [float(v) for v in self.measured_curve],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerReport:
+        """Inverse of :meth:`to_dict`."""
+        measured = data.get("measured_curve")
+        return cls(
+            name=str(data["name"]),
+            kind=str(data["kind"]),
+            shape=tuple(int(s) for s in data["shape"]),
+            model=TradeoffModel.from_dict(data["model"]),
+            measured_curve=None if measured is None else np.asarray(measured, dtype=np.float64),
+        )
+
+
+class ModelPrediction(dict[str, int]):
+    """Predicted d̃ per layer ``{name: d̃}``, plus the one global d̃ for the model.
+
+    Attributes
+    ----------
+    global_d_tilde : int
+        Argmin over d̃ of the size-weighted total error of all layers (the paper uses one d̃).
+    """
+
+    def __init__(self, per_layer: Mapping[str, int], global_d_tilde: int) -> None:
+        super().__init__(per_layer)
+        self.global_d_tilde = int(global_d_tilde)
+
+    def __repr__(self) -> str:
+        return f"ModelPrediction({dict.__repr__(self)}, global_d_tilde={self.global_d_tilde})"
+
+
+class Report:
+    """Per-layer analysis of a whole model, from :func:`analyze`.
+
+    Parameters
+    ----------
+    layers : list of LayerReport
+        In model order.
+    k, m : int
+        Requested number of centroids and subvector size (a layer may use a smaller, capped k).
+    skipped : dict, optional
+        ``{name: reason}`` for the layers that were not analysed.
+    source : str, optional
+        Description of where the weights came from.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerReport],
+        k: int,
+        m: int,
+        skipped: Mapping[str, str] | None = None,
+        source: str = "",
+    ) -> None:
+        if not layers:
+            raise InvalidWeightsError(f"a report needs at least one analysed layer (source {source!r})")
+        self.layers = list(layers)
+        self.k = int(k)
+        self.m = int(m)
+        self.skipped = dict(skipped or {})
+        self.source = source
+
+    def __repr__(self) -> str:
+        return (
+            f"Report(source={self.source!r}, k={self.k}, m={self.m}, rho={self.rho}, layers={len(self.layers)}, "
+            f"skipped={len(self.skipped)}, global_d_tilde={self.global_d_tilde})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no analysed layer named {name!r}; analysed layers: {[lay.name for lay in self.layers]}")
+
+    @property
+    def rho(self) -> float:
+        """ρ used for every layer."""
+        return self.layers[0].rho
+
+    def global_total_curve(self) -> np.ndarray:
+        """Size-weighted mean of the layers' modelled total error, d̃ = 1..m."""
+        weights = np.array([layer.n_weights for layer in self.layers], dtype=np.float64)
+        curves = np.stack([layer.total_curve for layer in self.layers])
+        return weights @ curves / weights.sum()
+
+    @property
+    def global_d_tilde(self) -> int:
+        """One d̃ for the whole model: argmin of :meth:`global_total_curve`."""
+        return int(np.argmin(self.global_total_curve())) + 1
+
+    def prediction(self) -> ModelPrediction:
+        """Predicted d̃ per layer plus the global d̃."""
+        return ModelPrediction({layer.name: layer.d_tilde for layer in self.layers}, self.global_d_tilde)
+
+    def plan(self, which: str = "layer") -> dict[str, LayerPlan]:
+        """The compression plan ``{name: LayerPlan}``.
+
+        Parameters
+        ----------
+        which : {"layer", "global"}
+            Use each layer's own predicted d̃, or the model's global d̃ for every layer.
+        """
+        if which not in ("layer", "global"):
+            raise InvalidParameterError(f"which={which!r} is invalid; allowed: 'layer', 'global'")
+        d_global = self.global_d_tilde
+        return {layer.name: layer.plan(d_global if which == "global" else None) for layer in self.layers}
+
+    def with_rho(self, rho: float) -> Report:
+        """The same analysis with another ρ: curves and probes are kept, d̃ moves."""
+        rho = check_rho(rho)
+        return Report([layer.with_rho(rho) for layer in self.layers], self.k, self.m, self.skipped, self.source)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: shape, sizes, knee, predicted d̃, errors at d̃ and bits per weight."""
+        rows = []
+        for layer in self.layers:
+            d = layer.d_tilde
+            rows.append(
+                {
+                    "name": layer.name,
+                    "kind": layer.kind,
+                    "shape": "×".join(str(s) for s in layer.shape),
+                    "n_weights": layer.n_weights,
+                    "n_subvectors": layer.n_subvectors,
+                    "k": layer.k,
+                    "m": layer.m,
+                    "rho": layer.rho,
+                    "knee": layer.knee,
+                    "d_tilde": d,
+                    "lowrank_error": float(layer.model.lowrank(d)),
+                    "clustering_error": float(layer.model.clustering(d)),
+                    "total_error": float(layer.model.total(d)),
+                    "bits_per_weight": layer.bits_per_weight(),
+                    "probes": ", ".join(f"{p}:{v:.4f}" for p, v in sorted(layer.probes.items())),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def curves_frame(self) -> pd.DataFrame:
+        """Long format, one row per (layer, d̃): low-rank, modelled and measured clustering, total."""
+        rows = []
+        for layer in self.layers:
+            measured = layer.measured_curve
+            for i, (low, clu, tot) in enumerate(
+                zip(layer.lowrank_curve, layer.clustering_curve, layer.total_curve, strict=True)
+            ):
+                rows.append(
+                    {
+                        "name": layer.name,
+                        "d_tilde": i + 1,
+                        "lowrank_error": float(low),
+                        "clustering_error": float(clu),
+                        "measured_clustering_error": np.nan if measured is None else float(measured[i]),
+                        "total_error": float(tot),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the whole report."""
+        return {
+            "format_version": REPORT_FORMAT_VERSION,
+            "source": self.source,
+            "k": self.k,
+            "m": self.m,
+            "skipped": self.skipped,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict`."""
+        version = data.get("format_version")
+        if version != REPORT_FORMAT_VERSION:
+            raise WeightFileError(
+                f"report format version {version!r} is not supported (expected {REPORT_FORMAT_VERSION})"
+            )
+        layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
+        return cls(layers, int(data["k"]), int(data["m"]), dict(data.get("skipped", {})), str(data.get("source", "")))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report to ``.json`` or ``.npz`` atomically (temporary file, then rename).
+
+        Both formats round-trip exactly through :meth:`load`.
+        """
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1)
+        if path.suffix == ".json":
+            payload = text.encode()
+        elif path.suffix == ".npz":
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, report_json=np.frombuffer(text.encode(), dtype=np.uint8))
+            payload = buffer.getvalue()
+        else:
+            raise InvalidParameterError(f"cannot save a report as {path.name!r}; allowed suffixes: .json, .npz")
+        write_atomic(path, payload)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Report:
+        """Read a report written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise WeightFileError(f"report file {str(path)!r} does not exist")
+        try:
+            if path.suffix == ".json":
+                data = json.loads(path.read_text())
+            elif path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as archive:
+                    data = json.loads(archive["report_json"].tobytes().decode())
+            else:
+                raise WeightFileError(f"cannot read a report from {path.name!r}; allowed suffixes: .json, .npz")
+            return cls.from_dict(data)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            if isinstance(exc, WeightFileError):
+                raise
+            raise WeightFileError(f"report file {str(path)!r} is corrupt or not a report: {exc}") from None
+
+
+def _analyze_layer(
+    name: str,
+    kind: str,
+    weight: np.ndarray,
+    k: int,
+    m: int,
+    rho: float,
+    seed: int,
+    measure_full_curve: bool,
+    probe_options: Mapping[str, Any],
+) -> LayerReport:
+    model = fit_tradeoff(weight, k, m, rho=rho, seed=seed, name=name, **probe_options)
+    measured = clustering_error_curve(weight, k, m, seed=seed, name=name) if measure_full_curve else None
+    return LayerReport(name=name, kind=kind, shape=tuple(weight.shape), model=model, measured_curve=measured)
+
+
+def analyze(
+    source: Any,
+    k: int = 256,
+    m: int = 9,
+    *,
+    rho: float = DEFAULT_RHO,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    min_size: int = 0,
+    keep_first_conv: bool = False,
+    cap_k: bool = True,
+    seed: int = 0,
+    n_jobs: int = 1,
+    progress: bool = True,
+    measure_full_curve: bool = False,
+    **probe_options: Any,
+) -> Report:
+    """Analyse every compressible layer of a model and predict d̃ per layer and globally.
+
+    Parameters
+    ----------
+    source : str, path, torch.nn.Module or mapping
+        A weight file (``.pt``/``.pth``/``.safetensors``/``.npz``), a bundled model name
+        (``"digits-cnn"``), a module or a state dict; see :func:`~lr2vq_analysis.weights.load_weights`.
+    k : int, default 256
+        Number of centroids.
+    m : int, default 9
+        Subvector size; layers whose row length it does not divide are skipped with the reason.
+    rho : float, default DEFAULT_RHO
+        Share of the low-rank error that end-to-end training does not recover, in (0, 1].
+    include, exclude : str or list of str, optional
+        Glob patterns on layer names.
+    min_size : int, default 0
+        Layers with fewer weights are skipped.
+    keep_first_conv : bool, default False
+        Analyse the first convolution too (the field keeps it uncompressed).
+    cap_k : bool, default True
+        Apply PQF's cap k_eff = min(k, largest power of two <= n_subvectors / 4) on small layers;
+        layers with fewer than 8 subvectors are then skipped. With ``cap_k=False`` a k that is
+        too large for a layer raises :class:`~lr2vq_analysis.InvalidParameterError`.
+    seed : int, default 0
+        Seed of every k-means probe.
+    n_jobs : int, default 1
+        Layers analysed in parallel (threads; -1 uses all cores).
+    progress : bool, default True
+        Show a progress bar over layers.
+    measure_full_curve : bool, default False
+        Also run k-means at every d̃ on all subvectors (slow; for validating the model).
+    **probe_options
+        Passed to :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`.
+
+    Returns
+    -------
+    Report
+
+    Raises
+    ------
+    InvalidParameterError, InvalidWeightsError, WeightFileError
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> state = {"conv1.weight": rng.normal(size=(8, 1, 3, 3)), "conv2.weight": rng.normal(size=(32, 16, 3, 3))}
+    >>> report = analyze(state, k=16, m=9, progress=False)
+    >>> [layer.name for layer in report.layers], sorted(report.skipped)
+    (['conv2.weight'], ['conv1.weight'])
+    >>> 1 <= report.global_d_tilde <= 9
+    True
+    """
+    m = check_m(m)
+    rho = check_rho(rho)
+    seed = check_seed(seed)
+    if not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+        raise InvalidParameterError(f"n_jobs={n_jobs!r} is invalid; use a positive integer or -1 (all cores)")
+    weights = load_weights(
+        source, m=m, include=include, exclude=exclude, min_size=min_size, keep_first_conv=keep_first_conv
+    )
+    skipped = dict(weights.skipped)
+    jobs = []
+    for name, weight in weights.items():
+        layer_k = effective_k(k, weight.shape, m) if cap_k else k
+        if cap_k and n_subvectors(weight.shape, m) < 8:
+            skipped[name] = f"only {n_subvectors(weight.shape, m)} subvectors of size m={m}; too few to cluster"
+            continue
+        kind = weights.info[name].kind
+        jobs.append(
+            delayed(_analyze_layer)(name, kind, weight, layer_k, m, rho, seed, measure_full_curve, probe_options)
+        )
+    if not jobs:
+        raise InvalidWeightsError(f"no layer of {describe_source(source)} can be analysed at m={m}: {skipped}")
+    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs)
+    layers = list(tqdm(results, total=len(jobs), desc="analyze", unit="layer", disable=not progress))
+    return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source))
+
+
+def describe_source(source: Any) -> str:
+    """Short text naming where weights came from, for reports and messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return type(source).__name__
+
+
+def predict_d_tilde(
+    weights: Any,
+    k: int = 256,
+    m: int = 9,
+    *,
+    rho: float = DEFAULT_RHO,
+    seed: int = 0,
+    **options: Any,
+) -> int | ModelPrediction:
+    """Predict the best clustering dimensionality d̃ before any fine-tuning.
+
+    Parameters
+    ----------
+    weights : array-like, torch.Tensor, str, path, torch.nn.Module or mapping
+        One layer's weight (2-D, 3-D or 4-D array or tensor) → one d̃; anything else is treated as a
+        whole model (see :func:`analyze`) → d̃ per layer plus one global d̃.
+    k : int, default 256
+        Number of centroids.
+    m : int, default 9
+        Subvector size.
+    rho : float, default DEFAULT_RHO
+        Share of the low-rank error that training does not recover, in (0, 1].
+    seed : int, default 0
+        Seed of the k-means probes.
+    **options
+        For a single layer, passed to :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`; for a model, to
+        :func:`analyze` (``progress`` defaults to False here).
+
+    Returns
+    -------
+    int or ModelPrediction
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).normal(size=(64, 16, 3, 3))
+    >>> d = predict_d_tilde(w, k=32, m=9)
+    >>> 1 <= d <= 9
+    True
+    """
+    if isinstance(weights, np.ndarray) or (hasattr(weights, "detach") and hasattr(weights, "shape")):
+        return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde)
+    options.setdefault("progress", False)
+    return analyze(weights, k, m, rho=rho, seed=seed, **options).prediction()
