@@ -22,6 +22,7 @@ __all__ = [
     "check_d_tilde",
     "check_rho",
     "check_seed",
+    "check_count",
     "check_finite",
     "check_weight_rank",
     "as_float_array",
@@ -114,6 +115,13 @@ def check_seed(seed: Any) -> int:
     if not _is_int(seed) or seed < 0:
         raise InvalidParameterError(f"seed={seed!r} is invalid; seed must be a non-negative integer")
     return int(seed)
+
+
+def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
+    """Check an integer count (steps, batch size, threads, ...) that must be at least ``minimum``."""
+    if not _is_int(value) or value < minimum:
+        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be an integer >= {minimum}")
+    return int(value)
 
 
 def as_float_array(weight: Any, *, name: str | None = None) -> np.ndarray:

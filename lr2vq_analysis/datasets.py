@@ -125,7 +125,8 @@ def digits_loaders(
     """Return data loaders over :func:`load_digits_splits`; only the training loader shuffles.
 
     The training loader shuffles with a ``torch.Generator`` seeded by ``seed``, so two runs with the
-    same seed see the batches in the same order.
+    same seed see the batches in the same order. It drops the last incomplete batch (898 = 14·64 + 2:
+    batch norm statistics of a 2-image batch are noise); each epoch drops different images.
 
     Parameters
     ----------
@@ -139,7 +140,7 @@ def digits_loaders(
     Returns
     -------
     dict of str to torch.utils.data.DataLoader
-        Keys ``"train"`` (shuffled), ``"val"`` and ``"test"`` (in a fixed order).
+        Keys ``"train"`` (shuffled, full batches only), ``"val"`` and ``"test"`` (all images, in a fixed order).
 
     Raises
     ------
@@ -158,7 +159,9 @@ def digits_loaders(
     splits = load_digits_splits(seed, val_fraction=val_fraction, test_fraction=test_fraction)
     generator = torch.Generator().manual_seed(seed)
     return {
-        "train": DataLoader(splits["train"], batch_size=int(batch_size), shuffle=True, generator=generator),
+        "train": DataLoader(
+            splits["train"], batch_size=int(batch_size), shuffle=True, drop_last=True, generator=generator
+        ),
         "val": DataLoader(splits["val"], batch_size=int(batch_size), shuffle=False),
         "test": DataLoader(splits["test"], batch_size=int(batch_size), shuffle=False),
     }

@@ -1,0 +1,1186 @@
+"""Figures for reports and papers: trade-off curves, model overview, spectra, sizes and sweep results.
+
+Every plot function draws with one style (:func:`plot_style`: Okabe–Ito colour-blind-safe palette,
+one font size scale, no top/right spines, light horizontal grid), returns the matplotlib
+:class:`~matplotlib.figure.Figure` and accepts an optional ``ax`` to draw into an existing axes.
+Figures are created through :mod:`matplotlib.pyplot`, so they show inline in Jupyter; in scripts
+close them with ``matplotlib.pyplot.close(fig)`` (:func:`save_report_figures` does). Nothing here
+needs a display: headless runs use the Agg backend.
+
+:func:`save_figure` writes PNG at 300 dpi plus vector formats (SVG, PDF), each file atomically.
+
+Sweep results (for :func:`plot_accuracy_vs_d_tilde` and :func:`plot_size_frontier`) are a pandas
+DataFrame, or a CSV file, with one row per (method, configuration, seed) and the columns
+:data:`SWEEP_COLUMNS` plus one metric column (``"accuracy"`` by default, or e.g. ``"cosine"``):
+
+========== ======= ==========================================================================
+column     type    meaning
+========== ======= ==========================================================================
+method     str     ``"lr2vq"``, ``"pq"``, ``"scalar"``, ``"dkm"``, ``"uncompressed"``, ...
+k          int     number of centroids (ignored for ``"uncompressed"``)
+m          int     subvector size (1 for scalar k-means)
+d_tilde    int     clustering dimensionality (m for PQ; empty for methods without one)
+seed       int     seed of the run; mean ± sd are taken over seeds
+megabytes  float   size of the compressed model in MiB (the field's convention, see size.py)
+<metric>   float   the quality measured on held-out data, e.g. accuracy or cosine similarity
+========== ======= ==========================================================================
+
+An optional column ``predicted_d_tilde`` (int, constant within one (method, k, m)) marks the
+analysis's prediction when the ``predicted_d_tilde`` argument is not given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from cycler import cycler
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.container import ErrorbarContainer
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ._io import write_atomic
+from ._validation import InvalidParameterError, WeightFileError
+
+if TYPE_CHECKING:  # imported for annotations only: plots never needs the heavy stages at import time
+    from .report import LayerReport, Report
+    from .tradeoff import TradeoffModel
+
+__all__ = [
+    "COLORS",
+    "SWEEP_COLUMNS",
+    "METHOD_LABELS",
+    "plot_style",
+    "save_figure",
+    "plot_tradeoff",
+    "plot_tradeoff_grid",
+    "plot_overview",
+    "plot_spectra",
+    "plot_size_breakdown",
+    "plot_accuracy_vs_d_tilde",
+    "plot_size_frontier",
+    "load_sweep_results",
+    "save_report_figures",
+]
+
+#: Okabe & Ito (2008) colour-blind-safe palette, by role.
+COLORS: dict[str, str] = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky": "#56B4E9",
+    "green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "purple": "#CC79A7",
+    "grey": "#7F7F7F",
+}
+_CYCLE = [COLORS[c] for c in ("blue", "vermillion", "green", "orange", "purple", "sky", "black", "yellow")]
+
+#: Columns every sweep-results table must have (plus one metric column).
+SWEEP_COLUMNS: tuple[str, ...] = ("method", "k", "m", "d_tilde", "seed", "megabytes")
+
+#: How methods are named in legends; unknown methods are shown as written.
+METHOD_LABELS: dict[str, str] = {
+    "lr2vq": "LR²VQ",
+    "pq": "PQ",
+    "scalar": "scalar k-means",
+    "dkm": "DKM",
+    "lr2vq-dkm": "LR²VQ + DKM",
+    "uncompressed": "uncompressed",
+}
+_METHOD_COLORS: dict[str, str] = {
+    "lr2vq": COLORS["blue"],
+    "pq": COLORS["vermillion"],
+    "scalar": COLORS["green"],
+    "dkm": COLORS["purple"],
+    "lr2vq-dkm": COLORS["sky"],
+    "uncompressed": COLORS["black"],
+}
+_METHOD_LINESTYLES: dict[str, Any] = {"pq": "--", "scalar": "-.", "dkm": (0, (5, 1, 1, 1)), "uncompressed": ":"}
+_METHOD_MARKERS: dict[str, str] = {"lr2vq": "o", "pq": "s", "scalar": "^", "dkm": "D", "lr2vq-dkm": "v"}
+
+_D_TILDE = r"$\tilde{d}$"
+_ENERGY = r"fraction of $\Vert W\Vert^2$"
+
+_STYLE: dict[Any, Any] = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "figure.titlesize": 11,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.grid.axis": "y",
+    "grid.color": "#DDDDDD",
+    "grid.linewidth": 0.6,
+    "axes.axisbelow": True,
+    "axes.prop_cycle": cycler(color=_CYCLE),
+    "axes.titlelocation": "left",
+    "lines.linewidth": 1.6,
+    "lines.markersize": 5,
+    "legend.frameon": False,
+    "image.cmap": "cividis",
+    "figure.dpi": 100,
+    "savefig.dpi": 300,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,  # TrueType in PDFs: publishers reject Type 3 fonts
+    "ps.fonttype": 42,
+    "svg.fonttype": "path",
+}
+
+
+def plot_style() -> contextlib.AbstractContextManager[None]:
+    """The package's figure style, as a context manager around matplotlib's rcParams.
+
+    Every plot function of this module draws inside it; use it for your own figures to match.
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> with plot_style():
+    ...     fig, ax = plt.subplots()
+    >>> ax.spines["top"].get_visible()
+    False
+    >>> plt.close(fig)
+    """
+    return matplotlib.rc_context(_STYLE)
+
+
+def _styled(func: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Run a plot function inside :func:`plot_style` (artists take their style when created)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with plot_style():
+            return func(*args, **kwargs)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__qualname__ = func.__qualname__
+    wrapper.__doc__ = func.__doc__
+    wrapper.__module__ = func.__module__
+    wrapper.__wrapped__ = func  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _figure_and_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        if not isinstance(ax, Axes):
+            raise InvalidParameterError(f"ax={ax!r} is invalid; pass a matplotlib Axes or None")
+        figure = ax.get_figure()
+        assert isinstance(figure, Figure)
+        return figure, ax
+    figure, new_ax = plt.subplots(figsize=figsize, layout="constrained")
+    return figure, new_ax
+
+
+def _figure_legend(figure: Figure, ax: Axes, owned: bool, ncols: int) -> None:
+    """Legend below the figure when this module created it (never covers data), else inside the axes."""
+    handles, labels = ax.get_legend_handles_labels()
+    # Lines with error bars (the measured methods) first, reference lines and markers after.
+    order = sorted(range(len(handles)), key=lambda i: not isinstance(handles[i], ErrorbarContainer))
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    if owned:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)))
+    else:
+        ax.legend(handles, labels, loc="best")
+
+
+def _ellipsize(text: str, limit: int) -> str:
+    """Keep the end of a long layer name (its most specific part)."""
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+def _short_name(name: str) -> str:
+    """Layer label for axes: the state-dict key without its trailing ``.weight``."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _format_rho(rho: float) -> str:
+    return f"{rho:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+_SAVE_FORMATS = ("png", "svg", "pdf")
+
+
+def save_figure(
+    fig: Figure,
+    path_stem: str | os.PathLike[str],
+    formats: Sequence[str] = ("png", "svg"),
+    *,
+    dpi: int = 300,
+) -> list[Path]:
+    """Write a figure as PNG (``dpi``, default 300) and vector formats, each file atomically.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    path_stem : str or path
+        Path without suffix; ``"out/tradeoff"`` writes ``out/tradeoff.png``, ``out/tradeoff.svg``, ...
+        A suffix that names one of the formats is dropped, so ``"out/tradeoff.png"`` works too.
+    formats : sequence of {"png", "svg", "pdf"}, default ("png", "svg")
+    dpi : int, default 300
+        Resolution of raster formats.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, in the order of ``formats``.
+
+    Raises
+    ------
+    InvalidParameterError
+        For an unknown format or an empty list of formats.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import matplotlib.pyplot as plt
+    >>> fig, ax = plt.subplots()
+    >>> _ = ax.plot([1, 2, 3])
+    >>> paths = save_figure(fig, pathlib.Path(tempfile.mkdtemp()) / "line", formats=("png", "svg"))
+    >>> [p.suffix for p in paths]
+    ['.png', '.svg']
+    >>> plt.close(fig)
+    """
+    if isinstance(formats, str):
+        formats = (formats,)
+    formats = [str(f).lower().lstrip(".") for f in formats]
+    if not formats or any(f not in _SAVE_FORMATS for f in formats):
+        raise InvalidParameterError(f"formats={formats!r} is invalid; choose one or more of {_SAVE_FORMATS}")
+    stem = Path(path_stem)
+    if stem.suffix.lstrip(".").lower() in _SAVE_FORMATS:
+        stem = stem.with_suffix("")
+    written = []
+    for fmt in formats:
+        buffer = io.BytesIO()
+        # A fixed creation date keeps SVG/PDF output byte-identical between runs.
+        metadata: dict[str, Any] | None = {"Date": None} if fmt in ("svg", "pdf") else None
+        with plot_style():
+            fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        written.append(write_atomic(stem.parent / f"{stem.name}.{fmt}", buffer.getvalue()))
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Trade-off curves of one layer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LayerCurves:
+    """What a trade-off plot needs, taken from a LayerReport or a TradeoffModel."""
+
+    name: str
+    k: int
+    m: int
+    rho: float
+    lowrank: np.ndarray
+    clustering: np.ndarray
+    total: np.ndarray
+    probes: dict[int, float]
+    d_tilde: int
+    measured: np.ndarray | None
+
+    @classmethod
+    def of(cls, layer: LayerReport | TradeoffModel, measured: Sequence[float] | None) -> _LayerCurves:
+        model: Any = getattr(layer, "model", layer)  # LayerReport wraps a TradeoffModel
+        if not all(hasattr(model, attr) for attr in ("lowrank", "clustering", "total", "k", "m", "rho")):
+            raise InvalidParameterError(
+                f"cannot plot a {type(layer).__name__}; pass a LayerReport (report.layers[i]) or a TradeoffModel"
+            )
+        m = int(model.m)
+        d = np.arange(1, m + 1)
+        if measured is None:
+            measured = getattr(layer, "measured_curve", None)
+        measured_arr = None if measured is None else np.asarray(measured, dtype=np.float64)
+        name = getattr(layer, "name", None) or getattr(model, "name", None) or "layer"
+        if measured_arr is not None and measured_arr.shape != (m,):
+            raise InvalidParameterError(
+                f"layer {name!r}: measured curve has shape {measured_arr.shape}; expected ({m},), one value per d̃"
+            )
+        return cls(
+            name=str(name),
+            k=int(model.k),
+            m=m,
+            rho=float(model.rho),
+            lowrank=np.asarray(model.lowrank(d), dtype=np.float64),
+            clustering=np.asarray(model.clustering(d), dtype=np.float64),
+            total=np.asarray(model.total(d), dtype=np.float64),
+            probes={int(p): float(v) for p, v in dict(getattr(model, "probes", {})).items()},
+            d_tilde=int(model.d_tilde),
+            measured=measured_arr,
+        )
+
+
+def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: bool) -> None:
+    d = np.arange(1, curves.m + 1)
+    size = 3.5 if compact else 5.0
+    ax.plot(d, curves.lowrank, color=COLORS["blue"], marker="o", markersize=size, label="low-rank error")
+    ax.plot(d, curves.clustering, color=COLORS["orange"], marker="o", markersize=size, label="clustering error (model)")
+    if curves.measured is not None:
+        ax.plot(
+            d,
+            curves.measured,
+            color=COLORS["vermillion"],
+            linestyle=":",
+            marker="x",
+            markersize=size + 1,
+            label="clustering error (k-means)",
+        )
+    if curves.probes:
+        probe_d = sorted(curves.probes)
+        ax.plot(
+            probe_d,
+            [curves.probes[p] for p in probe_d],
+            linestyle="none",
+            marker="s",
+            markersize=size + 3,
+            markerfacecolor="none",
+            markeredgecolor=COLORS["vermillion"],
+            markeredgewidth=1.3,
+            label="k-means probes (calibration)",
+        )
+    ax.plot(
+        d,
+        curves.total,
+        color=COLORS["black"],
+        linewidth=2.2,
+        label=rf"total = {_format_rho(curves.rho)}·low-rank + clustering",
+    )
+    best = curves.d_tilde
+    ax.axvline(best, color=COLORS["grey"], linestyle="--", linewidth=1.0, zorder=0)
+    ax.plot(
+        [best],
+        [curves.total[best - 1]],
+        linestyle="none",
+        marker="*",
+        markersize=size + 9,
+        color=COLORS["black"],
+        markerfacecolor=COLORS["yellow"],
+        markeredgewidth=0.9,
+        zorder=5,
+        label=rf"predicted {_D_TILDE} = {best}",
+    )
+    ax.set_xticks(d)
+    ax.set_xlim(0.6, curves.m + 0.4)
+    top = float(np.nanmax(np.concatenate([curves.lowrank, curves.clustering, curves.total])))
+    if curves.measured is not None:
+        top = max(top, float(np.nanmax(curves.measured)))
+    ax.set_ylim(0.0, top * 1.08 if top > 0 else 1.0)
+    if compact:
+        ax.set_title(
+            f"{_ellipsize(_short_name(curves.name), 34)}\n" + rf"{_D_TILDE} = {best}, k = {curves.k}", fontsize=7.5
+        )
+    else:
+        ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
+        ax.set_ylabel(_ENERGY)
+        ax.set_title(f"{curves.name}  (k = {curves.k}, m = {curves.m})")
+    if legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+@_styled
+def plot_tradeoff(
+    layer: LayerReport | TradeoffModel,
+    *,
+    ax: Axes | None = None,
+    measured: Sequence[float] | None = None,
+    legend: bool = True,
+) -> Figure:
+    """Error trade-off of one layer against d̃ = 1..m, with the predicted d̃ marked.
+
+    Draws the exact low-rank error, the modelled clustering error with the k-means probes that
+    calibrated it (squares), the measured clustering error at every d̃ when available (crosses),
+    and the total ρ·low-rank + clustering whose minimum (star, dashed line) is the predicted d̃.
+    All errors are fractions of the layer's ‖W‖².
+
+    Parameters
+    ----------
+    layer : LayerReport or TradeoffModel
+        One entry of ``report.layers``, or a model from :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`.
+    ax : matplotlib.axes.Axes, optional
+        Draw into this axes instead of a new figure.
+    measured : sequence of float, optional
+        Measured relative clustering error at d̃ = 1..m, e.g. from
+        :func:`~lr2vq_analysis.probes.clustering_error_curve`; defaults to the layer's
+        ``measured_curve`` (``analyze(..., measure_full_curve=True)``).
+    legend : bool, default True
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``layer`` is neither a LayerReport nor a TradeoffModel, or ``measured`` has the wrong length.
+    """
+    curves = _LayerCurves.of(layer, measured)
+    figure, ax = _figure_and_axes(ax, (7.0, 3.4))
+    _draw_tradeoff(ax, curves, legend=legend, compact=False)
+    return figure
+
+
+@_styled
+def plot_tradeoff_grid(report: Report, *, ncols: int = 4, max_layers: int | None = None) -> Figure:
+    """Small multiples: the trade-off plot of every layer of a report, sharing one legend.
+
+    Parameters
+    ----------
+    report : Report
+    ncols : int, default 4
+        Panels per row.
+    max_layers : int, optional
+        Draw only the first ``max_layers`` layers (model order).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if not isinstance(ncols, int) or ncols < 1:
+        raise InvalidParameterError(f"ncols={ncols!r} is invalid; use a positive integer")
+    layers = list(report.layers)[: max_layers if max_layers else None]
+    ncols = min(ncols, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    figure, axes = plt.subplots(
+        nrows, ncols, figsize=(2.6 * ncols, 2.1 * nrows + 0.9), layout="constrained", squeeze=False, sharex=True
+    )
+    for index, ax in enumerate(axes.flat):
+        if index >= len(layers):
+            ax.set_visible(False)
+            continue
+        _draw_tradeoff(ax, _LayerCurves.of(layers[index], None), legend=False, compact=True)
+        if index % ncols == 0:
+            ax.set_ylabel(_ENERGY)
+        if index // ncols == nrows - 1 or index + ncols >= len(layers):
+            ax.set_xlabel(_D_TILDE)
+            ax.tick_params(labelbottom=True)
+    entries: dict[str, Any] = {}
+    for ax in axes.flat[: len(layers)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            # Every panel has its own predicted d̃; the legend entry names the marker, not one value.
+            entries.setdefault(rf"predicted {_D_TILDE}" if label.startswith("predicted") else label, handle)
+    figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3))
+    figure.suptitle(
+        f"Error trade-off per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)}); "
+        f"errors as {_ENERGY}",
+        x=0.01,
+        horizontalalignment="left",
+    )
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole model
+# --------------------------------------------------------------------------------------------------
+
+
+@_styled
+def plot_overview(report: Report, *, ax: Axes | None = None) -> Figure:
+    """Predicted d̃ of every layer in model order, with each layer's knee and the global d̃.
+
+    Parameters
+    ----------
+    report : Report
+    ax : matplotlib.axes.Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    layers = list(report.layers)
+    n = len(layers)
+    owned = ax is None
+    figure, ax = _figure_and_axes(ax, (5.6, 1.4 + 0.26 * n))
+    y = np.arange(n)
+    d_tilde = np.array([layer.d_tilde for layer in layers])
+    knee = np.array([layer.knee for layer in layers])
+    for row in y:
+        ax.plot([1, report.m], [row, row], color="#EEEEEE", linewidth=0.8, zorder=0)
+    ax.plot(
+        knee,
+        y,
+        linestyle="none",
+        marker="o",
+        markersize=7,
+        markerfacecolor="none",
+        markeredgecolor=COLORS["orange"],
+        markeredgewidth=1.3,
+        label="knee (reverse water-filling)",
+    )
+    ax.plot(
+        d_tilde, y, linestyle="none", marker="o", markersize=5.5, color=COLORS["blue"], label=rf"predicted {_D_TILDE}"
+    )
+    ax.axvline(
+        report.global_d_tilde,
+        color=COLORS["black"],
+        linestyle="--",
+        linewidth=1.2,
+        label=rf"global {_D_TILDE} = {report.global_d_tilde}",
+    )
+    ax.set_yticks(y, [_short_name(layer.name) for layer in layers])
+    ax.set_ylim(n - 0.5, -0.5)  # model order from top to bottom
+    ax.set_xticks(np.arange(1, report.m + 1))
+    ax.set_xlim(0.5, report.m + 0.5)
+    ax.grid(False)
+    ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
+    ax.set_title(rf"Predicted {_D_TILDE} per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)})")
+    _figure_legend(figure, ax, owned, ncols=3)
+    return figure
+
+
+@_styled
+def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None = None) -> Figure:
+    """Heatmap of the eigenvalue spectra of all layers (layers × component), as fractions of ‖W‖².
+
+    Each row is one layer's eigenvalues of the m × m Gram matrix of its subvectors, divided by ‖W‖²
+    (so a row sums to 1), on a log colour scale; a vertical tick after column d̃ marks where the
+    predicted clustering dimensionality cuts the spectrum.
+
+    Parameters
+    ----------
+    report : Report
+    ax : matplotlib.axes.Axes, optional
+    floor : float, optional
+        Smallest value of the colour scale (smaller eigenvalues are drawn at the floor); by default
+        the power of ten at or below the smallest eigenvalue, but not below 1e-6.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    layers = list(report.layers)
+    n = len(layers)
+    values = np.vstack([np.asarray(layer.model.eigenvalues_, dtype=np.float64) for layer in layers])
+    if floor is None:
+        positive = values[values > 0]
+        smallest = float(positive.min()) if positive.size else 1e-6
+        floor = max(1e-6, 10.0 ** math.floor(math.log10(smallest)))
+    if not floor > 0 or not floor < 1:
+        raise InvalidParameterError(f"floor={floor!r} is invalid; use a number in (0, 1)")
+    values = np.clip(values, floor, 1.0)
+    owned = ax is None
+    figure, ax = _figure_and_axes(ax, (5.6, 1.5 + 0.26 * n))
+    image = ax.imshow(
+        values,
+        aspect="auto",
+        norm=LogNorm(vmin=floor, vmax=1.0),
+        extent=(0.5, report.m + 0.5, n - 0.5, -0.5),
+        interpolation="nearest",
+    )
+    for row, layer in enumerate(layers):
+        x = layer.d_tilde + 0.5
+        ax.plot([x, x], [row - 0.45, row + 0.45], color=COLORS["vermillion"], linewidth=2.4, solid_capstyle="butt")
+    ax.plot([], [], color=COLORS["vermillion"], linewidth=2.4, label=rf"cut at predicted {_D_TILDE}")
+    ax.set_yticks(np.arange(n), [_short_name(layer.name) for layer in layers])
+    ax.set_xticks(np.arange(1, report.m + 1))
+    ax.set_xlabel("principal component (decreasing eigenvalue)")
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    colorbar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    colorbar.set_label(f"eigenvalue ({_ENERGY})")
+    ax.set_title(f"Subvector spectra (m = {report.m})")
+    _figure_legend(figure, ax, owned, ncols=1)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------
+# Size of a compressed model
+# --------------------------------------------------------------------------------------------------
+
+_SIZE_PARTS: tuple[tuple[str, str, str], ...] = (
+    ("codes", "codes", COLORS["blue"]),
+    ("codebook", "codebooks", COLORS["orange"]),
+    ("projection", "projections P", COLORS["green"]),
+    ("uncompressed", "uncompressed (fp32)", COLORS["grey"]),
+)
+
+
+def _size_parts_frame(size_report: Any) -> pd.DataFrame:
+    """Bits of each part per module (weight, bias and folded batch norm of one module together), model order."""
+    frame = size_report.to_frame()
+    required = ("name", "codes_bits", "codebook_bits", "projection_bits", "dense_bits")
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise InvalidParameterError(f"size breakdown needs the columns {list(required)}; missing {missing}")
+    frame = frame.rename(
+        columns={
+            "codes_bits": "codes",
+            "codebook_bits": "codebook",
+            "projection_bits": "projection",
+            "dense_bits": "uncompressed",
+        }
+    )
+    # "conv2.weight" and "conv2.bias" are one module; a folded batch norm is already named by its module.
+    kinds = frame["kind"] if "kind" in frame.columns else pd.Series("", index=frame.index)
+    module = [
+        name if kind == "batchnorm" or "." not in name else name.rpartition(".")[0]
+        for name, kind in zip(frame["name"].astype(str), kinds, strict=True)
+    ]
+    frame["module"] = pd.Categorical(module, categories=list(dict.fromkeys(module)), ordered=True)
+    return frame.groupby("module", observed=True, sort=True)[[part for part, _, _ in _SIZE_PARTS]].sum().astype(float)
+
+
+def _bits_unit(total_bits: float) -> tuple[float, str]:
+    """Divisor and unit name (KiB or MiB) that give readable numbers for this many bits."""
+    if total_bits >= 8 * 2**20:
+        return 8 * 2**20, "MiB"
+    return 8 * 2**10, "KiB"
+
+
+def _format_bits(bits: float) -> str:
+    divisor, unit = _bits_unit(bits)
+    return f"{bits / divisor:.3g} {unit}"
+
+
+@_styled
+def plot_size_breakdown(size_report: Any, *, ax: Axes | None = None, min_share: float = 0.01) -> Figure:
+    """Stacked bars of what a compressed model's bits are spent on, per layer and in total.
+
+    Parts: codes (log2 k bits each), codebooks (fp16), projections P (fp16) and everything left
+    uncompressed (fp32: first conv, biases, folded batch norm, ...), one bar per module (a layer's
+    weight and bias together). The title carries the total compressed size, the uncompressed size
+    and the compression ratio.
+
+    Parameters
+    ----------
+    size_report : SizeReport
+        From :func:`~lr2vq_analysis.size.size_report`.
+    ax : matplotlib.axes.Axes, optional
+        Draw the per-layer bars into this axes (the total is then only in the title); without it
+        the figure has a second, narrow panel with the total.
+    min_share : float, default 0.01
+        Merge modules smaller than this share of the compressed total into one "other" bar (0 keeps all).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    parts = _size_parts_frame(size_report)
+    compressed_bits = float(size_report.compressed_bits)
+    uncompressed_bits = float(size_report.uncompressed_bits)
+    ratio = float(size_report.ratio)
+    if min_share > 0:
+        small = parts.sum(axis=1) < min_share * compressed_bits
+        if small.sum() > 1:
+            other = parts[small].sum().to_frame(f"other ({int(small.sum())} entries)").T
+            parts = pd.concat([parts[~small], other])
+    divisor, unit = _bits_unit(float(parts.sum(axis=1).max()))
+    n = len(parts)
+    if ax is None:
+        figure, (ax, total_ax) = plt.subplots(
+            1,
+            2,
+            figsize=(6.4, 1.5 + 0.26 * n),
+            layout="constrained",
+            gridspec_kw={"width_ratios": (4, 1)},
+        )
+    else:
+        figure, ax = _figure_and_axes(ax, (6.4, 1.5 + 0.26 * n))
+        total_ax = None
+    y = np.arange(n)
+    left = np.zeros(n)
+    for part, label, color in _SIZE_PARTS:
+        values = parts[part].to_numpy() / divisor
+        ax.barh(y, values, left=left, color=color, height=0.7, label=label)
+        left += values
+    ax.set_yticks(y, [_short_name(str(name)) for name in parts.index])
+    ax.set_ylim(n - 0.5, -0.6)
+    ax.set_xlabel(f"size ({unit})")
+    ax.grid(True, axis="x")
+    ax.grid(False, axis="y")
+    title = (
+        f"Compressed size {_format_bits(compressed_bits)} "
+        f"(uncompressed {_format_bits(uncompressed_bits)}, ratio {ratio:.1f}×)"
+    )
+    if total_ax is not None:
+        total_divisor, total_unit = _bits_unit(compressed_bits)
+        bottom = 0.0
+        totals = parts.sum(axis=0)
+        for part, _label, color in _SIZE_PARTS:
+            value = float(totals[part]) / total_divisor
+            total_ax.bar([0], [value], bottom=bottom, color=color, width=0.6)
+            bottom += value
+        total_ax.set_xticks([0], ["total"])
+        total_ax.set_xlim(-0.6, 0.6)
+        total_ax.set_ylabel(f"compressed size ({total_unit})")
+        figure.suptitle(title, x=0.01, horizontalalignment="left")
+    else:
+        ax.set_title(title)
+    _figure_legend(figure, ax, total_ax is not None, ncols=4)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep results: accuracy vs d̃ and size–accuracy frontier
+# --------------------------------------------------------------------------------------------------
+
+
+def load_sweep_results(source: pd.DataFrame | str | os.PathLike[str], metric: str = "accuracy") -> pd.DataFrame:
+    """Read and check sweep results (see the module docstring for the columns).
+
+    Parameters
+    ----------
+    source : pandas.DataFrame, or path to a CSV file
+    metric : str, default "accuracy"
+        Name of the column that holds the measured quality.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy with ``method`` as str and numeric columns as numbers.
+
+    Raises
+    ------
+    InvalidParameterError
+        If a required column is missing, or the table is empty.
+    WeightFileError
+        If the CSV file cannot be read.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"method": ["pq"], "k": [16], "m": [9], "d_tilde": [9], "seed": [0],
+    ...                       "megabytes": [0.05], "accuracy": [0.98]})
+    >>> load_sweep_results(table).shape
+    (1, 7)
+    """
+    if isinstance(source, pd.DataFrame):
+        frame = source.copy()
+    else:
+        try:
+            frame = pd.read_csv(source)
+        except (OSError, ValueError) as exc:
+            raise WeightFileError(f"cannot read sweep results from {str(source)!r}: {exc}") from None
+    required = [*SWEEP_COLUMNS, metric]
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise InvalidParameterError(
+            f"sweep results lack the column(s) {missing}; required: {required} (metric={metric!r})"
+        )
+    if frame.empty:
+        raise InvalidParameterError("sweep results are empty; need at least one row")
+    frame["method"] = frame["method"].astype(str)
+    for column in ("k", "m", "d_tilde", "seed", "megabytes", metric):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One configuration of one method, aggregated over seeds."""
+
+    method: str
+    k: float | None
+    m: float | None
+    d_tilde: float | None
+    mean: float
+    sd: float
+    n: int
+    megabytes: float
+
+    @property
+    def config(self) -> tuple[str, float | None, float | None]:
+        return (self.method, self.k, self.m)
+
+    def config_text(self) -> str:
+        if self.k is None or self.m is None:
+            return ""
+        return f"k = {self.k:g}, m = {self.m:g}"
+
+
+def _number(value: Any) -> float | None:
+    """float, or None for a missing value (NaN never equals itself, so it cannot be a grouping key)."""
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _summarise(frame: pd.DataFrame, metric: str, *, by_d_tilde: bool = True) -> list[_Point]:
+    """Mean and sd (ddof=1; 0 for one seed) of the metric and mean size per configuration, in order of appearance."""
+    groups: dict[tuple[str, float | None, float | None, float | None], list[tuple[float, float]]] = {}
+    columns = frame[["method", "k", "m", "d_tilde", "megabytes", metric]]
+    for method, k, m, d_tilde, megabytes, value in columns.itertuples(index=False, name=None):
+        key = (str(method), _number(k), _number(m), _number(d_tilde) if by_d_tilde else None)
+        groups.setdefault(key, []).append((float(value), float(megabytes)))
+    points = []
+    for (method, k, m, d_tilde), items in groups.items():
+        values = np.array([value for value, _ in items if not math.isnan(value)])
+        if values.size == 0:
+            continue
+        points.append(
+            _Point(
+                method=method,
+                k=k,
+                m=m,
+                d_tilde=d_tilde,
+                mean=float(values.mean()),
+                sd=float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                n=int(values.size),
+                megabytes=float(np.mean([size for _, size in items])),
+            )
+        )
+    return points
+
+
+def _method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _method_style(method: str, index: int) -> tuple[str, str]:
+    color = _METHOD_COLORS.get(method, _CYCLE[index % len(_CYCLE)])
+    marker = _METHOD_MARKERS.get(method, "o")
+    return color, marker
+
+
+def _predicted_lookup(frame: pd.DataFrame, predicted_d_tilde: int | None) -> Callable[[_Point], int | None]:
+    """Predicted d̃ of a point's (k, m): the argument for all, else the ``predicted_d_tilde`` column."""
+    if predicted_d_tilde is not None:
+        return lambda point: int(predicted_d_tilde)
+    if "predicted_d_tilde" not in frame.columns:
+        return lambda point: None
+    known: dict[tuple[float | None, float | None], int] = {}
+    for k, m, value in frame[["k", "m", "predicted_d_tilde"]].itertuples(index=False, name=None):
+        if _number(value) is not None:
+            known.setdefault((_number(k), _number(m)), int(value))
+    return lambda point: known.get((point.k, point.m))
+
+
+def _seed_note(points: Sequence[_Point]) -> str:
+    counts = [point.n for point in points]
+    low, high = min(counts), max(counts)
+    seeds = f"{low}" if low == high else f"{low}–{high}"
+    return f"mean ± sd over {seeds} seed{'s' if high > 1 else ''}"
+
+
+def _metric_label(metric: str, ylabel: str | None) -> str:
+    if ylabel is not None:
+        return ylabel
+    return {"accuracy": "accuracy", "cosine": "cosine similarity to uncompressed"}.get(metric, metric)
+
+
+def _star(ax: Axes, x: float, y: float, label: str | None) -> None:
+    """The marker of a predicted d̃, the same in every figure."""
+    ax.plot(
+        [x],
+        [y],
+        linestyle="none",
+        marker="*",
+        markersize=14,
+        markerfacecolor=COLORS["yellow"],
+        markeredgecolor=COLORS["black"],
+        zorder=5,
+        label=label,
+    )
+
+
+@_styled
+def plot_accuracy_vs_d_tilde(
+    results: pd.DataFrame | str | os.PathLike[str],
+    *,
+    metric: str = "accuracy",
+    ax: Axes | None = None,
+    predicted_d_tilde: int | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Quality after fine-tuning against d̃, with the other methods as horizontal reference lines.
+
+    Configurations (method, k, m) run at more than one d̃ (LR²VQ) are drawn as mean ± sd over seeds
+    against d̃; every other configuration (PQ, scalar k-means, uncompressed) is a horizontal line at
+    its mean with a ±sd band, labelled with its size. With several (k, m), colour marks the
+    configuration and line style the method.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame or path to a CSV file
+        Sweep results with the columns :data:`SWEEP_COLUMNS` and ``metric``.
+    metric : str, default "accuracy"
+    ax : matplotlib.axes.Axes, optional
+    predicted_d_tilde : int, optional
+        The analysis's prediction, drawn as a dashed vertical line and a star; defaults to the
+        ``predicted_d_tilde`` column when present.
+    ylabel, title : str, optional
+        Override the axis label and the title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    InvalidParameterError
+        If a required column is missing, or no configuration varies d̃.
+    """
+    frame = load_sweep_results(results, metric)
+    points = _summarise(frame, metric)
+    d_values: dict[tuple[str, float | None, float | None], set[float]] = {}
+    for point in points:
+        if point.d_tilde is not None:
+            d_values.setdefault(point.config, set()).add(point.d_tilde)
+    line_configs = [config for config, values in d_values.items() if len(values) > 1]
+    if not line_configs:
+        raise InvalidParameterError(
+            f"no configuration varies d_tilde in these results (methods: {sorted(frame['method'].unique())}); "
+            "accuracy vs d̃ needs an LR²VQ sweep over d̃"
+        )
+    owned = ax is None
+    figure, ax = _figure_and_axes(ax, (5.6, 4.2))
+    many = len(line_configs) > 1
+    config_colors: dict[tuple[float | None, float | None], str] = {}
+    for _, k, m in line_configs:
+        config_colors.setdefault((k, m), _CYCLE[len(config_colors) % len(_CYCLE)])
+    predicted_of = _predicted_lookup(frame, predicted_d_tilde)
+    marked: set[int] = set()
+    for index, config in enumerate(line_configs):
+        line = sorted((p for p in points if p.config == config), key=lambda p: float(p.d_tilde or 0))
+        method = config[0]
+        color, marker = _method_style(method, index)
+        if many:
+            color = config_colors[(config[1], config[2])]
+        ax.errorbar(
+            np.array([p.d_tilde for p in line], dtype=np.float64),
+            [p.mean for p in line],
+            yerr=[p.sd for p in line],
+            color=color,
+            marker=marker,
+            capsize=2.5,
+            label=f"{_method_label(method)} ({line[0].config_text()})",
+        )
+        best = predicted_of(line[0])
+        if best is None or best in marked:
+            continue
+        marked.add(best)
+        ax.axvline(best, color=color if many else COLORS["grey"], linestyle="--", linewidth=1.0, zorder=0)
+        at_best = [p for p in line if p.d_tilde == best]
+        if at_best:
+            suffix = f" ({line[0].config_text()})" if many else ""
+            _star(ax, best, at_best[0].mean, rf"predicted {_D_TILDE} = {best}{suffix}")
+    references = _summarise(frame[[(p, k, m) not in line_configs for p, k, m in _config_keys(frame)]], metric)
+    for index, point in enumerate(references):
+        color, _ = _method_style(point.method, len(line_configs) + index)
+        if many and (point.k, point.m) in config_colors and point.method != "uncompressed":
+            color = config_colors[(point.k, point.m)]
+        details = ", ".join(part for part in (point.config_text(), f"{point.megabytes:.3g} MiB") if part)
+        ax.axhline(
+            point.mean,
+            color=color,
+            linestyle=_METHOD_LINESTYLES.get(point.method, "-."),
+            linewidth=1.3,
+            label=f"{_method_label(point.method)} ({details})",
+        )
+        if point.sd > 0:
+            ax.axhspan(point.mean - point.sd, point.mean + point.sd, color=color, alpha=0.12, linewidth=0)
+    d_max = int(max(max(values) for config, values in d_values.items() if config in line_configs))
+    ax.set_xticks(np.arange(1, d_max + 1))
+    ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
+    label = _metric_label(metric, ylabel)
+    ax.set_ylabel(f"{label} ({_seed_note(points)})")
+    ax.set_title(title if title is not None else rf"{label[:1].upper() + label[1:]} vs {_D_TILDE}")
+    _figure_legend(figure, ax, owned, ncols=2)
+    return figure
+
+
+def _config_keys(frame: pd.DataFrame) -> list[tuple[str, float | None, float | None]]:
+    """(method, k, m) of every row, with missing values as None."""
+    return [
+        (str(method), _number(k), _number(m))
+        for method, k, m in frame[["method", "k", "m"]].itertuples(index=False, name=None)
+    ]
+
+
+def _pareto_front(points: Sequence[_Point]) -> list[_Point]:
+    """Configurations that no smaller-or-equal one beats: the best mean at each size, scanning by size."""
+    front: list[_Point] = []
+    for point in sorted(points, key=lambda p: (p.megabytes, -p.mean)):
+        if not front or point.mean > front[-1].mean:
+            front.append(point)
+    return front
+
+
+@_styled
+def plot_size_frontier(
+    results: pd.DataFrame | str | os.PathLike[str],
+    *,
+    metric: str = "accuracy",
+    ax: Axes | None = None,
+    predicted_d_tilde: int | None = None,
+    log_x: bool = False,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Size–quality frontier: metric (mean ± sd over seeds) against model size in MiB, one line per method.
+
+    Every configuration (k, m, d̃) of a method is a faded marker with error bars; the method's line
+    joins its Pareto-optimal configurations (the best quality at each size or smaller). LR²VQ
+    configurations run at the predicted d̃ carry a star. The uncompressed model, when present, is a
+    dotted horizontal line.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame or path to a CSV file
+        Sweep results with the columns :data:`SWEEP_COLUMNS` and ``metric``.
+    metric : str, default "accuracy"
+    ax : matplotlib.axes.Axes, optional
+    predicted_d_tilde : int, optional
+        Mark LR²VQ configurations with this d̃; defaults to the ``predicted_d_tilde`` column when present.
+    log_x : bool, default False
+        Logarithmic size axis.
+    ylabel, title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    InvalidParameterError
+        If a required column is missing or there is no compressed configuration.
+    """
+    frame = load_sweep_results(results, metric)
+    points = [p for p in _summarise(frame, metric) if p.method != "uncompressed"]
+    if not points:
+        raise InvalidParameterError("sweep results hold no compressed configuration (only 'uncompressed')")
+    owned = ax is None
+    figure, ax = _figure_and_axes(ax, (5.6, 4.2))
+    predicted_of = _predicted_lookup(frame, predicted_d_tilde)
+    starred = False
+    for index, method in enumerate(dict.fromkeys(p.method for p in points)):
+        mine = [p for p in points if p.method == method]
+        color, marker = _method_style(method, index)
+        ax.errorbar(
+            [p.megabytes for p in mine],
+            [p.mean for p in mine],
+            yerr=[p.sd for p in mine],
+            linestyle="none",
+            marker=marker,
+            color=color,
+            alpha=0.45,
+            capsize=2,
+            markersize=4,
+        )
+        front = _pareto_front(mine)
+        ax.plot(
+            [p.megabytes for p in front],
+            [p.mean for p in front],
+            color=color,
+            marker=marker,
+            label=_method_label(method),
+        )
+        if not method.startswith("lr2vq"):
+            continue
+        for point in mine:
+            if point.d_tilde is not None and predicted_of(point) == point.d_tilde:
+                _star(ax, point.megabytes, point.mean, None if starred else rf"predicted {_D_TILDE}")
+                starred = True
+    ax.plot(
+        [],
+        [],
+        linestyle="none",
+        marker="o",
+        markersize=4,
+        color=COLORS["grey"],
+        alpha=0.45,
+        label="every configuration",
+    )
+    baseline = _summarise(frame[frame["method"] == "uncompressed"], metric, by_d_tilde=False)
+    if baseline:
+        ax.axhline(
+            baseline[0].mean,
+            color=COLORS["black"],
+            linestyle=_METHOD_LINESTYLES["uncompressed"],
+            linewidth=1.2,
+            label=f"uncompressed ({baseline[0].megabytes:.3g} MiB)",
+        )
+    if log_x:
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=7))
+    ax.grid(True, axis="both")
+    ax.set_xlabel("compressed model size (MiB)")
+    label = _metric_label(metric, ylabel)
+    ax.set_ylabel(f"{label} ({_seed_note(points)})")
+    ax.set_title(title if title is not None else f"Size–{label} frontier")
+    _figure_legend(figure, ax, owned, ncols=3)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------------
+# All figures of a report
+# --------------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def figure_file_stem(layer_name: str) -> str:
+    """File-name stem for a layer's trade-off figure: ``tradeoff_<name>`` with unsafe characters replaced."""
+    return "tradeoff_" + _UNSAFE.sub("_", layer_name)
+
+
+def save_report_figures(
+    report: Report,
+    out_dir: str | os.PathLike[str],
+    formats: Sequence[str] = ("png", "svg"),
+    *,
+    per_layer: bool = True,
+    progress: bool = False,
+) -> dict[str, list[Path]]:
+    """Draw and save every figure of a report: overview, spectra, all-layer grid and one plot per layer.
+
+    Parameters
+    ----------
+    report : Report
+    out_dir : str or path
+        Folder for the figures (created if needed).
+    formats : sequence of {"png", "svg", "pdf"}, default ("png", "svg")
+    per_layer : bool, default True
+        Also write one trade-off figure per layer (``tradeoff_<layer>.*``).
+    progress : bool, default False
+        Show a progress bar.
+
+    Returns
+    -------
+    dict
+        ``{figure name: [paths]}``: ``"overview"``, ``"spectra"``, ``"tradeoff_grid"`` and, per layer,
+        the layer name.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    jobs: list[tuple[str, str, Callable[[], Figure]]] = [
+        ("overview", "overview", lambda: plot_overview(report)),
+        ("spectra", "spectra", lambda: plot_spectra(report)),
+        ("tradeoff_grid", "tradeoff_grid", lambda: plot_tradeoff_grid(report)),
+    ]
+    if per_layer:
+        for layer in report.layers:
+            jobs.append((layer.name, figure_file_stem(layer.name), functools.partial(plot_tradeoff, layer)))
+    written: dict[str, list[Path]] = {}
+    for key, stem, draw in tqdm(jobs, desc="figures", unit="fig", disable=not progress):
+        figure = draw()
+        try:
+            written[key] = save_figure(figure, out / stem, formats)
+        finally:
+            plt.close(figure)
+    return written

@@ -1,0 +1,311 @@
+"""Measured k-means clustering error of a layer's low-rank coordinates Z (the "probes").
+
+The clustering error at d̃ is the k-means distortion of Z = X·V_d̃, the top-d̃ principal coordinates of
+the (n × m) subvector matrix X, as a fraction of ‖W‖². Because the centroids lie in span(V_d̃), the
+reconstruction error of LR²VQ is exactly ``lowrank(d̃) + clustering(d̃)``.
+
+:func:`clustering_error_curve` measures it at every d̃ (the exhaustive sweep, one k-means run per d̃);
+:func:`run_probe` is the single measurement that :func:`~lr2vq_analysis.tradeoff.fit_tradeoff` uses to
+calibrate its model, and reports both the error on the points that trained the centroids and the
+error on all subvectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._validation import (
+    InvalidParameterError,
+    check_d_tilde,
+    check_d_tilde_array,
+    check_k,
+    check_m,
+    check_seed,
+)
+from .kmeans import kmeans
+from .spectrum import Spectrum, compute_spectrum
+from .subvectors import to_subvectors
+
+__all__ = ["ProbeResult", "run_probe", "clustering_error", "clustering_error_curve"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One k-means run on the top-d̃ principal coordinates of a layer.
+
+    Attributes
+    ----------
+    d_tilde : int
+        Clustering dimensionality.
+    k : int
+        Number of centroids.
+    n_subvectors : int
+        Number of subvectors of the layer (n).
+    n_train : int
+        Number of subvectors that trained the centroids (n unless subsampled).
+    train_error : float
+        Distortion on the training points, scaled to the whole layer (mean squared distance over the
+        training points × n), as a fraction of ‖W‖². This is the in-sample error at
+        ``n_train / k`` points per centroid.
+    error : float
+        Distortion of all n subvectors with the trained centroids, as a fraction of ‖W‖²; equal to
+        ``train_error`` when not subsampled.
+    n_iter : int
+        Lloyd iterations run.
+    """
+
+    d_tilde: int
+    k: int
+    n_subvectors: int
+    n_train: int
+    train_error: float
+    error: float
+    n_iter: int
+
+    @property
+    def points_per_centroid(self) -> float:
+        """Training points per centroid, ``n_train / k``."""
+        return self.n_train / self.k
+
+    @property
+    def subsampled(self) -> bool:
+        """True when fewer than all subvectors trained the centroids."""
+        return self.n_train < self.n_subvectors
+
+    @property
+    def heldout_error(self) -> float:
+        """Distortion of the subvectors that did not train the centroids, scaled to the whole layer.
+
+        Equals :attr:`train_error` when not subsampled.
+        """
+        if not self.subsampled:
+            return self.train_error
+        n, t = self.n_subvectors, self.n_train
+        train_sum = self.train_error * t / n
+        return (self.error - train_sum) * n / (n - t)
+
+
+def _coordinates(spectrum: Spectrum, subvectors: np.ndarray, d_tilde: int, device: Any) -> torch.Tensor:
+    z = spectrum.project(subvectors, d_tilde)
+    return torch.as_tensor(z, dtype=torch.float32, device=device)
+
+
+def run_probe(
+    spectrum: Spectrum,
+    subvectors: np.ndarray,
+    k: int,
+    d_tilde: int,
+    *,
+    seed: int = 0,
+    max_points_per_centroid: int | None = None,
+    device: str | torch.device | None = None,
+    name: str | None = None,
+) -> ProbeResult:
+    """Run k-means once on Z = top-d̃ principal coordinates and report its errors.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        Spectrum of ``subvectors`` (:func:`~lr2vq_analysis.spectrum.compute_spectrum`).
+    subvectors : numpy.ndarray of shape (n, m)
+        The layer's subvectors.
+    k : int
+        Number of centroids, ``2 <= k < n``.
+    d_tilde : int
+        Clustering dimensionality in 1..m.
+    seed : int, default 0
+        Seeds the subsample and k-means++.
+    max_points_per_centroid : int, optional
+        Train on at most ``k * max_points_per_centroid`` randomly chosen subvectors (faiss's knob).
+    device : str or torch.device, optional
+        Where k-means runs (default CPU).
+    name : str, optional
+        Layer name, used in error messages.
+
+    Returns
+    -------
+    ProbeResult
+
+    Raises
+    ------
+    InvalidParameterError
+        If k, d_tilde, seed or max_points_per_centroid is invalid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lr2vq_analysis.spectrum import compute_spectrum
+    >>> x = np.random.default_rng(0).normal(size=(400, 4))
+    >>> probe = run_probe(compute_spectrum(x), x, k=8, d_tilde=2, max_points_per_centroid=25)
+    >>> probe.n_train, probe.subsampled
+    (200, True)
+    """
+    n = int(subvectors.shape[0])
+    k = check_k(k, n, name=name)
+    d_tilde = check_d_tilde(d_tilde, spectrum.m, name=name)
+    seed = check_seed(seed)
+    if max_points_per_centroid is not None and (
+        not isinstance(max_points_per_centroid, (int, np.integer))
+        or isinstance(max_points_per_centroid, bool)
+        or max_points_per_centroid < 1
+    ):
+        raise InvalidParameterError(
+            f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be a positive integer or None"
+        )
+    result = kmeans(
+        _coordinates(spectrum, subvectors, d_tilde, device),
+        k,
+        seed=seed,
+        max_points_per_centroid=max_points_per_centroid,
+        name=name,
+    )
+    energy = spectrum.total_energy
+    return ProbeResult(
+        d_tilde=d_tilde,
+        k=k,
+        n_subvectors=n,
+        n_train=int(result.n_train),
+        train_error=result.train_inertia / energy * n / result.n_train,
+        error=result.inertia / energy,
+        n_iter=int(result.n_iter),
+    )
+
+
+def clustering_error(
+    spectrum: Spectrum,
+    subvectors: np.ndarray,
+    k: int,
+    d_tilde: int,
+    *,
+    seed: int = 0,
+    max_points_per_centroid: int | None = None,
+) -> float:
+    """Relative k-means distortion of the top-d̃ principal coordinates: ``inertia / ‖W‖²``.
+
+    One k-means run (k-means++ then Lloyd to convergence) on Z = X·V_d̃. The inertia covers all n
+    subvectors; with ``max_points_per_centroid`` the centroids are trained on a random subsample
+    and then applied to every subvector.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        Spectrum of ``subvectors``.
+    subvectors : numpy.ndarray of shape (n, m)
+        The layer's subvectors.
+    k : int
+        Number of centroids, ``2 <= k < n``.
+    d_tilde : int
+        Clustering dimensionality in 1..m.
+    seed : int, default 0
+        Seeds the subsample and k-means++.
+    max_points_per_centroid : int, optional
+        Train on at most ``k * max_points_per_centroid`` subvectors.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    InvalidParameterError
+        If k or d_tilde is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lr2vq_analysis.spectrum import compute_spectrum
+    >>> x = np.random.default_rng(0).normal(size=(300, 4))
+    >>> spectrum = compute_spectrum(x)
+    >>> e1 = clustering_error(spectrum, x, k=16, d_tilde=1)
+    >>> e4 = clustering_error(spectrum, x, k=16, d_tilde=4)
+    >>> 0 < e1 < e4 < 1
+    True
+    """
+    probe = run_probe(spectrum, subvectors, k, d_tilde, seed=seed, max_points_per_centroid=max_points_per_centroid)
+    return probe.error
+
+
+def clustering_error_curve(
+    weight: Any,
+    k: int,
+    m: int,
+    *,
+    d_tilde: int | Iterable[int] | None = None,
+    seed: int = 0,
+    max_points_per_centroid: int | None = None,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Measured relative k-means clustering error of a layer for d̃ = 1..m (the exhaustive sweep).
+
+    One k-means run per d̃ on the top-d̃ principal coordinates of the layer's subvectors, on all
+    subvectors unless ``max_points_per_centroid`` subsamples.
+
+    Parameters
+    ----------
+    weight : array-like or torch.Tensor
+        A Linear, Conv1d or Conv2d weight.
+    k : int
+        Number of centroids, ``2 <= k <`` number of subvectors.
+    m : int
+        Subvector size; must divide the row length.
+    d_tilde : int or iterable of int, optional
+        The d̃ values to measure (each in 1..m); default all of 1..m.
+    seed : int, default 0
+        Seed of every k-means run.
+    max_points_per_centroid : int, optional
+        Train each run on at most ``k * max_points_per_centroid`` subvectors.
+    name : str, optional
+        Layer name, used in error messages.
+    device : str or torch.device, optional
+        Where k-means runs (default CPU).
+
+    Returns
+    -------
+    numpy.ndarray
+        One value per requested d̃, in the order given (shape (m,) by default).
+
+    Raises
+    ------
+    InvalidParameterError
+        If k, m or a d̃ is out of range, or m does not divide the row length.
+    InvalidWeightsError
+        If the weight has the wrong rank or holds NaN/Inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).normal(size=(32, 4, 3, 3))
+    >>> curve = clustering_error_curve(w, k=8, m=9, d_tilde=[1, 9])
+    >>> curve.shape, bool(curve[0] < curve[1])
+    ((2,), True)
+    """
+    check_m(m, name=name)
+    x = to_subvectors(weight, m, name=name)
+    check_k(k, x.shape[0], name=name)
+    if d_tilde is None:
+        dims = np.arange(1, m + 1)
+    else:
+        requested = [d_tilde] if isinstance(d_tilde, (int, np.integer)) else list(d_tilde)
+        dims = np.atleast_1d(check_d_tilde_array(np.asarray(requested), m, name=name))
+    spectrum = compute_spectrum(x)
+    return np.array(
+        [
+            run_probe(
+                spectrum,
+                x,
+                k,
+                int(d),
+                seed=seed,
+                max_points_per_centroid=max_points_per_centroid,
+                device=device,
+                name=name,
+            ).error
+            for d in dims
+        ]
+    )

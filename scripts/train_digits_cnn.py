@@ -1,0 +1,172 @@
+"""Train the bundled digits CNN and write lr2vq_analysis/data/digits_cnn.safetensors + digits_cnn.json.
+
+Reproducible: one seed drives the initialisation, the train/val cut, the batch order and the
+augmentation; deterministic algorithms and one CPU thread make two runs with the same arguments
+give byte-identical files on the same machine and torch version. Runs in well under a minute on CPU.
+
+Hyperparameters were chosen on the validation split, never on the test split: mean validation
+accuracy over train/val cuts 0-3 for {no shift, ±1-pixel shift} × {30, 60 epochs} × {peak lr 3e-3, 1e-2}
+ranged 97.9-99.2 %, best with shifts, 60 epochs, 3e-3 (99.2 %; one validation image is 0.56 points,
+so most settings are within noise); with full batches only, 30/60/100 epochs gave 98.9/99.2/98.9 %.
+The test accuracy is measured once, at the end, and recorded in
+the JSON file.
+
+Usage::
+
+    python scripts/train_digits_cnn.py            # the bundled model (defaults below)
+    python scripts/train_digits_cnn.py --out /tmp/digits_cnn.safetensors --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from lr2vq_analysis.datasets import accuracy, digits_loaders
+from lr2vq_analysis.models.digits import DigitsCNN
+from lr2vq_analysis.weights import bundled_model_path
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "epochs": 60,
+    "lr": 3e-3,
+    "weight_decay": 5e-4,
+    "batch_size": 64,
+    "augment": True,
+}
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Translate each 8×8 image by a random whole number of pixels in -max_shift..max_shift, zero padded."""
+    n, _, height, width = x.shape
+    padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift))
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(height))[:, :, None]
+    cols = (dx[:, None] + torch.arange(width))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
+
+
+def train(args: argparse.Namespace) -> tuple[DigitsCNN, dict[str, Any]]:
+    torch.manual_seed(args.seed)
+    loaders = digits_loaders(args.batch_size, args.seed)
+    model = DigitsCNN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(loaders["train"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps)
+    augment_generator = torch.Generator().manual_seed(args.seed + 1)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        losses = []
+        for x, y in loaders["train"]:
+            if args.augment:
+                x = random_shift(x, augment_generator)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
+            mean_loss = sum(losses) / len(losses)
+            print(
+                f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:.4f}  val {accuracy(model, loaders['val']):.4f}"
+            )
+    seconds = time.perf_counter() - start
+    model.eval()
+    results = {
+        "train_accuracy": accuracy(model, loaders["train"]),
+        "val_accuracy": accuracy(model, loaders["val"]),
+        "test_accuracy": accuracy(model, loaders["test"]),
+        "split_sizes": {name: len(loader.dataset) for name, loader in loaders.items()},  # type: ignore[arg-type]
+        "train_seconds": round(seconds, 2),
+    }
+    return model, results
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call write(temp_path) on a temporary file beside ``path``, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        os.chmod(temp, 0o644)  # mkstemp creates 0600; package data must be readable by all
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (one-cycle)")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS["augment"])
+    parser.add_argument("--out", type=Path, default=bundled_model_path("digits-cnn"), help="safetensors output")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)  # one thread: the float reductions happen in one fixed order
+    torch.use_deterministic_algorithms(True)
+    model, results = train(args)
+
+    out: Path = args.out
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    write_atomically(out, lambda temp: save_file(state, temp, metadata={"model": "digits-cnn"}))
+    data = out.read_bytes()
+    command = (
+        f"python scripts/train_digits_cnn.py --seed {args.seed} --epochs {args.epochs} --lr {args.lr} "
+        f"--weight-decay {args.weight_decay} --batch-size {args.batch_size} "
+        f"{'--augment' if args.augment else '--no-augment'}"
+    )
+    if args.out != bundled_model_path("digits-cnn"):
+        command += f" --out {shlex.quote(str(args.out))}"
+    metadata = {
+        "model": "digits-cnn",
+        "architecture": "DigitsCNN(widths=(16, 32, 64, 64))",
+        "command": command,
+        "seed": args.seed,
+        "hyperparameters": {
+            "epochs": args.epochs,
+            "optimizer": "AdamW",
+            "peak_lr": args.lr,
+            "schedule": "OneCycleLR (cosine)",
+            "weight_decay": args.weight_decay,
+            "batch_size": args.batch_size,
+            "augment": "random shift by -1..1 pixels" if args.augment else "none",
+        },
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "file_bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        **results,
+        "data": "sklearn.datasets.load_digits, lr2vq_analysis.datasets.load_digits_splits(seed)",
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": 1,
+            "note": "wall time measured on a shared 2-core machine",
+        },
+    }
+    json_path = out.with_suffix(".json")
+    write_atomically(json_path, lambda temp: Path(temp).write_text(json.dumps(metadata, indent=2) + "\n"))
+    print(json.dumps(metadata, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The ``lr2vq`` command line: files written, exit codes, one-line errors, --help, the entry point."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from lr2vq_analysis.cli import build_parser, load_state_dict, main, read_plan, skeleton_from_state_dict
+from lr2vq_analysis.export import load_compressed
+from lr2vq_analysis.plan import LayerPlan
+from lr2vq_analysis.plots import figure_file_stem
+from lr2vq_analysis.report import Report
+
+LAYERS = ["block1.weight", "block2.weight"]
+
+
+def make_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    scale = np.linspace(1.0, 0.2, 9).reshape(3, 3)
+    return {
+        "stem.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
+        "bn.weight": np.ones(8, np.float32),
+        "bn.bias": np.zeros(8, np.float32),
+        "bn.running_mean": rng.normal(size=8).astype(np.float32),
+        "bn.running_var": np.ones(8, np.float32),
+        "bn.num_batches_tracked": np.array(3, np.int64),
+        "block1.weight": (rng.normal(size=(16, 8, 3, 3)) * scale).astype(np.float32),
+        "block1.bias": rng.normal(size=16).astype(np.float32),
+        "block2.weight": (rng.normal(size=(32, 16, 3, 3)) * scale).astype(np.float32),
+        "head.weight": rng.normal(size=(10, 64)).astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def weight_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(make_state(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def analyzed(weight_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    code = main(["analyze", str(weight_file), "--k", "16", "--m", "9", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_analyze_writes_report_tables_figures_and_markdown(analyzed):
+    report = Report.load(analyzed / "report.json")
+    assert [layer.name for layer in report.layers] == [*LAYERS, "head.weight"]
+    assert "stem.weight" in report.skipped
+    table = pd.read_csv(analyzed / "report.csv")
+    assert list(table["name"]) == [layer.name for layer in report.layers]
+    assert list(table["d_tilde"]) == [layer.d_tilde for layer in report.layers]
+    curves = pd.read_csv(analyzed / "curves.csv")
+    assert len(curves) == 9 * len(report.layers)
+    for stem in ["overview", "spectra", "tradeoff_grid", *(figure_file_stem(layer.name) for layer in report.layers)]:
+        for suffix in (".png", ".svg"):
+            assert (analyzed / "figures" / f"{stem}{suffix}").is_file(), stem + suffix
+    markdown = (analyzed / "report.md").read_text()
+    assert f"**Global d̃ = {report.global_d_tilde}**" in markdown
+    for layer in report.layers:
+        assert f"| {layer.name} |" in markdown
+    assert "| stem.weight |" in markdown  # skipped layers are listed with the reason
+    for target in re.findall(r"\]\(([^)]+\.png)\)", markdown):  # every embedded or linked figure exists
+        assert (analyzed / target).is_file(), target
+    assert "ratio" in markdown and "PQ (d̃ = m)" in markdown
+
+
+def test_report_md_sizes_match_hand_computed_bits(analyzed):
+    report = Report.load(analyzed / "report.json")
+    state = make_state()
+    compressed = 0.0
+    for name, plan in report.plan("layer").items():
+        shape = state[name].shape
+        n_codes = np.prod(shape) // plan.m
+        compressed += n_codes * np.log2(plan.k) + plan.k * plan.d_tilde * 16 + (plan.d_tilde * plan.m * 16)
+    # uncompressed at fp32: stem, block1 bias; batch norm folded into two vectors; int buffers not counted
+    compressed += (8 * 27 + 16) * 32 + 2 * 8 * 32
+    markdown = (analyzed / "report.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| LR²VQ, per-layer d̃ |"))
+    assert float(row.split("|")[2]) == pytest.approx(compressed / 8 / 2**20, rel=1e-3)
+
+
+def test_analyze_bundled_default_model(tmp_path, capsys):
+    code, out, err = run(capsys, "analyze", "--k", "16", "--out", str(tmp_path), "--no-layer-figures")
+    assert code == 0, err
+    assert "global d̃ =" in out
+    assert Report.load(tmp_path / "report.json").source == "digits-cnn"
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "figures" / "overview.png").is_file()
+
+
+def test_plot_redraws_from_a_saved_report_with_another_rho(analyzed, tmp_path, capsys):
+    code, out, err = run(capsys, "plot", str(analyzed / "report.json"), "--out", str(tmp_path), "--rho", "0.3", "--formats", "png")
+    assert code == 0, err
+    assert (tmp_path / "overview.png").is_file() and not (tmp_path / "overview.svg").exists()
+    expected = Report.load(analyzed / "report.json").with_rho(0.3).global_d_tilde
+    assert f"global d̃ = {expected} (ρ = 0.3)" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["analyze", "/nonexistent/model.safetensors"], 1, "no such file"),
+        (["analyze", "{weights}", "--m", "7"], 1, "m=7"),  # no layer has a row length divisible by 7
+        (["analyze", "{weights}", "--k", "1"], 2, "k=1"),
+        (["analyze", "{weights}", "--m", "0"], 2, "positive integer"),
+        (["analyze", "{weights}", "--rho", "1.5"], 2, "outside (0, 1]"),
+        (["analyze", "{corrupt}"], 1, "corrupt"),
+        (["analyze", "not-a-bundled-model"], 1, "bundled model"),
+        (["plot", "/nonexistent/report.json"], 1, "does not exist"),
+        (["compress", "{weights}", "--plan", "{weights}"], 1, "not valid JSON"),
+        (["compress", "{weights}", "--plan", "{plan}", "--steps", "5"], 2, "training data"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["analyze", "--jobs", "0"], 2, "--jobs"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_exit_status(argv, status, message, weight_file, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"block2.weight": {"k": 16, "m": 9, "d_tilde": 3}}))
+    argv = [a.format(weights=weight_file, corrupt=corrupt, plan=plan) for a in argv]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "out")) if argv[0] == "analyze" else run(capsys, *argv)
+    assert code == status, err
+    assert message in err
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "error" in line]
+    assert len(error_lines) == 1, err
+
+
+@pytest.mark.parametrize("command", [[], ["analyze"], ["plot"], ["compress"], ["demo"]])
+def test_help_of_every_subcommand(command, capsys):
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: lr2vq {' '.join(command)}".rstrip())
+    if command:
+        assert "--quiet" in out
+
+
+def test_compress_a_weight_file_writes_a_reloadable_file(weight_file, tmp_path, capsys):
+    plan = {"block1.weight": LayerPlan(k=16, m=9, d_tilde=3), "block2.weight": LayerPlan(k=16, m=9)}
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({name: entry.to_dict() for name, entry in plan.items()}))
+    out = tmp_path / "tiny.lr2vq"
+    code, stdout, err = run(capsys, "compress", str(weight_file), "--plan", str(plan_file), "--out", str(out))
+    assert code == 0, err
+    assert "no fine-tuning" in stdout
+    state = load_state_dict(weight_file)
+    cmodel = load_compressed(out, skeleton_from_state_dict(state, list(plan)))
+    for name, layer in cmodel.compressed_layers().items():
+        assert layer.plan == plan[name] and layer.state == "quantized"
+        codes = layer.codes
+        assert codes.numel() == state[name].numel() // 9 and int(codes.max()) < 16
+        # a quantized weight is the codebook rows projected back: at most k distinct subvectors
+        subvectors = layer.weight.detach().reshape(-1, 9)
+        assert torch.unique(subvectors, dim=0).shape[0] <= 16
+        error = ((subvectors - state[name].reshape(-1, 9)) ** 2).sum() / (state[name] ** 2).sum()
+        assert error < 0.9  # a real approximation of the pretrained weight, not noise
+    untouched = cmodel.module.get_submodule("head")
+    torch.testing.assert_close(untouched.weight, state["head.weight"])
+
+
+def test_read_plan_from_report_and_from_json(analyzed, tmp_path):
+    report = Report.load(analyzed / "report.json")
+    assert read_plan(analyzed / "report.json", "global") == report.plan("global")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"block2.weight": {"k": 16, "m": 9, "d_tilde": 2}}))
+    assert read_plan(path) == {"block2.weight": LayerPlan(16, 9, 2)}
+
+
+def test_skeleton_has_the_state_dict_names_and_values():
+    state = {key: torch.from_numpy(np.asarray(value)) for key, value in make_state().items()}
+    skeleton = skeleton_from_state_dict(state, LAYERS)
+    assert list(skeleton.state_dict()) == list(state) or set(skeleton.state_dict()) == set(state)
+    for key, value in skeleton.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    assert isinstance(skeleton.get_submodule("block2"), torch.nn.Conv2d)
+    assert skeleton.get_submodule("block1").bias is not None
+
+
+def test_parser_defaults_match_the_documented_ones():
+    args = build_parser().parse_args(["analyze"])
+    assert (args.source, args.k, args.m, args.out, args.jobs, args.seed) == ("digits-cnn", 256, 9, "lr2vq-report", 1, 0)
+
+
+def test_entry_point_runs_as_a_module(weight_file, tmp_path):
+    out = tmp_path / "report"
+    ok = subprocess.run(
+        [sys.executable, "-m", "lr2vq_analysis", "analyze", str(weight_file), "--k", "8", "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == ""  # --quiet
+    assert (out / "report.md").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lr2vq_analysis", "analyze", str(tmp_path / "missing.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("lr2vq analyze: error:")

@@ -1,0 +1,294 @@
+"""Figures: the expected artists from real analyze() output, checked against brute-force references."""
+
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+from PIL import Image
+
+from lr2vq_analysis._validation import InvalidParameterError, WeightFileError
+from lr2vq_analysis.plan import LayerPlan
+from lr2vq_analysis.plots import (
+    COLORS,
+    SWEEP_COLUMNS,
+    figure_file_stem,
+    load_sweep_results,
+    plot_accuracy_vs_d_tilde,
+    plot_overview,
+    plot_size_breakdown,
+    plot_size_frontier,
+    plot_spectra,
+    plot_style,
+    plot_tradeoff,
+    plot_tradeoff_grid,
+    save_figure,
+    save_report_figures,
+)
+from lr2vq_analysis.report import analyze
+from lr2vq_analysis.size import size_report
+
+M = 9
+K = 16
+
+
+def make_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    scale = np.linspace(1.0, 0.15, 9).reshape(3, 3)  # decaying spectrum, like real 3×3 kernels
+    return {
+        "stem.weight": rng.normal(size=(8, 1, 3, 3)).astype(np.float32),
+        "block1.weight": (rng.normal(size=(32, 8, 3, 3)) * scale).astype(np.float32),
+        "block1.bias": rng.normal(size=32).astype(np.float32),
+        "block2.weight": (rng.normal(size=(32, 16, 3, 3)) * scale).astype(np.float32),
+        "head.weight": rng.normal(size=(10, 72)).astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def report():
+    return analyze(make_state(), k=K, m=M, progress=False, measure_full_curve=True)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def brute_force_lowrank(weight: np.ndarray, m: int) -> np.ndarray:
+    """Relative error of the best rank-d approximation of the subvectors, d = 1..m, by SVD."""
+    x = weight.reshape(weight.shape[0], -1).reshape(-1, m).astype(np.float64)
+    singular = np.linalg.svd(x, compute_uv=False)
+    energy = (x**2).sum()
+    return np.array([(singular[d:] ** 2).sum() / energy for d in range(1, m + 1)])
+
+
+def line_by_label(ax, label):
+    lines = [line for line in ax.get_lines() if line.get_label().startswith(label)]
+    assert lines, f"no line labelled {label!r}; labels: {[line.get_label() for line in ax.get_lines()]}"
+    return lines[0]
+
+
+def test_tradeoff_plot_draws_curves_probes_total_and_prediction(report):
+    layer = report["block2.weight"]
+    fig = plot_tradeoff(layer)
+    ax = fig.axes[0]
+    d = np.arange(1, M + 1)
+    lowrank = line_by_label(ax, "low-rank error")
+    np.testing.assert_array_equal(lowrank.get_xdata(), d)
+    np.testing.assert_allclose(lowrank.get_ydata(), brute_force_lowrank(make_state()["block2.weight"], M), atol=1e-6)
+    probes = line_by_label(ax, "k-means probes")
+    assert dict(zip(probes.get_xdata(), probes.get_ydata(), strict=True)) == pytest.approx(layer.probes)
+    measured = line_by_label(ax, "clustering error (k-means")
+    np.testing.assert_allclose(measured.get_ydata(), layer.measured_curve)
+    total = line_by_label(ax, "total")
+    star = line_by_label(ax, "predicted")
+    assert star.get_xdata()[0] == int(np.argmin(total.get_ydata())) + 1 == layer.d_tilde
+    assert "block2.weight" in ax.get_title() and f"k = {layer.k}" in ax.get_title() and f"m = {M}" in ax.get_title()
+    assert "W" in ax.get_ylabel() and "fraction" in ax.get_ylabel()
+    legend_texts = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any(text.startswith("total = 0.") for text in legend_texts)
+    assert ax.get_ylim()[0] == 0.0
+
+
+def test_tradeoff_plot_accepts_a_tradeoff_model_an_axes_and_a_measured_curve(report):
+    model = report["block1.weight"].model
+    fig, ax = plt.subplots()
+    measured = np.linspace(0.01, 0.3, M)
+    returned = plot_tradeoff(model, ax=ax, measured=measured)
+    assert returned is fig
+    np.testing.assert_allclose(line_by_label(ax, "clustering error (k-means").get_ydata(), measured)
+
+
+def test_tradeoff_plot_rejects_bad_input(report):
+    with pytest.raises(InvalidParameterError, match="LayerReport"):
+        plot_tradeoff("block1.weight")
+    with pytest.raises(InvalidParameterError, match="one value per d"):
+        plot_tradeoff(report.layers[0], measured=[0.1, 0.2])
+    with pytest.raises(InvalidParameterError, match="Axes"):
+        plot_tradeoff(report.layers[0], ax="not an axes")
+
+
+def test_every_line_uses_the_colour_blind_safe_palette(report):
+    ax = plot_tradeoff(report.layers[0]).axes[0]
+    palette = {value.lower() for value in COLORS.values()}
+    for line in ax.get_lines():
+        assert matplotlib.colors.to_hex(line.get_color()) in palette
+    with plot_style():
+        assert not plt.rcParams["axes.spines.top"] and not plt.rcParams["axes.spines.right"]
+
+
+def test_grid_has_one_panel_per_layer_and_one_legend(report):
+    fig = plot_tradeoff_grid(report, ncols=2)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == len(report.layers)
+    for ax, layer in zip(visible, report.layers, strict=True):
+        assert layer.name.removesuffix(".weight") in ax.get_title()
+        assert f"= {layer.d_tilde}," in ax.get_title()
+    assert len(fig.legends) == 1
+
+
+def test_overview_marks_each_layer_in_model_order_and_the_global_d_tilde(report):
+    ax = plot_overview(report).axes[0]
+    names = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert names == [layer.name.removesuffix(".weight") for layer in report.layers]
+    predicted = line_by_label(ax, "predicted")
+    assert list(predicted.get_xdata()) == [layer.d_tilde for layer in report.layers]
+    knee = line_by_label(ax, "knee")
+    assert list(knee.get_xdata()) == [layer.knee for layer in report.layers]
+    global_line = line_by_label(ax, "global")
+    assert global_line.get_xdata()[0] == report.global_d_tilde
+    assert f"m = {M}" in ax.get_title()
+
+
+def test_spectra_heatmap_shows_normalised_eigenvalues(report):
+    fig = plot_spectra(report)
+    image = fig.axes[0].get_images()[0]
+    data = np.asarray(image.get_array())
+    state = make_state()
+    for row, layer in enumerate(report.layers):
+        w = state[layer.name].astype(np.float64)
+        x = w.reshape(-1, M)
+        reference = np.sort(np.linalg.eigvalsh(x.T @ x))[::-1] / (w**2).sum()
+        floor = image.norm.vmin
+        np.testing.assert_allclose(data[row], np.clip(reference, floor, 1.0), rtol=1e-6)
+    assert image.norm.vmin <= data.min() and image.norm.vmax == 1.0
+    assert "W" in fig.axes[-1].get_ylabel()  # the colour bar says what the colours mean
+    with pytest.raises(InvalidParameterError, match="floor"):
+        plot_spectra(report, floor=2.0)
+
+
+def test_size_breakdown_bars_match_hand_computed_bits():
+    state = {
+        "conv1.weight": np.zeros((8, 1, 3, 3), np.float32),
+        "conv2.weight": np.zeros((32, 8, 3, 3), np.float32),
+        "conv2.bias": np.zeros(32, np.float32),
+        "fc.weight": np.zeros((10, 32), np.float32),
+    }
+    sizes = size_report(state, {"conv2.weight": LayerPlan(k=16, m=9, d_tilde=4)})
+    fig = plot_size_breakdown(sizes, min_share=0)
+    ax = fig.axes[0]
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["conv1", "conv2", "fc"]
+    kib = 8 * 1024
+    codes, codebook, projection = 32 * 8 * 4, 16 * 4 * 16, 4 * 9 * 16  # 256 codes × 4 bits; fp16
+    expected = {  # (label, module) → KiB; conv2's bias is fp32 in "uncompressed"
+        ("codes", 1): codes / kib,
+        ("codebooks", 1): codebook / kib,
+        ("projections P", 1): projection / kib,
+        ("uncompressed (fp32)", 0): 72 * 32 / kib,
+        ("uncompressed (fp32)", 1): 32 * 32 / kib,
+        ("uncompressed (fp32)", 2): 320 * 32 / kib,
+    }
+    for container in ax.containers:
+        for row, patch in enumerate(container.patches):
+            assert patch.get_width() == pytest.approx(expected.get((container.get_label(), row), 0.0))
+    ratio = (72 + 2304 + 32 + 320) * 32 / (codes + codebook + projection + (72 + 32 + 320) * 32)
+    assert f"ratio {ratio:.1f}×" in fig.get_suptitle()
+
+
+def sweep_frame() -> pd.DataFrame:
+    rows = []
+    for d in range(1, 10):
+        for seed, offset in enumerate((-0.01, 0.01)):
+            rows.append(("lr2vq", 16, 9, d, seed, 0.01 + 0.001 * d, 0.90 + 0.01 * d + offset, 4))
+    for seed, value in enumerate((0.93, 0.95)):
+        rows.append(("pq", 16, 9, 9, seed, 0.02, value, np.nan))
+        rows.append(("uncompressed", np.nan, np.nan, np.nan, seed, 0.23, 0.99, np.nan))
+    columns = [*SWEEP_COLUMNS, "accuracy", "predicted_d_tilde"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def test_accuracy_vs_d_tilde_aggregates_seeds_and_draws_references(tmp_path):
+    path = tmp_path / "sweep.csv"
+    sweep_frame().to_csv(path, index=False)
+    fig = plot_accuracy_vs_d_tilde(path)
+    ax = fig.axes[0]
+    [container] = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    line = container.lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(1, 10))
+    np.testing.assert_allclose(line.get_ydata(), 0.90 + 0.01 * np.arange(1, 10))
+    segments = container.lines[2][0].get_segments()
+    half_widths = [(seg[1][1] - seg[0][1]) / 2 for seg in segments]
+    np.testing.assert_allclose(half_widths, np.std([-0.01, 0.01], ddof=1))  # sd over the two seeds
+    pq = line_by_label(ax, "PQ")
+    assert pq.get_ydata()[0] == pytest.approx(0.94)
+    assert "0.02 MiB" in pq.get_label()
+    assert line_by_label(ax, "uncompressed").get_ydata()[0] == pytest.approx(0.99)
+    assert line_by_label(ax, "predicted").get_xdata()[0] == 4  # from the predicted_d_tilde column
+    assert "2 seeds" in ax.get_ylabel()
+
+
+def test_sweep_plots_reject_bad_tables():
+    frame = sweep_frame()
+    with pytest.raises(InvalidParameterError, match="megabytes"):
+        plot_accuracy_vs_d_tilde(frame.drop(columns="megabytes"))
+    with pytest.raises(InvalidParameterError, match="cosine"):
+        plot_size_frontier(frame, metric="cosine")
+    with pytest.raises(InvalidParameterError, match="varies d_tilde"):
+        plot_accuracy_vs_d_tilde(frame[frame["method"] == "pq"])
+    with pytest.raises(InvalidParameterError, match="empty"):
+        load_sweep_results(frame.iloc[:0])
+    with pytest.raises(WeightFileError):
+        load_sweep_results("/nonexistent/sweep.csv")
+
+
+def test_size_frontier_joins_the_pareto_optimal_configurations():
+    rows = [  # (size, accuracy): (1, .90) and (3, .95) are optimal; (2, .85) is beaten by a smaller one
+        ("lr2vq", 16, 9, 2, 0, 1.0, 0.90),
+        ("lr2vq", 16, 9, 4, 0, 2.0, 0.85),
+        ("lr2vq", 16, 9, 6, 0, 3.0, 0.95),
+        ("pq", 16, 9, 9, 0, 2.5, 0.80),
+    ]
+    frame = pd.DataFrame(rows, columns=[*SWEEP_COLUMNS, "cosine"])
+    fig = plot_size_frontier(frame, metric="cosine", predicted_d_tilde=4, log_x=True)
+    ax = fig.axes[0]
+    front = line_by_label(ax, "LR²VQ")
+    np.testing.assert_array_equal(front.get_xdata(), [1.0, 3.0])
+    np.testing.assert_array_equal(front.get_ydata(), [0.90, 0.95])
+    star = line_by_label(ax, "predicted")
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (2.0, 0.85)
+    assert ax.get_xscale() == "log"
+    assert "MiB" in ax.get_xlabel() and "cosine" in ax.get_ylabel()
+
+
+def test_save_figure_writes_png_at_300_dpi_and_vector_formats(tmp_path):
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [0, 1])
+    paths = save_figure(fig, tmp_path / "sub" / "line.png", formats=("png", "svg", "pdf"))
+    assert [p.name for p in paths] == ["line.png", "line.svg", "line.pdf"]
+    with Image.open(paths[0]) as image:
+        assert image.info["dpi"] == pytest.approx((300, 300), abs=0.5)
+        assert image.size[0] > 400  # 2 inches at 300 dpi, less the tight bounding box
+    assert b"<svg" in paths[1].read_bytes()[:500]
+    assert paths[2].read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["line.pdf", "line.png", "line.svg"]  # no temp files
+    with pytest.raises(InvalidParameterError, match="formats"):
+        save_figure(fig, tmp_path / "x", formats=("jpg",))
+
+
+def test_save_report_figures_writes_every_figure(report, tmp_path):
+    written = save_report_figures(report, tmp_path, formats=("png",))
+    assert set(written) == {"overview", "spectra", "tradeoff_grid", *(layer.name for layer in report.layers)}
+    for layer in report.layers:
+        assert (tmp_path / f"{figure_file_stem(layer.name)}.png").is_file()
+    assert figure_file_stem("a/b c.weight") == "tradeoff_a_b_c.weight"
+    assert plt.get_fignums() == []  # every figure was closed
+
+
+def test_plots_import_and_draw_without_a_display(tmp_path):
+    code = (
+        "import matplotlib; from lr2vq_analysis.plots import save_figure; import matplotlib.pyplot as plt; "
+        f"fig = plt.figure(); save_figure(fig, {str(tmp_path / 'f')!r}, ('png',)); print(matplotlib.get_backend())"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no DISPLAY, no MPLBACKEND
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().lower() == "agg"
+    assert (tmp_path / "f.png").is_file()
