@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--out", default=DEFAULT_REPORT_DIR, metavar="DIR", help=f"output folder (default: {DEFAULT_REPORT_DIR})"
     )
-    analyze.add_argument("--jobs", type=_jobs, default=1, metavar="N", help="layers analysed in parallel (-1: all cores)")
+    analyze.add_argument(
+        "--jobs", type=_jobs, default=1, metavar="N", help="layers analysed in parallel (-1: all cores)"
+    )
     analyze.add_argument(
         "--measure",
         action="store_true",
@@ -216,9 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
         "stage, quantize, re-estimate batch norm, codebook stage), save, reload and evaluate; print the "
         "accuracy before and after, the size report and where the files went. A few minutes on 2 cores.",
     )
-    demo.add_argument("--out", default="lr2vq-demo", metavar="DIR", help="output folder (default: lr2vq-demo)")
+    demo.add_argument("--k", type=_positive_int, default=16, help="number of centroids (default: 16)")
+    demo.add_argument("--m", type=_positive_int, default=9, help="subvector size (default: 9; 18 works too)")
+    demo.add_argument(
+        "--d-tilde", type=_positive_int, metavar="D", help="one d̃ for every layer (default: the predicted d̃ per layer)"
+    )
+    demo.add_argument(
+        "--steps",
+        type=_non_negative_int,
+        metavar="N",
+        help="fine-tuning steps per stage (default: the demo's setting, fewer with --quick)",
+    )
+    demo.add_argument("--quick", action="store_true", help="few fine-tuning steps: a smoke test in seconds")
     demo.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
-    demo.add_argument("--steps", type=_positive_int, metavar="N", help="fine-tuning steps per stage (default: the demo's)")
+    demo.add_argument("--out", default="lr2vq-demo", metavar="DIR", help="output folder (default: lr2vq-demo)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -239,7 +252,9 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
         "--include", action="append", metavar="GLOB", help="analyse only layers matching GLOB (repeatable)"
     )
     parser.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching GLOB (repeatable)")
-    parser.add_argument("--min-size", type=_non_negative_int, default=0, metavar="N", help="skip layers with < N weights")
+    parser.add_argument(
+        "--min-size", type=_non_negative_int, default=0, metavar="N", help="skip layers with < N weights"
+    )
     parser.add_argument("--keep-first-conv", action="store_true", help="analyse the first conv too")
     parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the k-means probes")
 
@@ -288,13 +303,13 @@ def _shape_only_state(source: Any) -> dict[str, Any]:
 
     with ExitStack() as stack:
         _, tensors = _open_source(source, stack)
-        return {
-            t.key: np.broadcast_to(np.zeros((), np.float32 if t.is_float else np.int64), t.shape) for t in tensors
-        }
+        return {t.key: np.broadcast_to(np.zeros((), np.float32 if t.is_float else np.int64), t.shape) for t in tensors}
 
 
 def _describe_size(report: SizeReport) -> str:
-    return f"{report.megabytes:.4g} MiB (ratio {report.ratio:.1f}×; uncompressed {report.uncompressed_megabytes:.4g} MiB)"
+    return (
+        f"{report.megabytes:.4g} MiB (ratio {report.ratio:.1f}×; uncompressed {report.uncompressed_megabytes:.4g} MiB)"
+    )
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -347,7 +362,11 @@ def write_markdown_report(
         f"ρ = {report.rho:.3g}; {len(report.layers)} layers analysed, {len(report.skipped)} skipped. "
         f"Written by lr2vq_analysis {__version__}" + (f" (`{command}`)." if command else ".")
     )
-    lines += ["", f"**Global d̃ = {report.global_d_tilde}** (minimum of the size-weighted total error of all layers).", ""]
+    lines += [
+        "",
+        f"**Global d̃ = {report.global_d_tilde}** (minimum of the size-weighted total error of all layers).",
+        "",
+    ]
     lines.append(
         "Errors are fractions of each layer's ‖W‖²; total = ρ·low-rank + clustering, where ρ is the share of "
         "the low-rank error that fine-tuning does not recover. d̃ is the minimum of the total."
@@ -367,7 +386,18 @@ def write_markdown_report(
         ]
     lines += ["", "## Layers", ""]
     frame = report.to_frame()[
-        ["name", "kind", "shape", "k", "knee", "d_tilde", "lowrank_error", "clustering_error", "total_error", "bits_per_weight"]
+        [
+            "name",
+            "kind",
+            "shape",
+            "k",
+            "knee",
+            "d_tilde",
+            "lowrank_error",
+            "clustering_error",
+            "total_error",
+            "bits_per_weight",
+        ]
     ].rename(
         columns={
             "d_tilde": "d̃",
@@ -447,7 +477,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     command = "lr2vq " + shlex.join(args.argv)
     markdown = write_markdown_report(report, out, sizes=sizes, figures=figures, command=command)
     _print_summary(args, report, sizes)
-    _say(args, f"\nwrote {out / 'report.json'}, report.csv, curves.csv, {markdown.name} and {_count(figures)} figure files")
+    _say(
+        args,
+        f"\nwrote {out / 'report.json'}, report.csv, curves.csv, {markdown.name} and {_count(figures)} figure files",
+    )
     return EXIT_OK
 
 
@@ -468,8 +501,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if args.rho is not None:
         report = report.with_rho(args.rho)
     out = Path(args.out) if args.out else Path(args.report).parent / FIGURE_DIR
-    figures = save_report_figures(report, out, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet)
-    _say(args, f"global d̃ = {report.global_d_tilde} (ρ = {report.rho:.3g}); wrote {_count(figures)} figure files to {out}")
+    figures = save_report_figures(
+        report, out, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet
+    )
+    _say(
+        args,
+        f"global d̃ = {report.global_d_tilde} (ρ = {report.rho:.3g}); wrote {_count(figures)} figure files to {out}",
+    )
     return EXIT_OK
 
 
@@ -586,7 +624,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if missing:
         raise InvalidParameterError(f"the plan names {missing}, which {args.source} does not contain")
     skeleton = skeleton_from_state_dict(state, list(plan))
-    _say(args, f"compressing {len(plan)} layer(s) of {args.source} (no fine-tuning: a weight file has no training data)")
+    _say(
+        args, f"compressing {len(plan)} layer(s) of {args.source} (no fine-tuning: a weight file has no training data)"
+    )
     cmodel = compress(skeleton, plan, seed=args.seed).quantize(seed=args.seed)
     path = save_compressed(cmodel, out)
     reloaded = load_compressed(path, skeleton_from_state_dict(state, list(plan)))
@@ -611,8 +651,32 @@ def _check_reload(cmodel: Any, reloaded: Any) -> None:
             raise LR2VQError(f"layer {name!r}: the reloaded weight differs from the compressed one")
 
 
+def _move_model_file(result: Any, out: Path) -> None:
+    """Put the demo's model file at ``out`` and keep its summary.json pointing at it."""
+    from .pipeline import SUMMARY_FILE
+
+    model = Path(result.files["model"])
+    if model.resolve() != out.resolve():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(model), str(out))
+        result.files["model"] = out
+        write_atomic(model.parent / SUMMARY_FILE, json.dumps(result.to_dict(), indent=2).encode())
+
+
 def _compress_bundled(args: argparse.Namespace, plan: Mapping[str, LayerPlan], out: Path) -> int:
-    raise NotImplementedError
+    from .pipeline import compress_digits_demo
+
+    if args.source != DEFAULT_MODEL:
+        raise _UsageError(f"fine-tuning from the command line is available for {DEFAULT_MODEL!r} only")
+    _say(args, f"compressing {args.source} with {len(plan)} planned layer(s), fine-tuning on its data set")
+    result = compress_digits_demo(
+        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, progress=not args.quiet
+    )
+    _move_model_file(result, out)
+    _say(args, f"\naccuracy {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after (test split)")
+    _say(args, f"size: {_describe_size(result.size)}")
+    _say(args, f"wrote {out}; details in {out.parent / 'summary.json'}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,7 +685,39 @@ def _compress_bundled(args: argparse.Namespace, plan: Mapping[str, LayerPlan], o
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import matplotlib.pyplot as plt
+
+    from .pipeline import compress_digits_demo
+    from .plots import plot_size_breakdown, save_figure, save_report_figures
+
+    out = Path(args.out)
+    result = compress_digits_demo(
+        k=args.k,
+        m=args.m,
+        d_tilde=args.d_tilde,
+        steps=args.steps,
+        seed=args.seed,
+        out_dir=out,
+        quick=args.quick,
+        progress=not args.quiet,
+    )
+    figures = out / FIGURE_DIR
+    written = []
+    if result.report is not None:
+        written += [
+            path for paths in save_report_figures(result.report, figures, per_layer=False).values() for path in paths
+        ]
+    figure = plot_size_breakdown(result.size)
+    try:
+        written += save_figure(figure, figures / "size")
+    finally:
+        plt.close(figure)
+    _say(args, "")
+    _say(args, f"accuracy before: {result.accuracy_before:.2%}   after: {result.accuracy_after:.2%}   (test split)")
+    _say(args, f"size: {_describe_size(result.size)}")
+    _say(args, f"files in {out}: " + ", ".join(sorted(path.name for path in result.files.values())))
+    _say(args, f"figures in {figures}: {len(written)} files")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------
