@@ -26,12 +26,11 @@ import shlex
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._io import write_atomic
-from ._validation import InvalidParameterError, LR2VQError
+from ._validation import InvalidParameterError, LR2VQError, check_k
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
     from .report import Report
     from .size import SizeReport
 
-__all__ = ["main", "build_parser", "load_state_dict", "read_plan", "skeleton_from_state_dict", "write_markdown_report"]
+__all__ = ["main", "build_parser", "read_plan", "skeleton_from_state_dict", "write_markdown_report"]
 
 PROG = "lr2vq"
 DEFAULT_MODEL = "digits-cnn"
@@ -106,14 +105,21 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lr2vq`` (exposed for documentation and tests)."""
     from . import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors; no progress bars")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="LR²VQ model compression: predict the clustering dimensionality d̃ of a model's layers, "
         "compress the model, and report sizes and errors.",
@@ -237,16 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
-    from .tradeoff import DEFAULT_RHO
-
     parser.add_argument("--k", type=_positive_int, default=256, help="number of centroids (default: 256)")
     parser.add_argument("--m", type=_positive_int, default=9, help="subvector size (default: 9)")
     parser.add_argument(
         "--rho",
         type=_rho,
-        default=DEFAULT_RHO,
         metavar="R",
-        help=f"share of the low-rank error that fine-tuning does not recover, in (0, 1] (default: {DEFAULT_RHO})",
+        help="share of the low-rank error that fine-tuning does not recover, in (0, 1] "
+        "(default: lr2vq_analysis.tradeoff.DEFAULT_RHO)",
     )
     parser.add_argument(
         "--include", action="append", metavar="GLOB", help="analyse only layers matching GLOB (repeatable)"
@@ -275,35 +279,6 @@ def _use_headless_backend() -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-
-
-def load_state_dict(source: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of a weight file or bundled model (not only the compressible layers), in file order.
-
-    Used to count the size of the whole model and to rebuild a skeleton for files without code.
-    """
-    import torch
-
-    from .weights import _open_source
-
-    with ExitStack() as stack:
-        _, tensors = _open_source(source, stack)
-        state: dict[str, torch.Tensor] = {}
-        for tensor in tensors:
-            value = torch.from_numpy(tensor.read())
-            state[tensor.key] = value if tensor.is_float else value.round().to(torch.int64)
-        return state
-
-
-def _shape_only_state(source: Any) -> dict[str, Any]:
-    """Shapes and dtypes of every tensor, as zero-stride numpy views (no tensor data is read)."""
-    import numpy as np
-
-    from .weights import _open_source
-
-    with ExitStack() as stack:
-        _, tensors = _open_source(source, stack)
-        return {t.key: np.broadcast_to(np.zeros((), np.float32 if t.is_float else np.int64), t.shape) for t in tensors}
 
 
 def _describe_size(report: SizeReport) -> str:
@@ -451,13 +426,15 @@ def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tup
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .plots import save_report_figures
     from .report import analyze
+    from .weights import load_state_dict
 
     out = Path(args.out)
+    check_k(args.k)  # fail before any work, not inside the progress bar
+    options = {} if args.rho is None else {"rho": args.rho}
     report = analyze(
         args.source,
         k=args.k,
         m=args.m,
-        rho=args.rho,
         include=args.include,
         exclude=args.exclude,
         min_size=args.min_size,
@@ -466,11 +443,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         n_jobs=args.jobs,
         progress=not args.quiet,
         measure_full_curve=args.measure,
+        **options,
     )
     report.save(out / "report.json")
     write_atomic(out / "report.csv", report.to_frame().to_csv(index=False).encode())
     write_atomic(out / "curves.csv", report.curves_frame().to_csv(index=False).encode())
-    sizes = _size_table(report, _shape_only_state(args.source))
+    sizes = _size_table(report, load_state_dict(args.source))
     figures = save_report_figures(
         report, out / FIGURE_DIR, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet
     )
@@ -607,7 +585,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .export import load_compressed, save_compressed
     from .nn import compress
     from .size import size_report
-    from .weights import BUNDLED_MODELS
+    from .weights import BUNDLED_MODELS, load_state_dict
 
     plan = read_plan(args.plan, args.which)
     bundled = args.source in BUNDLED_MODELS and not os.path.exists(args.source)

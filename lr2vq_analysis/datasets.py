@@ -8,6 +8,9 @@ which to validation (use the validation split to choose learning rates, never th
 
 from __future__ import annotations
 
+import functools
+import random
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._validation import InvalidParameterError, check_seed
+from ._validation import InvalidParameterError, check_count, check_seed
 
 __all__ = [
     "TEST_SPLIT_SEED",
@@ -25,6 +28,9 @@ __all__ = [
     "load_digits_splits",
     "digits_loaders",
     "accuracy",
+    "MNIST1D_SEQUENCE_LENGTH",
+    "load_mnist1d_splits",
+    "make_loaders",
 ]
 
 #: Seed of the train+val / test cut; constant so that every ``seed`` shares one test split.
@@ -211,3 +217,136 @@ def accuracy(model: torch.nn.Module, data: Dataset | DataLoader, *, batch_size: 
     finally:
         model.train(was_training)
     return correct / total if total else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST-1D
+
+#: Length of an MNIST-1D signal with the dataset's default arguments.
+MNIST1D_SEQUENCE_LENGTH = 40
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Generate MNIST-1D locally with its published default arguments (seed 42); cached per process.
+
+    ``mnist1d.data.make_dataset`` reseeds Python's and numpy's global generators; their states are
+    restored afterwards so that callers' random streams are not disturbed. ``get_dataset`` is never
+    called: it downloads.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise ImportError(
+            f"MNIST-1D needs the mnist1d package (pip install mnist1d, plus requests, which it imports): {exc}"
+        ) from None
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    arrays = (data["x"], data["y"], data["x_test"], data["y_test"])
+    for array in arrays:
+        array.setflags(write=False)  # shared by every caller through the cache
+    return arrays
+
+
+def _signals_dataset(signals: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    x = torch.from_numpy(np.asarray(signals, dtype=np.float32).copy()).reshape(len(signals), 1, -1)
+    return TensorDataset(x, torch.from_numpy(np.asarray(labels, dtype=np.int64).copy()))
+
+
+def load_mnist1d_splits(seed: int = 0, *, val_fraction: float = DEFAULT_VAL_FRACTION) -> dict[str, TensorDataset]:
+    """Return train / validation / test splits of MNIST-1D, generated locally and deterministically.
+
+    The data set is MNIST-1D with its published default arguments (5,000 signals of length 40, seed 42),
+    built by ``mnist1d.data.make_dataset`` on this machine (nothing is downloaded). Its own test part
+    (1,000 signals) is the test split for every ``seed``; ``seed`` decides which of the 4,000 others
+    go to validation (stratified).
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Decides the train / validation cut; the test split does not depend on it.
+    val_fraction : float, default 0.1
+        Share of the 4,000 non-test signals used for validation.
+
+    Returns
+    -------
+    dict of str to torch.utils.data.TensorDataset
+        Keys ``"train"``, ``"val"``, ``"test"``; ``x`` float32 of shape (N, 1, 40) (the data set is
+        already standardised), ``y`` int64 labels in 0..9.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``seed`` is not a non-negative integer or ``val_fraction`` is outside (0, 1).
+    ImportError
+        If the ``mnist1d`` package is not installed.
+
+    Examples
+    --------
+    >>> splits = load_mnist1d_splits(seed=0)
+    >>> {name: len(ds) for name, ds in splits.items()}
+    {'train': 3600, 'val': 400, 'test': 1000}
+    >>> tuple(splits["test"][0][0].shape)
+    (1, 40)
+    """
+    seed = check_seed(seed)
+    val_fraction = _check_fraction(val_fraction, "val_fraction")
+    x, y, x_test, y_test = _mnist1d_arrays()
+    train_x, val_x, train_y, val_y = train_test_split(
+        x, y, test_size=round(val_fraction * len(y)), stratify=y, random_state=seed
+    )
+    return {
+        "train": _signals_dataset(train_x, train_y),
+        "val": _signals_dataset(val_x, val_y),
+        "test": _signals_dataset(x_test, y_test),
+    }
+
+
+def make_loaders(splits: Mapping[str, Dataset], batch_size: int = 64, seed: int = 0) -> dict[str, DataLoader]:
+    """Wrap train / validation / test datasets in loaders; only ``"train"`` shuffles (seeded) and drops the last batch.
+
+    Unlike :func:`digits_loaders`, the split is given, so the data cut and the batch order can be
+    seeded independently (the sweeps keep the cut a pretrained model was trained on and vary the order).
+
+    Parameters
+    ----------
+    splits : mapping of str to Dataset
+        Must hold ``"train"``; every other entry gets an unshuffled loader.
+    batch_size : int, default 64
+    seed : int, default 0
+        Seeds the shuffling of the training loader.
+
+    Returns
+    -------
+    dict of str to torch.utils.data.DataLoader
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``batch_size`` or ``seed`` is invalid or ``splits`` has no ``"train"`` entry.
+
+    Examples
+    --------
+    >>> loaders = make_loaders(load_digits_splits(0), batch_size=100, seed=1)
+    >>> len(loaders["train"]), len(loaders["test"])
+    (8, 8)
+    """
+    batch_size = check_count(batch_size, "batch_size")
+    seed = check_seed(seed)
+    if "train" not in splits:
+        raise InvalidParameterError(f"splits has no 'train' entry; its keys are {sorted(splits)}")
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=name == "train",
+            drop_last=name == "train",
+            generator=generator if name == "train" else None,
+        )
+        for name, dataset in splits.items()
+    }

@@ -21,7 +21,8 @@ outputs), else the first element of a tuple. Wrap the model when you need anythi
 Data order
 ----------
 When ``train_loader`` is a :class:`~torch.utils.data.DataLoader` over a map-style dataset with a
-plain ``batch_size``, the loop rebuilds it around a sampler whose order depends only on ``seed`` and
+plain ``batch_size`` and a standard sampler (``shuffle=True``/``False`` or a ``DistributedSampler``),
+the loop rebuilds it around a sampler whose order depends only on ``seed`` and
 the epoch (shuffled when the loader shuffles), sharded across ranks as
 :class:`~torch.utils.data.DistributedSampler` does. That makes a resumed run replay exactly the
 batches the interrupted one would have seen. Any other iterable of batches is used as it is (not
@@ -43,7 +44,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from ._io import write_atomic
 from ._validation import InvalidParameterError, LR2VQError, check_count, check_seed
@@ -183,6 +192,33 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, t
     return kl * temperature**2
 
 
+@dataclass(frozen=True)
+class _Objective:
+    """The training loss: (1 − w)·task loss + w·distillation loss, with w = distill_weight (0 without teacher)."""
+
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    teacher: nn.Module | None
+    distill: str
+    distill_weight: float
+    temperature: float
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor | None, inputs: Any) -> torch.Tensor:
+        loss = output.new_zeros(())
+        if self.distill_weight < 1.0:
+            if target is None:
+                raise InvalidParameterError(
+                    "the batch has no target but a task loss is used; give (inputs, target) batches "
+                    "or a teacher with distill_weight=1.0"
+                )
+            loss = loss + (1.0 - self.distill_weight) * self.task_loss(output, target)
+        if self.teacher is not None and self.distill_weight > 0.0:
+            with torch.no_grad():
+                teacher_output = main_output(_call(self.teacher, inputs))
+            distillation = distillation_loss(output, teacher_output, self.distill, self.temperature)
+            loss = loss + self.distill_weight * distillation
+        return loss
+
+
 # --------------------------------------------------------------------------------------------------
 # data order: seeded, sharded, resumable
 
@@ -224,6 +260,7 @@ class _BatchStream:
             isinstance(loader, DataLoader)
             and not isinstance(loader.dataset, IterableDataset)
             and loader.batch_size is not None
+            and type(loader.sampler) in (RandomSampler, SequentialSampler, DistributedSampler)
         ):
             dataset: Dataset[Any] = loader.dataset
             shuffle = isinstance(loader.sampler, RandomSampler) or bool(getattr(loader.sampler, "shuffle", False))
@@ -542,31 +579,15 @@ def finetune(
     """
     seed = check_seed(seed)
     stage = check_stage(model, stage)
-    for label, value in (
-        ("steps", steps),
-        ("epochs", epochs),
-        ("eval_every", eval_every),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if value is not None:
-            check_count(value, label)
-    if steps is not None and epochs is not None:
-        raise InvalidParameterError(f"give steps or epochs, not both (got steps={steps}, epochs={epochs})")
-    if distill is not None and distill not in _DISTILL_KINDS:
-        raise InvalidParameterError(f"distill={distill!r} is invalid; allowed values are {[*_DISTILL_KINDS, None]}")
-    if distill is not None and teacher is None:
-        raise InvalidParameterError(f"distill={distill!r} needs a teacher model (teacher=...)")
-    if not 0.0 <= float(distill_weight) <= 1.0:
-        raise InvalidParameterError(f"distill_weight={distill_weight!r} is invalid; it must be in [0, 1]")
-    if not float(temperature) > 0.0:
-        raise InvalidParameterError(f"temperature={temperature!r} is invalid; it must be > 0")
-    if not float(lr) > 0.0 or not 0.0 <= float(lr_min) <= float(lr):
-        raise InvalidParameterError(f"lr={lr!r}, lr_min={lr_min!r} are invalid; need lr > 0 and 0 <= lr_min <= lr")
-    if grad_clip is not None and not float(grad_clip) > 0.0:
-        raise InvalidParameterError(f"grad_clip={grad_clip!r} is invalid; it must be > 0 or None")
-    distill_kind = (distill or "kl") if teacher is not None else None
-    task_weight = 1.0 - float(distill_weight) if teacher is not None else 1.0
-    task_loss = loss_fn if loss_fn is not None else F.cross_entropy
+    _check_arguments(steps, epochs, eval_every, checkpoint_every, teacher, distill, distill_weight, temperature)
+    _check_rates(lr, lr_min, grad_clip)
+    objective = _Objective(
+        task_loss=loss_fn if loss_fn is not None else F.cross_entropy,
+        teacher=teacher,
+        distill=distill or "kl",
+        distill_weight=float(distill_weight) if teacher is not None else 0.0,
+        temperature=float(temperature),
+    )
 
     ddp, device = _setup_distributed(device)
     model.to(device)
@@ -638,21 +659,7 @@ def finetune(
             model.train()
             for step in range(start + 1, total + 1):
                 inputs, target = split_batch(next(stream), device)
-                output = main_output(_call(train_model, inputs))
-                loss = output.new_zeros(())
-                if task_weight > 0.0:
-                    if target is None:
-                        raise InvalidParameterError(
-                            "the batch has no target but a task loss is used; give (inputs, target) batches "
-                            "or a teacher with distill_weight=1.0"
-                        )
-                    loss = loss + task_weight * task_loss(output, target)
-                if teacher is not None and distill_kind is not None:
-                    with torch.no_grad():
-                        teacher_output = main_output(_call(teacher, inputs))
-                    loss = loss + (1.0 - task_weight) * distillation_loss(
-                        output, teacher_output, distill_kind, float(temperature)
-                    )
+                loss = objective(main_output(_call(train_model, inputs)), target, inputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
@@ -681,6 +688,39 @@ def finetune(
         if bar is not None:
             bar.close()
     return result
+
+
+def _check_arguments(
+    steps: Any,
+    epochs: Any,
+    eval_every: Any,
+    checkpoint_every: Any,
+    teacher: nn.Module | None,
+    distill: Any,
+    distill_weight: Any,
+    temperature: Any,
+) -> None:
+    counts = {"steps": steps, "epochs": epochs, "eval_every": eval_every, "checkpoint_every": checkpoint_every}
+    for label, value in counts.items():
+        if value is not None:
+            check_count(value, label)
+    if steps is not None and epochs is not None:
+        raise InvalidParameterError(f"give steps or epochs, not both (got steps={steps}, epochs={epochs})")
+    if distill is not None and distill not in _DISTILL_KINDS:
+        raise InvalidParameterError(f"distill={distill!r} is invalid; allowed values are {[*_DISTILL_KINDS, None]}")
+    if distill is not None and teacher is None:
+        raise InvalidParameterError(f"distill={distill!r} needs a teacher model (teacher=...)")
+    if not 0.0 <= float(distill_weight) <= 1.0:
+        raise InvalidParameterError(f"distill_weight={distill_weight!r} is invalid; it must be in [0, 1]")
+    if not float(temperature) > 0.0:
+        raise InvalidParameterError(f"temperature={temperature!r} is invalid; it must be > 0")
+
+
+def _check_rates(lr: Any, lr_min: Any, grad_clip: Any) -> None:
+    if not float(lr) > 0.0 or not 0.0 <= float(lr_min) <= float(lr):
+        raise InvalidParameterError(f"lr={lr!r}, lr_min={lr_min!r} are invalid; need lr > 0 and 0 <= lr_min <= lr")
+    if grad_clip is not None and not float(grad_clip) > 0.0:
+        raise InvalidParameterError(f"grad_clip={grad_clip!r} is invalid; it must be > 0 or None")
 
 
 def _load_checkpoint(

@@ -32,21 +32,25 @@ Implementation notes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from ._validation import InvalidParameterError, InvalidWeightsError, check_k, check_seed, layer_label
 
 __all__ = ["KMeansResult", "kmeans", "assign", "KMeans"]
 
-# Distances are computed for this many (point, centroid) pairs at a time: 2^18 float32 values
-# (1 MiB) fit in a core's L2 cache, which measured fastest on CPU for k = 16..256 and d ≤ 9.
-_PAIRS_PER_CHUNK = 1 << 18
-_MIN_CHUNK = 256
+# Distances are computed for this many (point, centroid) pairs per GEMM: on CPU 2^18 float32 scores
+# (1 MiB) stay in a core's L2 cache (measured fastest for k = 16..256, d <= 9); on CUDA 64 MiB.
+_CPU_CHUNK_PAIRS = 1 << 18
+_DEVICE_CHUNK_PAIRS = 1 << 24
+# Up to this k the packed float64 minimum beats an argmin over rows of k scores (measured crossover ~48).
+_PACKED_MAX_K = 32
 
 
 @dataclass
@@ -148,138 +152,277 @@ def _check_dtype(dtype: Any) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
-def _default_chunk_size(k: int) -> int:
-    return max(_MIN_CHUNK, _PAIRS_PER_CHUNK // k)
+def _default_chunk_size(k: int, device: torch.device) -> int:
+    return max(1, (_CPU_CHUNK_PAIRS if device.type == "cpu" else _DEVICE_CHUNK_PAIRS) // k)
 
 
-class _NearestCentroid:
-    """Nearest-centroid search over a fixed set of points, reusable across Lloyd iterations.
+_openmp_controller: Any = None
 
-    Scores ``‖c‖² − 2·x·c`` (``‖x‖²`` does not move the argmin) come from one GEMM per chunk of
-    points, ``[x, 1] · [−2c, ‖c‖²]ᵀ``, into a buffer allocated once (allocating a fresh block per
-    chunk measured several times slower on CPU). On CPU the argmin runs in numpy, whose SIMD argmin
-    measured 3–6× faster than torch's ``min(dim)`` with indices for k ≥ 64.
+
+def _one_thread_on_cpu(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Run this thread's torch ops single-threaded on CPU, as scikit-learn's KMeans limits BLAS.
+
+    Every step of k-means on CPU is small (microseconds to a few milliseconds): a second thread gains
+    little, while each parallel region costs a scheduler time slice (6–16 ms measured) whenever another
+    process holds a core, which made a run 10–40× slower on a shared 2-core machine. The limit is the
+    OpenMP thread count of the calling thread only (``threadpoolctl``), restored on exit;
+    ``torch.set_num_threads`` and other threads are untouched.
+    """
+    global _openmp_controller
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    if _openmp_controller is None:
+        _openmp_controller = ThreadpoolController()
+    return _openmp_controller.limit(limits=1, user_api="openmp")
+
+
+class _PointSet:
+    """The points being clustered, with every step of Lloyd's algorithm that touches all of them.
+
+    The algorithm around it (convergence, relocation) works on (k × d) tensors; what costs O(n) or
+    O(n·k) lives here, in two implementations: numpy on CPU (faster where it matters, see below) and
+    torch elsewhere (CUDA, or dtypes numpy lacks).
+
+    Nearest centroids come from one GEMM per chunk of points into buffers allocated once, then a
+    minimum over the centroids:
+
+    - torch: scores ``‖c‖² − 2·x·c = [x, 1]·[−2c, ‖c‖²]ᵀ`` (``‖x‖²`` does not move the argmin),
+      ``torch.min`` over each row.
+    - numpy, k > 32: the same scores; numpy's SIMD argmin over rows of 64+ values measured 3–6× faster
+      than torch's ``min(dim)`` with indices.
+    - numpy, float32, k ≤ 32: an argmin over rows of so few values is slow in both libraries. The chunk
+      is computed transposed, k × points, as full distances ``[−2c, 1, ‖c‖²]·[x, ‖x‖², 1]ᵀ``, and viewed
+      as int32 (same order as the floats, which are >= 0). The low ⌈log2 k⌉ mantissa bits are replaced by
+      the centroid index, so one vectorised integer minimum over the k rows yields index and distance
+      together, 2–4× faster. Distances within 2^-18 (k = 32) of each other, relative, count as ties and
+      go to the lower index; float32 GEMM rounding is of a similar size.
+    - d = 1: the cells are intervals between midpoints of the sorted centroids; a binary search, O(n log k).
+
+    ``nearest`` returns the GEMM-expanded distances (rounding at the scale of ‖x‖², fine for the
+    objective and for re-seeding); ``exact_sqdist`` recomputes ``‖x − c‖²`` from differences.
     """
 
-    def __init__(self, x: torch.Tensor, k: int, chunk_size: int) -> None:
-        self.x = x
+    def __init__(self, x: torch.Tensor, k: int, chunk_size: int | None = None, *, use_numpy: bool | None = None):
         n, d = x.shape
-        self.n = n
-        self.one_dimensional = d == 1
-        if self.one_dimensional:
-            self.x_flat = x[:, 0].contiguous()
+        self.x, self.n, self.k = x, n, k
+        if use_numpy is None:
+            use_numpy = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        self.use_numpy = use_numpy
+        self.x_np = x.numpy() if use_numpy else None
+        self._x64: Any = None  # float64 copy for the centroid sums, made on first use
+        if d == 1:
+            self.mode = "line"
             return
-        chunk_size = min(chunk_size, n)
-        x_aug = torch.cat([x, x.new_ones((n, 1))], dim=1)
-        scores = x.new_empty((chunk_size, k))
-        self.weights_t = x.new_empty((d + 1, k))
-        self.on_cpu = x.device.type == "cpu"
-        # (first row, last row + 1, points, scores block) per chunk, sliced once rather than at every call.
-        self.chunks = [
-            (start, min(start + chunk_size, n), x_aug[start : start + chunk_size], scores[: min(chunk_size, n - start)])
-            for start in range(0, n, chunk_size)
-        ]
-
-    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels of the nearest centroid and the exact squared distance to it, for every point."""
-        if self.one_dimensional:
-            # 1-D: the Voronoi cells are intervals between midpoints of the sorted centroids.
-            sorted_centroids, order = torch.sort(centroids[:, 0])
-            midpoints = (sorted_centroids[1:] + sorted_centroids[:-1]) * 0.5
-            labels = order[torch.searchsorted(midpoints, self.x_flat)]
+        chunk = min(chunk_size or _default_chunk_size(k, x.device), n)
+        spans = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+        self.x_sqnorm = (x * x).sum(1)
+        self.chunks: list[tuple[int, int, torch.Tensor, torch.Tensor, Any]] = []
+        if use_numpy and x.dtype == torch.float32 and k <= _PACKED_MAX_K:
+            self.mode = "packed"
+            self.index_mask = (1 << max(1, (k - 1).bit_length())) - 1
+            x_aug_t = torch.cat([x, self.x_sqnorm.unsqueeze(1), x.new_ones((n, 1))], dim=1).t().contiguous()
+            self.weights = x.new_empty((k, d + 2))
+            self.weights[:, d] = 1.0
+            scores_flat = x.new_empty(k * chunk)  # each chunk takes a contiguous (k × rows) view
+            self.row_index = np.arange(k, dtype=np.int32)[:, None]
+            for start, stop in spans:
+                scores = scores_flat[: k * (stop - start)].view(k, stop - start)
+                self.chunks.append((start, stop, x_aug_t[:, start:stop], scores, scores.numpy()))
         else:
-            d = centroids.shape[1]
-            torch.mul(centroids.t(), -2.0, out=self.weights_t[:d])
-            torch.sum(centroids * centroids, 1, out=self.weights_t[d])
-            labels = torch.empty(self.n, dtype=torch.int64, device=self.x.device)
-            if self.on_cpu:
-                labels_np = labels.numpy()
-                for start, stop, points, scores in self.chunks:
-                    torch.mm(points, self.weights_t, out=scores)
-                    np.argmin(scores.numpy(), axis=1, out=labels_np[start:stop])
+            self.mode = "scores"
+            x_aug = torch.cat([x, x.new_ones((n, 1))], dim=1)
+            self.weights_t = x.new_empty((d + 1, k))
+            scores_all = x.new_empty((chunk, k))
+            self.chunk_rows = np.arange(chunk)
+            for start, stop in spans:
+                scores = scores_all[: stop - start]
+                self.chunks.append((start, stop, x_aug[start:stop], scores, scores.numpy() if use_numpy else None))
+
+    # -- nearest centroid --------------------------------------------------------------------------
+
+    def nearest(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Labels of the nearest centroid, squared distance to it, and the sum of those (float64)."""
+        if self.mode == "line":
+            labels = self._nearest_on_line(centroids)
+            sqdist = self.exact_sqdist(centroids, labels)
+        elif self.mode == "packed":
+            labels, sqdist = self._nearest_packed(centroids)
+        else:
+            labels, sqdist = self._nearest_by_scores(centroids)
+        if self.use_numpy:
+            return labels, sqdist, float(sqdist.numpy().sum(dtype=np.float64))
+        return labels, sqdist, float(sqdist.sum(dtype=torch.float64))
+
+    def _nearest_on_line(self, centroids: torch.Tensor) -> torch.Tensor:
+        # Equal centroids share one cell, owned by the lowest index (first of its run in a stable sort),
+        # as an argmin would have it.
+        values, order = torch.sort(centroids[:, 0], stable=True)
+        first_of_run = torch.ones_like(values, dtype=torch.bool)
+        first_of_run[1:] = values[1:] != values[:-1]
+        distinct, owners = values[first_of_run], order[first_of_run]
+        midpoints = (distinct[1:] + distinct[:-1]) * 0.5
+        if self.x_np is not None:
+            return torch.from_numpy(np.take(owners.numpy(), np.searchsorted(midpoints.numpy(), self.x_np[:, 0])))
+        return owners[torch.searchsorted(midpoints, self.x[:, 0].contiguous())]
+
+    def _nearest_by_scores(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = centroids.shape[1]
+        torch.mul(centroids.t(), -2.0, out=self.weights_t[:d])
+        torch.sum(centroids * centroids, 1, out=self.weights_t[d])
+        if self.use_numpy:
+            labels_np = np.empty(self.n, dtype=np.int64)
+            best_np = np.empty(self.n, dtype=self.x_sqnorm.numpy().dtype)
+            for start, stop, points, scores, scores_np in self.chunks:
+                torch.mm(points, self.weights_t, out=scores)
+                chunk_labels = np.argmin(scores_np, axis=1, out=labels_np[start:stop])
+                best_np[start:stop] = scores_np[self.chunk_rows[: stop - start], chunk_labels]
+            best_np += self.x_sqnorm.numpy()
+            np.maximum(best_np, 0.0, out=best_np)
+            return torch.from_numpy(labels_np), torch.from_numpy(best_np)
+        labels = torch.empty(self.n, dtype=torch.int64, device=self.x.device)
+        best = torch.empty_like(self.x_sqnorm)
+        for start, stop, points, scores, _ in self.chunks:
+            torch.mm(points, self.weights_t, out=scores)
+            torch.min(scores, dim=1, out=(best[start:stop], labels[start:stop]))
+        return labels, best.add_(self.x_sqnorm).clamp_min_(0.0)
+
+    def _nearest_packed(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = centroids.shape[1]
+        torch.mul(centroids, -2.0, out=self.weights[:, :d])
+        torch.sum(centroids * centroids, 1, out=self.weights[:, d + 1])
+        keep = np.int32(~self.index_mask)
+        packed = np.empty(self.n, dtype=np.int32)
+        for start, stop, points_t, scores, scores_np in self.chunks:
+            torch.mm(self.weights, points_t, out=scores)
+            as_int = scores_np.view(np.int32)  # the integer order of floats >= 0 is their numeric order
+            np.bitwise_and(as_int, keep, out=as_int)
+            np.bitwise_or(as_int, self.row_index, out=as_int)
+            np.minimum.reduce(as_int, axis=0, out=packed[start:stop])
+        labels = np.bitwise_and(packed, self.index_mask).astype(np.int64)
+        np.bitwise_and(packed, keep, out=packed)
+        # Rounding can make a distance slightly negative; it then sorts first, which is as good a choice.
+        return torch.from_numpy(labels), torch.from_numpy(np.maximum(packed.view(np.float32), 0.0))
+
+    def exact_sqdist(self, centroids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``‖x − c_label‖²`` from the differences (no cancellation)."""
+        if self.x_np is not None:
+            diff = self.x_np - np.take(centroids.numpy(), labels.numpy(), axis=0)  # take: 10× faster than [labels]
+            return torch.from_numpy(np.einsum("ij,ij->i", diff, diff))
+        diff = self.x - centroids.index_select(0, labels)
+        return diff.square_().sum(1)
+
+    # -- update --------------------------------------------------------------------------------------
+
+    @property
+    def x64(self) -> Any:
+        """The points in float64: numpy columns (d × n) on CPU, a torch (n × d) tensor elsewhere."""
+        if self._x64 is None:
+            if self.x_np is not None:
+                self._x64 = np.ascontiguousarray(self.x_np.T, dtype=np.float64)
             else:
-                for start, stop, points, scores in self.chunks:
-                    torch.mm(points, self.weights_t, out=scores)
-                    torch.argmin(scores, dim=1, out=labels[start:stop])
-        diff = self.x - centroids[labels]
-        return labels, diff.square_().sum(1)
+                self._x64 = self.x.to(torch.float64)
+        return self._x64
+
+    def cluster_sums(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points per cluster (int64, k) and the float64 sum of each cluster's points (k × d)."""
+        if self.x_np is not None:
+            labels_np = labels.numpy()
+            sums = np.stack([np.bincount(labels_np, weights=col, minlength=self.k) for col in self.x64], axis=1)
+            return torch.from_numpy(np.bincount(labels_np, minlength=self.k)), torch.from_numpy(sums)
+        counts = torch.bincount(labels, minlength=self.k)
+        sums = self.x64.new_zeros((self.k, self.x.shape[1])).index_add_(0, labels, self.x64)
+        return counts, sums
+
+    def same_labels(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        if self.use_numpy:
+            return bool(np.array_equal(a.numpy(), b.numpy()))
+        return torch.equal(a, b)
+
+
+def _assign_exact(
+    x: torch.Tensor, centroids: torch.Tensor, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every point and the exactly recomputed squared distance to it."""
+    points = _PointSet(x, centroids.shape[0], chunk_size)
+    labels, _, _ = points.nearest(centroids)
+    return labels, points.exact_sqdist(centroids, labels)
 
 
 def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (scikit-learn's): k centres chosen among the rows of x."""
+    """Greedy k-means++ (scikit-learn's): k centres chosen among the rows of x.
+
+    ``‖x − y‖² = [x, ‖x‖², 1]·[−2y, 1, ‖y‖²]ᵀ``, so one GEMM gives the distances of all points to
+    the candidates.
+    """
     n, d = x.shape
-    n_local_trials = 2 + int(math.log(k))
-    trial_rows = torch.arange(n_local_trials, device=x.device)
+    n_trials = 2 + int(math.log(k))
     x_sqnorm = (x * x).sum(1, keepdim=True)
-    # ‖x − y‖² = [x, ‖x‖², 1] · [−2y, 1, ‖y‖²]ᵀ: one GEMM gives the distances of all points to the candidates.
     x_aug_t = torch.cat([x, x_sqnorm, torch.ones_like(x_sqnorm)], dim=1).t().contiguous()
+    distances = x.new_empty((n_trials, n))
     zero = x.new_zeros(())
-    distances = x.new_empty((n_local_trials, n))
     centres = x.new_empty((k, d))
 
     def candidate_weights(candidates: torch.Tensor) -> torch.Tensor:
         y = x[candidates]
         return torch.cat([-2.0 * y, torch.ones_like(y[:, :1]), (y * y).sum(1, keepdim=True)], dim=1)
 
-    first = torch.randint(n, (1,), generator=generator).to(x.device)
-    centres[0] = x[first[0]]
-    closest = torch.mm(candidate_weights(first), x_aug_t)[0].clamp_min_(0.0)
-    closest[first] = 0.0  # exact: a chosen point must carry no probability mass
-    for c in range(1, k):
+    chosen = torch.randint(n, (1,), generator=generator).to(x.device)[0]
+    closest = torch.mm(candidate_weights(chosen.view(1)), x_aug_t)[0].clamp_min_(0.0)
+    for c in range(k):
+        closest[chosen] = 0.0  # exact: a chosen point must carry no probability mass
+        centres[c] = x[chosen]
+        if c == k - 1:
+            break
         cumulative = torch.cumsum(closest, 0, dtype=torch.float64)
-        draws = torch.rand(n_local_trials, generator=generator, dtype=torch.float64).to(x.device)
-        candidates = torch.searchsorted(cumulative, draws * cumulative[-1]).clamp_(max=n - 1)
+        draws = torch.rand(n_trials, generator=generator, dtype=torch.float64).to(x.device)
+        candidates = torch.searchsorted(cumulative, draws.mul_(cumulative[-1])).clamp_(max=n - 1)
         torch.mm(candidate_weights(candidates), x_aug_t, out=distances)
-        distances.clamp_(min=zero, max=closest)  # min(D², D² so far), rounding below 0 cut
-        distances[trial_rows, candidates] = 0.0
+        distances.clamp_(min=zero, max=closest)  # squared distance to the nearest centre once chosen
         best = torch.argmin(distances.sum(1))
         closest = distances[best].clone()  # a 0-d index gives a view, and the buffer is reused
-        centres[c] = x[candidates[best]]
+        chosen = candidates[best]
     return centres
 
 
 def _update_centres(
-    x64: torch.Tensor, labels: torch.Tensor, sqdist: torch.Tensor, centres: torch.Tensor, sums: torch.Tensor
+    points: _PointSet, labels: torch.Tensor, sqdist: torch.Tensor, centres: torch.Tensor
 ) -> torch.Tensor:
-    """Means of the clusters (float64 sums, into ``sums``); empty clusters take the farthest points."""
-    k = centres.shape[0]
-    counts = torch.bincount(labels, minlength=k)
-    sums.zero_().index_add_(0, labels, x64)
+    """Means of the clusters (float64 sums); empty clusters take the points farthest from their centre."""
+    counts, sums = points.cluster_sums(labels)
     if bool(counts.all()):
-        return sums.div_(counts.unsqueeze(1)).to(centres.dtype)
+        return (sums / counts.unsqueeze(1)).to(centres.dtype)
     # scikit-learn's relocation: the point farthest from its centre re-seeds the lowest-numbered empty
     # cluster, the next farthest the next one, and each leaves the cluster it was in.
     empty = torch.nonzero(counts == 0).squeeze(1)
-    farthest = torch.topk(sqdist, min(empty.numel(), sqdist.numel())).indices
+    farthest = torch.topk(sqdist, min(empty.numel(), points.n)).indices
     empty = empty[: farthest.numel()]
     donors = labels[farthest]
-    sums.index_add_(0, donors, -x64[farthest])
+    moved = points.x[farthest].to(torch.float64)
+    sums.index_add_(0, donors, -moved)
     counts.index_add_(0, donors, torch.full_like(farthest, -1))
-    sums[empty] = x64[farthest]
+    sums[empty] = moved
     counts[empty] = 1
-    means = sums.div_(counts.clamp_min(1).unsqueeze(1)).to(centres.dtype)
+    means = (sums / counts.clamp_min(1).unsqueeze(1)).to(centres.dtype)
     # A cluster still empty (possible only with fewer distinct points than k) keeps its centre.
     return torch.where(counts.unsqueeze(1) > 0, means, centres)
 
 
 def _lloyd(
-    x: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float, chunk_size: int
+    points: _PointSet, centres: torch.Tensor, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[float]]:
     """Lloyd iterations with scikit-learn's stopping rules; labels/sqdist match the returned centres."""
-    x64 = x.to(torch.float64)
-    sums = x64.new_empty(centres.shape)
-    nearest = _NearestCentroid(x, centres.shape[0], chunk_size)
     previous_labels: torch.Tensor | None = None
-    objective: list[torch.Tensor] = []
+    objective: list[float] = []
     strict_convergence = False
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        labels, sqdist = nearest(centres)
-        objective.append(sqdist.sum(dtype=torch.float64))
-        new_centres = _update_centres(x64, labels, sqdist, centres, sums)
+    while n_iter < max_iter:
+        n_iter += 1
+        labels, sqdist, total = points.nearest(centres)
+        objective.append(total)
+        new_centres = _update_centres(points, labels, sqdist, centres)
         shift = float((new_centres - centres).square_().sum())
         centres = new_centres
-        if previous_labels is not None and torch.equal(labels, previous_labels):
+        if previous_labels is not None and points.same_labels(labels, previous_labels):
             # Same labels twice: the update reproduced the centres these labels were computed for.
             strict_convergence = True
             break
@@ -287,8 +430,8 @@ def _lloyd(
             break
         previous_labels = labels
     if not strict_convergence:
-        labels, sqdist = nearest(centres)
-    return centres, labels, sqdist, n_iter, torch.stack(objective).tolist()
+        labels, _, _ = points.nearest(centres)
+    return centres, labels, points.exact_sqdist(centres, labels), n_iter, objective
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,44 +513,59 @@ def kmeans(
     tol = _check_tol(tol)
     max_points_per_centroid = _check_positive_int(max_points_per_centroid, "max_points_per_centroid", allow_none=True)
     dtype = _check_dtype(dtype)
-    chunk = _default_chunk_size(k) if chunk_size is None else int(_check_positive_int(chunk_size, "chunk_size"))  # type: ignore[arg-type]
-    device = points.device
-
-    # Centre the data: the GEMM expansion of the distances is accurate only near the origin.
-    mean = points.mean(0, dtype=torch.float64)
-    data = (points.to(torch.float64) - mean).to(dtype) if points.dtype != dtype else points - mean.to(dtype)
-
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    train_rows: torch.Tensor | None = None
-    if max_points_per_centroid is not None and n > k * max_points_per_centroid:
-        train_rows = torch.randperm(n, generator=generator)[: k * max_points_per_centroid].to(device)
-        train = data[train_rows]
-    else:
-        train = data
-
-    if init is None:
-        centres = _kmeans_plusplus(train, k, generator)
-    else:
+    chunk = _check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    initial = None
+    if init is not None:
         initial = _as_points(init, name=name, what="init")
         if tuple(initial.shape) != (k, d):
             raise InvalidParameterError(
                 f"{layer_label(name)}init has shape {tuple(initial.shape)}; it must be (k, d) = ({k}, {d})"
             )
-        centres = (initial.to(device=device, dtype=torch.float64) - mean).to(dtype)
+    with torch.no_grad(), _one_thread_on_cpu(points.device):
+        return _kmeans(points, k, seed, max_iter, tol, max_points_per_centroid, initial, dtype, chunk)
+
+
+def _kmeans(
+    points: torch.Tensor,
+    k: int,
+    seed: int,
+    max_iter: int,
+    tol: float,
+    max_points_per_centroid: int | None,
+    init: torch.Tensor | None,
+    dtype: torch.dtype,
+    chunk_size: int | None,
+) -> KMeansResult:
+    """:func:`kmeans` on checked arguments."""
+    n = points.shape[0]
+    device = points.device
+    # Centre the data: the GEMM expansion of the distances is accurate only near the origin.
+    mean = points.mean(0, dtype=torch.float64)
+    data = (points.to(torch.float64) - mean).to(dtype)
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    train_rows: torch.Tensor | None = None
+    train = data
+    if max_points_per_centroid is not None and n > k * max_points_per_centroid:
+        train_rows = torch.randperm(n, generator=generator)[: k * max_points_per_centroid].to(device)
+        train = data[train_rows]
+
+    if init is None:
+        centres = _kmeans_plusplus(train, k, generator)
+    else:
+        centres = (init.to(device=device, dtype=torch.float64) - mean).to(dtype)
 
     tol_abs = tol * float(train.to(torch.float64).var(0, unbiased=False).mean())
-    centres, labels, sqdist, n_iter, objective = _lloyd(train, centres, max_iter, tol_abs, chunk)
+    centres, labels, sqdist, n_iter, objective = _lloyd(_PointSet(train, k, chunk_size), centres, max_iter, tol_abs)
     train_inertia = float(sqdist.sum(dtype=torch.float64))
-    if train_rows is None:
-        inertia = train_inertia
-    else:
-        labels, sqdist = _NearestCentroid(data, k, chunk)(centres)
+    inertia = train_inertia
+    if train_rows is not None:
+        labels, sqdist = _assign_exact(data, centres, chunk_size)
         inertia = float(sqdist.sum(dtype=torch.float64))
         train_inertia = float(sqdist[train_rows].sum(dtype=torch.float64))
-    centroids = (centres.to(torch.float64) + mean).to(dtype)
     return KMeansResult(
-        centroids=centroids,
-        labels=labels,
+        centroids=(centres.to(torch.float64) + mean).to(dtype),
+        labels=labels.to(device),
         inertia=inertia,
         train_inertia=train_inertia,
         n_iter=n_iter,
@@ -461,12 +619,11 @@ def assign(
         )
     if x.device != centroids.device:
         raise InvalidParameterError(f"x is on {x.device} but centroids are on {centroids.device}")
-    k = centroids.shape[0]
-    chunk = _default_chunk_size(k) if chunk_size is None else int(_check_positive_int(chunk_size, "chunk_size"))  # type: ignore[arg-type]
+    chunk = _check_positive_int(chunk_size, "chunk_size", allow_none=True)
     dtype = torch.promote_types(torch.promote_types(x.dtype, centroids.dtype), torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread_on_cpu(x.device):
         centre = centroids.to(dtype).mean(0)
-        return _NearestCentroid(x.detach().to(dtype) - centre, k, chunk)(centroids.detach().to(dtype) - centre)
+        return _assign_exact(x.detach().to(dtype) - centre, centroids.detach().to(dtype) - centre, chunk)
 
 
 class KMeans:
@@ -501,7 +658,7 @@ class KMeans:
     >>> km = KMeans(2, seed=0).fit(X)
     >>> km.cluster_centers_.dtype, km.inertia_
     (dtype('float64'), 1.0)
-    >>> km.predict(np.array([[9.0, 0.0]]))[0] == km.labels_[2]
+    >>> bool(km.predict(np.array([[9.0, 0.0]]))[0] == km.labels_[2])
     True
     """
 

@@ -79,7 +79,9 @@ class DemoResult:
     seconds : dict of str to float
         Wall time of each phase and ``"total"``.
     model : CompressedModel
-        The reloaded compressed model, on the CPU, in eval mode.
+        The compressed, fine-tuned model in memory, on the CPU, in eval mode.
+    reloaded : CompressedModel
+        The model read back from ``files["model"]``, on the CPU, in eval mode.
     report : Report or None
         The analysis (None when a plan or d̃ was given).
     """
@@ -92,6 +94,7 @@ class DemoResult:
     history: dict[str, FinetuneResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     model: CompressedModel | None = None
+    reloaded: CompressedModel | None = None
     report: Any = None
 
     @property
@@ -215,9 +218,13 @@ def compress_digits_demo(
 
     Examples
     --------
-    >>> result = compress_digits_demo(quick=True, steps=2, progress=False)  # doctest: +SKIP
-    >>> result.accuracy_after > 0.5, result.size.ratio > 1  # doctest: +SKIP
-    (True, True)
+    >>> result = compress_digits_demo(d_tilde=4, steps=5, progress=False)
+    >>> list(result.plan), result.plan["conv4.weight"]
+    (['conv2.weight', 'conv3.weight', 'conv4.weight'], LayerPlan(k=16, m=9, d_tilde=4))
+    >>> round(result.size.ratio, 1), result.accuracy_after > 0.5
+    (28.7, True)
+    >>> sorted(result.files)
+    ['model', 'size', 'summary']
     """
     if num_threads is not None:
         num_threads = check_count(num_threads, "num_threads")
@@ -358,7 +365,8 @@ def _run_demo(
         max_reload_difference=difference,
         history=history,
         seconds=seconds,
-        model=reloaded,
+        model=cmodel,
+        reloaded=reloaded,
         report=report,
     )
     files["summary"] = out / SUMMARY_FILE

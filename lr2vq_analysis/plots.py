@@ -961,8 +961,8 @@ def plot_accuracy_vs_d_tilde(
             color = config_colors[(config[1], config[2])]
         ax.errorbar(
             np.array([p.d_tilde for p in line], dtype=np.float64),
-            [p.mean for p in line],
-            yerr=[p.sd for p in line],
+            np.array([p.mean for p in line], dtype=np.float64),
+            yerr=np.array([p.sd for p in line], dtype=np.float64),
             color=color,
             marker=marker,
             capsize=2.5,
@@ -1070,9 +1070,9 @@ def plot_size_frontier(
         mine = [p for p in points if p.method == method]
         color, marker = _method_style(method, index)
         ax.errorbar(
-            [p.megabytes for p in mine],
-            [p.mean for p in mine],
-            yerr=[p.sd for p in mine],
+            np.array([p.megabytes for p in mine], dtype=np.float64),
+            np.array([p.mean for p in mine], dtype=np.float64),
+            yerr=np.array([p.sd for p in mine], dtype=np.float64),
             linestyle="none",
             marker=marker,
             color=color,

@@ -16,29 +16,33 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from lr2vq_analysis.cli import build_parser, load_state_dict, main, read_plan, skeleton_from_state_dict
+from lr2vq_analysis.cli import build_parser, main, read_plan, skeleton_from_state_dict
 from lr2vq_analysis.export import load_compressed
 from lr2vq_analysis.plan import LayerPlan
 from lr2vq_analysis.plots import figure_file_stem
 from lr2vq_analysis.report import Report
+from lr2vq_analysis.weights import load_state_dict
 
-LAYERS = ["block1.weight", "block2.weight"]
+LAYERS = ["features.3.weight", "features.6.weight", "classifier.weight"]
 
 
 def make_state() -> dict[str, np.ndarray]:
+    """A small CNN's state_dict whose natural key order (what a .safetensors file keeps) is the model order."""
     rng = np.random.default_rng(1)
     scale = np.linspace(1.0, 0.2, 9).reshape(3, 3)
     return {
-        "stem.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
-        "bn.weight": np.ones(8, np.float32),
-        "bn.bias": np.zeros(8, np.float32),
-        "bn.running_mean": rng.normal(size=8).astype(np.float32),
-        "bn.running_var": np.ones(8, np.float32),
-        "bn.num_batches_tracked": np.array(3, np.int64),
-        "block1.weight": (rng.normal(size=(16, 8, 3, 3)) * scale).astype(np.float32),
-        "block1.bias": rng.normal(size=16).astype(np.float32),
-        "block2.weight": (rng.normal(size=(32, 16, 3, 3)) * scale).astype(np.float32),
-        "head.weight": rng.normal(size=(10, 64)).astype(np.float32),
+        "classifier.weight": rng.normal(size=(10, 72)).astype(np.float32),
+        "classifier.bias": np.zeros(10, np.float32),
+        "features.0.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),  # first conv: kept
+        "features.1.weight": np.ones(8, np.float32),
+        "features.1.bias": np.zeros(8, np.float32),
+        "features.1.running_mean": rng.normal(size=8).astype(np.float32),
+        "features.1.running_var": np.ones(8, np.float32),
+        "features.1.num_batches_tracked": np.array(3, np.int64),
+        "features.3.weight": (rng.normal(size=(16, 8, 3, 3)) * scale).astype(np.float32),
+        "features.3.bias": rng.normal(size=16).astype(np.float32),
+        "features.6.weight": (rng.normal(size=(32, 16, 3, 3)) * scale).astype(np.float32),
+        "features.8.weight": rng.normal(size=(8, 20)).astype(np.float32),  # row length 20: m=9 does not divide it
     }
 
 
@@ -65,8 +69,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_analyze_writes_report_tables_figures_and_markdown(analyzed):
     report = Report.load(analyzed / "report.json")
-    assert [layer.name for layer in report.layers] == [*LAYERS, "head.weight"]
-    assert "stem.weight" in report.skipped
+    assert sorted(layer.name for layer in report.layers) == sorted(LAYERS)
+    assert set(report.skipped) == {"features.0.weight", "features.8.weight"}
     table = pd.read_csv(analyzed / "report.csv")
     assert list(table["name"]) == [layer.name for layer in report.layers]
     assert list(table["d_tilde"]) == [layer.d_tilde for layer in report.layers]
@@ -79,7 +83,7 @@ def test_analyze_writes_report_tables_figures_and_markdown(analyzed):
     assert f"**Global d̃ = {report.global_d_tilde}**" in markdown
     for layer in report.layers:
         assert f"| {layer.name} |" in markdown
-    assert "| stem.weight |" in markdown  # skipped layers are listed with the reason
+    assert "| features.8.weight |" in markdown and "not divisible" in markdown  # skipped, with the reason
     for target in re.findall(r"\]\(([^)]+\.png)\)", markdown):  # every embedded or linked figure exists
         assert (analyzed / target).is_file(), target
     assert "ratio" in markdown and "PQ (d̃ = m)" in markdown
@@ -88,16 +92,26 @@ def test_analyze_writes_report_tables_figures_and_markdown(analyzed):
 def test_report_md_sizes_match_hand_computed_bits(analyzed):
     report = Report.load(analyzed / "report.json")
     state = make_state()
-    compressed = 0.0
-    for name, plan in report.plan("layer").items():
-        shape = state[name].shape
-        n_codes = np.prod(shape) // plan.m
-        compressed += n_codes * np.log2(plan.k) + plan.k * plan.d_tilde * 16 + (plan.d_tilde * plan.m * 16)
-    # uncompressed at fp32: stem, block1 bias; batch norm folded into two vectors; int buffers not counted
-    compressed += (8 * 27 + 16) * 32 + 2 * 8 * 32
+    plan = report.plan("layer")
+    bits = 0.0
+    for key, value in state.items():
+        if key in plan:  # codes at log2 k bits, fp16 codebook k × d̃ and projection d̃ × m (none for PQ)
+            p = plan[key]
+            bits += (
+                value.size // p.m * np.log2(p.k)
+                + p.k * p.d_tilde * 16
+                + (p.d_tilde * p.m * 16 if p.d_tilde < p.m else 0)
+            )
+        elif key.startswith("features.1."):
+            continue  # the batch norm, counted below as two folded vectors
+        else:
+            bits += value.size * 32
+    bits += 2 * 8 * 32
     markdown = (analyzed / "report.md").read_text()
     row = next(line for line in markdown.splitlines() if line.startswith("| LR²VQ, per-layer d̃ |"))
-    assert float(row.split("|")[2]) == pytest.approx(compressed / 8 / 2**20, rel=1e-3)
+    assert float(row.split("|")[2]) == pytest.approx(bits / 8 / 2**20, rel=1e-3)
+    uncompressed = sum(v.size for k, v in state.items() if not k.startswith("features.1.")) + 16
+    assert f"Uncompressed: {uncompressed * 32 / 8 / 2**20:.4g} MiB" in markdown
 
 
 def test_analyze_bundled_default_model(tmp_path, capsys):
@@ -109,7 +123,9 @@ def test_analyze_bundled_default_model(tmp_path, capsys):
 
 
 def test_plot_redraws_from_a_saved_report_with_another_rho(analyzed, tmp_path, capsys):
-    code, out, err = run(capsys, "plot", str(analyzed / "report.json"), "--out", str(tmp_path), "--rho", "0.3", "--formats", "png")
+    code, out, err = run(
+        capsys, "plot", str(analyzed / "report.json"), "--out", str(tmp_path), "--rho", "0.3", "--formats", "png"
+    )
     assert code == 0, err
     assert (tmp_path / "overview.png").is_file() and not (tmp_path / "overview.svg").exists()
     expected = Report.load(analyzed / "report.json").with_rho(0.3).global_d_tilde
@@ -137,14 +153,13 @@ def test_bad_input_gives_one_line_error_and_exit_status(argv, status, message, w
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"block2.weight": {"k": 16, "m": 9, "d_tilde": 3}}))
+    plan.write_text(json.dumps({"features.6.weight": {"k": 16, "m": 9, "d_tilde": 3}}))
     argv = [a.format(weights=weight_file, corrupt=corrupt, plan=plan) for a in argv]
     code, _, err = run(capsys, *argv, "--out", str(tmp_path / "out")) if argv[0] == "analyze" else run(capsys, *argv)
     assert code == status, err
     assert message in err
     assert "Traceback" not in err
-    error_lines = [line for line in err.splitlines() if "error" in line]
-    assert len(error_lines) == 1, err
+    assert err.count("\n") == 1 and err.startswith("lr2vq"), err
 
 
 @pytest.mark.parametrize("command", [[], ["analyze"], ["plot"], ["compress"], ["demo"]])
@@ -157,7 +172,7 @@ def test_help_of_every_subcommand(command, capsys):
 
 
 def test_compress_a_weight_file_writes_a_reloadable_file(weight_file, tmp_path, capsys):
-    plan = {"block1.weight": LayerPlan(k=16, m=9, d_tilde=3), "block2.weight": LayerPlan(k=16, m=9)}
+    plan = {"features.3.weight": LayerPlan(k=16, m=9, d_tilde=3), "features.6.weight": LayerPlan(k=16, m=9)}
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({name: entry.to_dict() for name, entry in plan.items()}))
     out = tmp_path / "tiny.lr2vq"
@@ -175,26 +190,29 @@ def test_compress_a_weight_file_writes_a_reloadable_file(weight_file, tmp_path, 
         assert torch.unique(subvectors, dim=0).shape[0] <= 16
         error = ((subvectors - state[name].reshape(-1, 9)) ** 2).sum() / (state[name] ** 2).sum()
         assert error < 0.9  # a real approximation of the pretrained weight, not noise
-    untouched = cmodel.module.get_submodule("head")
-    torch.testing.assert_close(untouched.weight, state["head.weight"])
+    untouched = cmodel.module.get_submodule("classifier")
+    torch.testing.assert_close(untouched.weight, state["classifier.weight"])
 
 
 def test_read_plan_from_report_and_from_json(analyzed, tmp_path):
     report = Report.load(analyzed / "report.json")
     assert read_plan(analyzed / "report.json", "global") == report.plan("global")
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps({"block2.weight": {"k": 16, "m": 9, "d_tilde": 2}}))
-    assert read_plan(path) == {"block2.weight": LayerPlan(16, 9, 2)}
+    path.write_text(json.dumps({"features.6.weight": {"k": 16, "m": 9, "d_tilde": 2}}))
+    assert read_plan(path) == {"features.6.weight": LayerPlan(16, 9, 2)}
 
 
 def test_skeleton_has_the_state_dict_names_and_values():
     state = {key: torch.from_numpy(np.asarray(value)) for key, value in make_state().items()}
     skeleton = skeleton_from_state_dict(state, LAYERS)
-    assert list(skeleton.state_dict()) == list(state) or set(skeleton.state_dict()) == set(state)
+    assert set(skeleton.state_dict()) == set(state)
     for key, value in skeleton.state_dict().items():
         torch.testing.assert_close(value, state[key])
-    assert isinstance(skeleton.get_submodule("block2"), torch.nn.Conv2d)
-    assert skeleton.get_submodule("block1").bias is not None
+    assert isinstance(skeleton.get_submodule("features.6"), torch.nn.Conv2d)
+    assert skeleton.get_submodule("features.6").bias is None
+    assert skeleton.get_submodule("features.3").bias is not None
+    assert isinstance(skeleton.get_submodule("classifier"), torch.nn.Linear)
+    assert isinstance(skeleton.get_submodule("features.1"), torch.nn.modules.batchnorm._BatchNorm)
 
 
 def test_parser_defaults_match_the_documented_ones():
@@ -204,8 +222,20 @@ def test_parser_defaults_match_the_documented_ones():
 
 def test_entry_point_runs_as_a_module(weight_file, tmp_path):
     out = tmp_path / "report"
+    command = [
+        "analyze",
+        str(weight_file),
+        "--k",
+        "8",
+        "--out",
+        str(out),
+        "-q",
+        "--no-layer-figures",
+        "--formats",
+        "png",
+    ]
     ok = subprocess.run(
-        [sys.executable, "-m", "lr2vq_analysis", "analyze", str(weight_file), "--k", "8", "--out", str(out), "--quiet"],
+        [sys.executable, "-m", "lr2vq_analysis", *command],
         capture_output=True,
         text=True,
         timeout=300,
@@ -214,10 +244,7 @@ def test_entry_point_runs_as_a_module(weight_file, tmp_path):
     assert ok.stdout == ""  # --quiet
     assert (out / "report.md").is_file()
     bad = subprocess.run(
-        [sys.executable, "-m", "lr2vq_analysis", "analyze", str(tmp_path / "missing.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", "lr2vq_analysis", "analyze", "--k", "many"], capture_output=True, text=True, timeout=300
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("lr2vq analyze: error:")

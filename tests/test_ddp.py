@@ -20,6 +20,15 @@ from lr2vq_analysis.finetune import finetune
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread beats several that spin-wait on a shared machine (7x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
@@ -44,7 +53,7 @@ def ddp_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["plain", "batchnorm"])
+@pytest.mark.parametrize("name", ["plain", "batchnorm", "codebook"])
 def test_ranks_end_with_identical_weights(ddp_run, name):
     rank0 = torch.load(ddp_run / f"{name}_rank0.pt", weights_only=True)
     rank1 = torch.load(ddp_run / f"{name}_rank1.pt", weights_only=True)

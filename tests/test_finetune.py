@@ -24,6 +24,15 @@ from lr2vq_analysis.finetune import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread beats several that spin-wait on a shared machine (7x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _data(n: int = 96, features: int = 6, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=generator)
@@ -276,6 +285,32 @@ def test_sampler_orders_are_seeded_and_shards_partition_each_epoch():
     assert shards == [[0, 2, 4, 6], [1, 3, 5, 0]]
 
 
+class _LoggingDataset(torch.utils.data.Dataset):
+    def __init__(self, data: TensorDataset) -> None:
+        self.data, self.seen = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.seen.append(int(index))
+        return self.data[index]
+
+
+def test_custom_sampler_is_respected_and_standard_ones_are_seeded():
+    dataset = _LoggingDataset(_data())
+    finetune(_mlp(), DataLoader(dataset, batch_size=8, sampler=[5, 3, 9, 1]), steps=3, progress=False)
+    assert dataset.seen == [5, 3, 9, 1] * 3
+    orders = []
+    for loader_seed in (1, 2):  # the loader's own generator does not matter; finetune's seed does
+        dataset.seen = []
+        generator = torch.Generator().manual_seed(loader_seed)
+        loader = DataLoader(dataset, batch_size=96, shuffle=True, generator=generator)
+        finetune(_mlp(), loader, steps=2, seed=4, progress=False)
+        orders.append(list(dataset.seen))
+    assert orders[0] == orders[1] and sorted(orders[0][:96]) == list(range(96)) and orders[0][:96] != orders[0][96:]
+
+
 class _Crash(Exception):
     pass
 
@@ -480,3 +515,61 @@ def test_recalibration_repairs_accuracy_after_a_weight_change():
         repaired = (model(x).argmax(1) == y).float().mean().item()
     assert stale < original - 0.1
     assert repaired >= original - 0.02
+
+
+# ---------------------------------------------------------------------------------------------------
+# on a real compressed model (lr2vq_analysis.nn)
+
+
+def _compressed_mlp():
+    from lr2vq_analysis.nn import compress
+    from lr2vq_analysis.plan import LayerPlan
+
+    return compress(_mlp(batchnorm=True), {"0.weight": LayerPlan(k=8, m=3, d_tilde=2), "4.weight": LayerPlan(k=4, m=4)})
+
+
+def test_lowrank_stage_trains_z_and_p_end_to_end():
+    cmodel = _compressed_mlp()
+    layer = cmodel.compressed_layers()["0.weight"]
+    z, p = layer.Z.detach().clone(), layer.P.detach().clone()
+    result = finetune(cmodel, DataLoader(_data(), batch_size=32, shuffle=True), stage="lowrank", steps=30, lr=1e-2,
+                      progress=False)  # fmt: skip
+    assert not torch.equal(layer.Z, z) and not torch.equal(layer.P, p)
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    with pytest.raises(StageError, match=r"'0.weight' is 'lowrank'.*quantize\(\)"):
+        finetune(cmodel, DataLoader(_data(), batch_size=32), stage="codebook", steps=1, progress=False)
+
+
+def test_codebook_stage_keeps_codes_and_resumes_exactly(tmp_path):
+    loader = DataLoader(_data(), batch_size=16, shuffle=True)
+    straight = _compressed_mlp().quantize(seed=0)
+    codes = {name: layer.codes.clone() for name, layer in straight.compressed_layers().items()}
+    codebook = straight.compressed_layers()["0.weight"].codebook.detach().clone()
+    finetune(straight, loader, stage="codebook", steps=12, lr=1e-2, progress=False)
+    for name, layer in straight.compressed_layers().items():
+        assert torch.equal(layer.codes, codes[name]), name
+    assert not torch.equal(straight.compressed_layers()["0.weight"].codebook, codebook)
+
+    path = tmp_path / "codebook.ckpt"
+    crashed = _compressed_mlp().quantize(seed=0)
+    with pytest.raises(_Crash):
+        finetune(crashed, loader, stage="codebook", steps=12, lr=1e-2, progress=False, checkpoint_path=path,
+                 checkpoint_every=4, loss_fn=_crash_after(9))  # fmt: skip
+    resumed = _compressed_mlp().quantize(seed=0)
+    result = finetune(resumed, loader, stage="codebook", steps=12, lr=1e-2, progress=False, checkpoint_path=path,
+                      checkpoint_every=4)  # fmt: skip
+    assert result.resumed_from == 8
+    _assert_same_weights(resumed, straight)
+
+
+def test_dkm_stage_trains_soft_assignments():
+    from lr2vq_analysis.nn import compress
+    from lr2vq_analysis.plan import LayerPlan
+
+    cmodel = compress(_mlp(), {"0.weight": LayerPlan(k=8, m=3)}, method="dkm", tau=0.05)
+    z = cmodel.compressed_layers()["0.weight"].Z.detach().clone()
+    with pytest.raises(StageError, match=r"'0\.weight' is 'dkm'"):
+        finetune(cmodel, DataLoader(_data(), batch_size=32), stage="lowrank", steps=1, progress=False)
+    finetune(cmodel, DataLoader(_data(), batch_size=32), stage="dkm", steps=5, progress=False)
+    assert not torch.equal(cmodel.compressed_layers()["0.weight"].Z, z)
+    assert cmodel.quantize().state == "quantized"

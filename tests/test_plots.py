@@ -91,7 +91,8 @@ def test_tradeoff_plot_draws_curves_probes_total_and_prediction(report):
     total = line_by_label(ax, "total")
     star = line_by_label(ax, "predicted")
     assert star.get_xdata()[0] == int(np.argmin(total.get_ydata())) + 1 == layer.d_tilde
-    assert "block2.weight" in ax.get_title() and f"k = {layer.k}" in ax.get_title() and f"m = {M}" in ax.get_title()
+    title = ax.get_title(loc="left")
+    assert "block2.weight" in title and f"k = {layer.k}" in title and f"m = {M}" in title
     assert "W" in ax.get_ylabel() and "fraction" in ax.get_ylabel()
     legend_texts = [text.get_text() for text in ax.get_legend().get_texts()]
     assert any(text.startswith("total = 0.") for text in legend_texts)
@@ -130,8 +131,8 @@ def test_grid_has_one_panel_per_layer_and_one_legend(report):
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == len(report.layers)
     for ax, layer in zip(visible, report.layers, strict=True):
-        assert layer.name.removesuffix(".weight") in ax.get_title()
-        assert f"= {layer.d_tilde}," in ax.get_title()
+        assert layer.name.removesuffix(".weight") in ax.get_title(loc="left")
+        assert f"= {layer.d_tilde}," in ax.get_title(loc="left")
     assert len(fig.legends) == 1
 
 
@@ -145,7 +146,7 @@ def test_overview_marks_each_layer_in_model_order_and_the_global_d_tilde(report)
     assert list(knee.get_xdata()) == [layer.knee for layer in report.layers]
     global_line = line_by_label(ax, "global")
     assert global_line.get_xdata()[0] == report.global_d_tilde
-    assert f"m = {M}" in ax.get_title()
+    assert f"m = {M}" in ax.get_title(loc="left")
 
 
 def test_spectra_heatmap_shows_normalised_eigenvalues(report):

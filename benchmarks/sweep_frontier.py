@@ -1,0 +1,214 @@
+"""Size–accuracy frontier of LR²VQ, PQ, scalar k-means and DKM at the same training budget (issue 5).
+
+One command per task; resumable (runs already in the runs CSV are skipped)::
+
+    python benchmarks/sweep_frontier.py --task digits            # full grid, 5 seeds, lr grid 1e-3, 3e-3
+    python benchmarks/sweep_frontier.py --task mnist1d --jobs 2
+    python benchmarks/sweep_frontier.py --task digits --quick    # smoke test: 4 configurations, 20 steps
+
+Writes into ``--out-dir`` (default ``benchmarks/results``; ``--quick`` writes ``*_quick*`` files):
+
+- ``sweep_<task>_runs.csv``: every run (all learning rates), with validation and test accuracy and the
+  ρ measurements (see :mod:`lr2vq_analysis.sweeps`);
+- ``sweep_<task>.csv``: the runs at the learning rate chosen on validation accuracy, plus the analysis's
+  ``predicted_d_tilde`` on LR²VQ rows: the input of ``lr2vq_analysis.plots.plot_size_frontier`` and
+  ``plot_accuracy_vs_d_tilde``;
+- ``sweep_<task>_summary.json``: per (k, m) the predicted d̃, the best fine-tuned d̃, the plateau (d̃ whose
+  mean accuracy is within one standard error of the best), hit (|predicted − best| ≤ 1) and the ρ values
+  that would have predicted a d̃ in the plateau; ρ measured per run (median and quartiles);
+- ``sweep_<task>_frontier.png/.svg`` and ``sweep_<task>_d_tilde.png/.svg``.
+
+Every run uses one torch thread; the machine these numbers come from was shared with other jobs, so
+the ``seconds`` column is only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lr2vq_analysis.report import analyze
+from lr2vq_analysis.sweeps import (
+    BUDGETS,
+    TASKS,
+    RunConfig,
+    measure_rho,
+    plateau,
+    rho_consistent_range,
+    run_sweep,
+    save_json,
+    select_learning_rates,
+)
+from lr2vq_analysis.tradeoff import DEFAULT_RHO
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: (method, k, m, d̃) per task. LR²VQ at m = one or two kernels; PQ over (k, m) spanning the same sizes.
+GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
+    "digits": [
+        *[("lr2vq", k, 9, d) for k in (16, 32) for d in range(1, 10)],
+        *[("pq", k, 9, 9) for k in (4, 8, 16, 32, 64)],
+        *[("pq", k, 18, 18) for k in (16, 32, 64)],
+        ("scalar", 2, 1, 1),
+        *[("dkm", k, 9, 9) for k in (16, 32)],
+    ],
+    "mnist1d": [
+        *[("lr2vq", k, 6, d) for k in (16, 32) for d in range(1, 7)],
+        *[("pq", k, 6, 6) for k in (4, 8, 16, 32, 64)],
+        *[("pq", k, 12, 12) for k in (16, 32, 64)],
+        *[("pq", k, 3, 3) for k in (4, 8)],
+        ("scalar", 2, 1, 1),
+        *[("dkm", k, 6, 6) for k in (16, 32)],
+    ],
+}
+QUICK_GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
+    "digits": [("lr2vq", 16, 9, 4), ("pq", 16, 9, 9), ("scalar", 2, 1, 1), ("dkm", 16, 9, 9)],
+    "mnist1d": [("lr2vq", 16, 6, 3), ("pq", 16, 6, 6), ("scalar", 2, 1, 1), ("dkm", 16, 6, 6)],
+}
+
+
+def configs_for(task: str, seeds: list[int], lrs: list[float], quick: bool) -> list[RunConfig]:
+    grid = (QUICK_GRIDS if quick else GRIDS)[task]
+    configs = [RunConfig("uncompressed", 0, 0, 0, seed, lrs[0]) for seed in seeds]
+    # seed-major order: an interrupted sweep has every configuration at the first seeds
+    configs += [RunConfig(method, k, m, d, seed, lr) for seed in seeds for (method, k, m, d) in grid for lr in lrs]
+    return configs
+
+
+def predictions(task: str, selected: pd.DataFrame, seed: int = 0) -> dict[tuple[int, int], Any]:
+    """The analysis's global d̃ (at DEFAULT_RHO) and its Report per LR²VQ (k, m)."""
+    out: dict[tuple[int, int], Any] = {}
+    model = TASKS[task].load_model()
+    lr2vq = selected[selected["method"] == "lr2vq"]
+    for k, m in sorted({(int(k), int(m)) for k, m in zip(lr2vq["k"], lr2vq["m"], strict=True)}):
+        report = analyze(model, k=k, m=m, include=list(TASKS[task].layers), seed=seed, progress=False)
+        out[(k, m)] = report
+    return out
+
+
+def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[str, Any]:
+    selected = select_learning_rates(runs)
+    reports = predictions(task, selected)
+    selected["predicted_d_tilde"] = np.nan
+    for (k, m), report in reports.items():
+        rows = (selected["method"] == "lr2vq") & (selected["k"] == k) & (selected["m"] == m)
+        selected.loc[rows, "predicted_d_tilde"] = report.global_d_tilde
+    selected.to_csv(out_dir / f"{stem}.csv", index=False)
+
+    summary: dict[str, Any] = {"task": task, "default_rho": DEFAULT_RHO, "configs": [], "methods": []}
+    for (k, m), info in plateau(selected).items():
+        predicted = reports[(k, m)].global_d_tilde
+        consistent = rho_consistent_range(reports[(k, m)], info["plateau"])
+        stats = info["stats"]
+        summary["configs"].append(
+            {
+                "k": k,
+                "m": m,
+                "predicted_d_tilde": predicted,
+                "best_d_tilde": info["best"],
+                "plateau": info["plateau"],
+                "hit_within_1": abs(predicted - info["best"]) <= 1,
+                "predicted_in_plateau": predicted in info["plateau"],
+                "rho_consistent_with_plateau": consistent,
+                "accuracy_by_d_tilde": {
+                    int(d): {"mean": float(r["mean"]), "sd": float(r["std"]), "n": int(r["count"])}
+                    for d, r in stats.iterrows()
+                },
+            }
+        )
+    for (method, k, m, d), group in selected.groupby(["method", "k", "m", "d_tilde"], dropna=False):
+        summary["methods"].append(
+            {
+                "method": method,
+                "k": None if pd.isna(k) else int(k),
+                "m": None if pd.isna(m) else int(m),
+                "d_tilde": None if pd.isna(d) else int(d),
+                "lr": float(group["lr"].iloc[0]),
+                "kib": float(group["megabytes"].iloc[0] * 1024),
+                "accuracy_mean": float(group["accuracy"].mean()),
+                "accuracy_sd": float(group["accuracy"].std()) if len(group) > 1 else 0.0,
+                "val_accuracy_mean": float(group["val_accuracy"].mean()),
+                "n_seeds": int(len(group)),
+            }
+        )
+    rho = measure_rho(selected)
+    rho = rho[np.isfinite(rho["rho"])]
+    if len(rho):
+        by_d = rho.groupby(["k", "m", "d_tilde"])["rho"].median()
+        summary["rho"] = {
+            "median": float(rho["rho"].median()),
+            "q25": float(rho["rho"].quantile(0.25)),
+            "q75": float(rho["rho"].quantile(0.75)),
+            "n_runs": int(len(rho)),
+            "median_by_k_m_d_tilde": {f"k={k},m={m},d={d}": float(v) for (k, m, d), v in by_d.items()},
+        }
+    save_json(out_dir / f"{stem}_summary.json", summary)
+    try:
+        import matplotlib.pyplot as plt
+
+        from lr2vq_analysis.plots import plot_accuracy_vs_d_tilde, plot_size_frontier, save_figure
+
+        for kind, plot in (("frontier", plot_size_frontier), ("d_tilde", plot_accuracy_vs_d_tilde)):
+            figure = plot(selected, title=f"{task}: test accuracy after fine-tuning")
+            save_figure(figure, out_dir / f"{stem}_{kind}")
+            plt.close(figure)
+    except Exception as exc:  # figures are a convenience; the CSV/JSON are the results
+        print(f"figures not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\n{'method':<13}{'k':>5}{'m':>4}{'d~':>4}{'KiB':>8}{'lr':>8}  test accuracy (mean ± sd, n)")
+    for row in sorted(summary["methods"], key=lambda r: r["kib"]):
+        k, m, d = (("" if row[c] is None else row[c]) for c in ("k", "m", "d_tilde"))
+        print(
+            f"{row['method']:<13}{k:>5}{m:>4}{d:>4}{row['kib']:>8.2f}{row['lr']:>8.0e}  "
+            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} ({row['n_seeds']})"
+        )
+    for row in summary["configs"]:
+        print(
+            f"k={row['k']} m={row['m']}: predicted d~={row['predicted_d_tilde']}, best {row['best_d_tilde']}, "
+            f"plateau {row['plateau']}, hit(±1)={row['hit_within_1']}, rho consistent: "
+            f"{row['rho_consistent_with_plateau']}"
+        )
+    if "rho" in summary:
+        r = summary["rho"]
+        print(f"rho per run: median {r['median']:.3f} (IQR {r['q25']:.3f}..{r['q75']:.3f}, {r['n_runs']} runs)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), required=True)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 4 configurations, 1 seed, 20 steps")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, or 1 with --quick)")
+    parser.add_argument("--lrs", type=str, default=None, help="comma-separated learning-rate grid")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--summary-only", action="store_true", help="only re-summarize the existing runs CSV")
+    args = parser.parse_args(argv)
+
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else ([1e-3] if args.quick else [1e-3, 3e-3])
+    budget = BUDGETS["quick" if args.quick else "full"]
+    stem = f"sweep_{args.task}" + ("_quick" if args.quick else "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    runs_path = args.out_dir / f"{stem}_runs.csv"
+    if args.summary_only:
+        runs = pd.read_csv(runs_path)
+    else:
+        configs = configs_for(args.task, list(range(n_seeds)), lrs, args.quick)
+        runs = run_sweep(args.task, configs, runs_path, budget=budget, n_jobs=args.jobs)
+    runs = runs[(runs["steps"] == budget.steps) & runs["lr"].isin(lrs) & runs["seed"].lt(n_seeds)]
+    if not len(runs):
+        raise SystemExit(f"no runs in {runs_path}")
+    summary = summarize(args.task, runs, args.out_dir, stem)
+    print_table(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,685 @@
+"""The trade-off model: low-rank error vs clustering error over d̃, and the predicted d̃.
+
+For a layer with subvector matrix X (n × m) and k centroids, LR²VQ's reconstruction error at
+clustering dimensionality d̃ is ``lowrank(d̃) + clustering(d̃)`` (both relative to ‖W‖²). The low-rank
+term is exact (the spectrum). The clustering term is the k-means distortion of the top-d̃ principal
+coordinates Z; this module *predicts* it over d̃ = 1..m from the spectrum, a density estimate and at
+most three k-means probes, instead of running k-means at every d̃. The total that the predicted d̃
+minimises is ``rho · lowrank(d̃) + clustering(d̃)``: end-to-end training recovers most of the low-rank
+error, ρ is the share it does not recover.
+
+The model (derivation, assumptions, failure modes and measured accuracy: ``docs/theory.md``):
+
+1. **High-rate theory** (Zador, Gersho): a k-point quantizer of a d-dimensional density p has
+   distortion ``D ≈ d·G(d)·k^(−2/d)·‖p‖_{d/(d+2)}``. The functional ‖p‖ is estimated from the data,
+   per principal coordinate (product of marginals; nearest-neighbour estimator), which captures
+   heavy tails and non-zero means that a Gaussian with the same eigenvalues would miss.
+2. **Reverse water-filling knee**: components with λ_i ≤ θ, where Σ max(0, ½·log2(λ_i/θ)) = log2 k, get
+   no bits; past the knee adding a dimension adds its variance to the error ("capped Zador"). The
+   modelled curve is the minimum over the number j ≤ knee of quantized dimensions of
+   ``quantized(j) + Σ_{j<i≤d̃} var_i``.
+3. **Finite points per centroid**: the in-sample distortion with r points per centroid is
+   ``D∞·r/(r + β)``. β is read off each probe from the gap between its error on held-out subvectors
+   and on its training subvectors, ``β ≈ κ(r)·r·(held-out/train − 1)`` with κ(r) = ½ + 0.47/√r
+   (κ → ½ is the asymptotic M-estimation value), so probes can train on subsamples.
+4. **Calibration**: a factor ``c(d) = c0·d^c1`` (slope shrunk towards 0) matches the model to the probes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import gammaln
+
+from ._validation import (
+    InvalidParameterError,
+    check_d_tilde_array,
+    check_k,
+    check_m,
+    check_rho,
+    check_seed,
+    layer_label,
+)
+from .probes import ProbeResult, run_probe
+from .spectrum import Spectrum, compute_spectrum
+from .subvectors import to_subvectors
+
+__all__ = [
+    "DEFAULT_RHO",
+    "DEFAULT_MAX_POINTS_PER_CENTROID",
+    "DEFAULT_N_PROBES",
+    "TradeoffModel",
+    "fit_tradeoff",
+    "water_filling",
+    "quantizer_constant",
+    "zador_estimate",
+    "in_sample_factor",
+]
+
+DEFAULT_RHO: float = 0.85
+"""Default share of the low-rank error that end-to-end training does not recover.
+
+On a small digits CNN (m = 9 and 18, k = 16 and 32, 15 seeds) ρ ≈ 0.85 in ``ρ·lowrank + clustering``
+put the predicted d̃ on the measured accuracy optimum in 3 of 4 settings; anything in 0.7–0.9 fitted
+the wide accuracy plateaus. It is a default, not a law: set ``rho`` for your training budget.
+"""
+
+DEFAULT_MAX_POINTS_PER_CENTROID: int = 16
+"""Probes train on at most this many subvectors per centroid (faiss's knob; faiss's default is 256)."""
+
+DEFAULT_N_PROBES: int = 3
+"""Number of k-means probes per layer (1–3)."""
+
+MAX_PROBES = 3
+
+# Quantizer constants G(d) (normalised second moment) of the best known lattice quantizers:
+# Z, A2, A3*, D4, D5*, E6*, E7*, E8 (Conway & Sloane, "Sphere Packings, Lattices and Groups", table 2.3).
+_LATTICE_G = (
+    1.0 / 12.0,
+    5.0 / (36.0 * math.sqrt(3.0)),
+    0.0785432,
+    0.0766032,
+    0.0756254,
+    0.0742437,
+    0.0731165,
+    0.0716821,
+)
+
+# Prior shapes, measured once on synthetic Gaussian data with k-means++ and Lloyd (k = 256, r = 4..256
+# points per centroid); the probes correct both. Not tuned on any benchmark layer.
+_EFFICIENCY_EXPONENT = -0.045  # k-means distortion / Zador estimate ≈ d^-0.045 (0.99 at d = 1, 0.90 at d = 9)
+_PRIOR_BETA = (2.0, 6.5)  # β(d) ≈ 2 + 6.5/d for Gaussian data
+_SLOPE_SHRINKAGE = 0.2  # probe noise (≈ 2 %) / prior spread of the calibration slope (≈ 0.1)
+_LOW_END_FRACTION = 1.0 / 8.0  # the lowest probe sits where the curve reaches 1/8 of its value at the knee
+_NEIGHBOURS = 8  # w-th nearest neighbour of the density estimator
+_DENSITY_SAMPLE = 8192  # subvectors used by the density estimate
+
+
+# --------------------------------------------------------------------------------------------------
+# Theory
+# --------------------------------------------------------------------------------------------------
+
+
+def water_filling(eigenvalues: Any, k: int) -> tuple[float, int]:
+    """Reverse water-filling of log2(k) bits over Gaussian components: the water level and the knee.
+
+    Solves ``Σ_i max(0, ½·log2(λ_i / θ)) = log2(k)`` for θ. Components with ``λ_i ≤ θ`` get no bits;
+    the knee is the number of components above the water level, ``#{λ_i > θ}``.
+
+    Parameters
+    ----------
+    eigenvalues : array-like of shape (m,)
+        Non-negative component variances (any scale, any order).
+    k : int
+        Number of centroids (log2(k) bits per subvector), k >= 2.
+
+    Returns
+    -------
+    theta : float
+        Water level, in the units of ``eigenvalues``.
+    knee : int
+        Number of components with λ_i > θ (at least 1).
+
+    Raises
+    ------
+    InvalidParameterError
+        If k < 2 or no eigenvalue is positive.
+
+    Examples
+    --------
+    Two components, 2 bits (k = 4): θ = √(λ1·λ2)/4 when both are active.
+
+    >>> theta, knee = water_filling([4.0, 1.0], k=4)
+    >>> round(theta, 6), knee
+    (0.5, 2)
+    >>> water_filling([4.0, 0.01], k=4)[1]
+    1
+    """
+    k = check_k(k)
+    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).ravel())[::-1]
+    if lam.size == 0 or not lam[0] > 0:
+        raise InvalidParameterError(f"eigenvalues={eigenvalues!r} hold no positive value; water-filling needs one")
+    rate = math.log2(k)
+    positive = int(np.sum(lam > 0))
+    log_theta = 0.0
+    for active in range(positive, 0, -1):
+        log_theta = (float(np.sum(np.log2(lam[:active]))) - 2.0 * rate) / active
+        if math.log2(lam[active - 1]) > log_theta:
+            return 2.0**log_theta, active
+    return 2.0**log_theta, 1  # unreachable: one component is always above its own level (k >= 2)
+
+
+def quantizer_constant(d: int) -> float:
+    """Normalised second moment G(d) of a good d-dimensional quantizer cell.
+
+    The best known lattice quantizers for d ≤ 8 (1/12 for d = 1, the hexagonal lattice for d = 2, …,
+    E8); above 8 the sphere lower bound ``Γ(d/2+1)^(2/d) / ((d+2)·π)``, scaled to meet E8 at d = 8.
+
+    Examples
+    --------
+    >>> round(quantizer_constant(1), 6), round(quantizer_constant(8), 6)
+    (0.083333, 0.071682)
+    >>> quantizer_constant(16) < quantizer_constant(8)
+    True
+    """
+    if d <= len(_LATTICE_G):
+        return _LATTICE_G[d - 1]
+
+    def sphere(n: int) -> float:
+        return math.exp(2.0 / n * float(gammaln(n / 2.0 + 1.0))) / ((n + 2) * math.pi)
+
+    return sphere(d) * _LATTICE_G[-1] / sphere(len(_LATTICE_G))
+
+
+def _nearest_neighbour_distance_1d(values: np.ndarray, w: int) -> np.ndarray:
+    """Distance of every sample to its w-th nearest neighbour among the others (1-D, O(n·w))."""
+    xs = np.sort(values)
+    n = xs.size
+    padded = np.concatenate([np.full(w, -np.inf), xs, np.full(w, np.inf)])
+    best = np.full(n, np.inf)
+    for right in range(w + 1):  # `right` neighbours above the point and w − right below
+        upper = padded[w + right : w + right + n] - xs
+        lower = xs - padded[right : right + n]
+        np.minimum(best, np.maximum(upper, lower), out=best)
+    return best
+
+
+def _log_density_power_integral(values: np.ndarray, alphas: np.ndarray, w: int = _NEIGHBOURS) -> np.ndarray:
+    """log ∫ p(x)^α dx of a 1-D sample for each α in (0, 1): Leonenko–Pronzato–Savani kNN estimator."""
+    n = values.size
+    distance = np.maximum(_nearest_neighbour_distance_1d(values, w), np.finfo(np.float64).tiny)
+    log_volume = math.log(n - 1) + math.log(2.0) + np.log(distance)  # (n − 1)·V_1·ρ, V_1 = 2
+    out = np.empty(alphas.size)
+    for i, alpha in enumerate(alphas):
+        q = 1.0 - alpha
+        log_c = (float(gammaln(w)) - float(gammaln(w + 1.0 - alpha))) / q
+        z = q * (log_volume + log_c)
+        top = float(z.max())
+        out[i] = top + math.log(float(np.mean(np.exp(z - top))))
+    return out
+
+
+def zador_estimate(coordinates: np.ndarray, k: int) -> np.ndarray:
+    """High-rate (Zador) distortion estimate of k-means on the first d columns, for d = 1..m.
+
+    ``Q(d) = d · G(d) · k^(−2/d) · Π_{i≤d} (∫ p_i^α)^(1/α)`` with α = d/(d+2): Zador's formula for
+    the product of the coordinates' marginal densities p_i, estimated from the sample. For Gaussian
+    coordinates it equals the Gaussian formula ``d·G(d)·2π((d+2)/d)^((d+2)/2)·(Π σ_i²)^(1/d)·k^(−2/d)``.
+
+    Parameters
+    ----------
+    coordinates : numpy.ndarray of shape (n, m)
+        A sample of principal coordinates (columns in decreasing order of energy).
+    k : int
+        Number of centroids.
+
+    Returns
+    -------
+    numpy.ndarray of shape (m,)
+        Mean squared distortion per point (the units of ``coordinates`` squared).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.random.default_rng(0).normal(size=(20000, 2))
+    >>> gaussian = 2 * quantizer_constant(2) * 2 * np.pi * 2.0**2 / 256  # d = 2, unit variances
+    >>> bool(abs(zador_estimate(z, 256)[1] / gaussian - 1) < 0.05)
+    True
+    """
+    z = np.asarray(coordinates, dtype=np.float64)
+    m = z.shape[1]
+    dims = np.arange(1, m + 1)
+    alphas = dims / (dims + 2.0)
+    log_integrals = np.array([_log_density_power_integral(z[:, i], alphas) for i in range(m)])  # (coordinate, d)
+    estimate = np.empty(m)
+    for j, d in enumerate(dims):
+        log_norm = float(np.sum(log_integrals[:d, j])) / alphas[j]
+        estimate[j] = d * quantizer_constant(int(d)) * k ** (-2.0 / d) * math.exp(log_norm)
+    return estimate
+
+
+def in_sample_factor(points_per_centroid: Any, beta: Any) -> Any:
+    """In-sample k-means distortion with r points per centroid, as a fraction of its r → ∞ value.
+
+    ``r / (r + β)``: k-means fits its own training points, so its distortion on them falls short of
+    the population value by a relative ``β/r`` to first order.
+
+    Examples
+    --------
+    >>> in_sample_factor(16, 4.0)
+    0.8
+    """
+    return points_per_centroid / (points_per_centroid + beta)
+
+
+def _kappa(points_per_centroid: float) -> float:
+    """Ratio of the in-sample shortfall β to r·(held-out/train − 1); ½ asymptotically."""
+    return 0.5 + 0.47 / math.sqrt(points_per_centroid)
+
+
+def _beta_from_probe(probe: ProbeResult) -> float:
+    """β of r/(r+β) read off the held-out vs training error of a subsampled probe."""
+    r = probe.points_per_centroid
+    gap = probe.heldout_error / probe.train_error - 1.0 if probe.train_error > 0 else 0.0
+    return max(_kappa(r) * r * gap, 0.0)
+
+
+def _capped_curve(quantized: np.ndarray, variances: np.ndarray, knee: int, points_per_centroid: float) -> np.ndarray:
+    """min over j ≤ min(d̃, knee) of quantized(j) + (1 − 1/r)·Σ_{j<i≤d̃} var_i, for d̃ = 1..m."""
+    m = variances.size
+    skipped = (1.0 - 1.0 / points_per_centroid) * np.concatenate([[0.0], np.cumsum(variances)])  # skipped[i] = Σ_{<i}
+    with_zero = np.concatenate([[0.0], quantized])  # j = 0: every dimension skipped
+    curve = np.empty(m)
+    for d in range(1, m + 1):
+        j = np.arange(0, min(d, knee) + 1)
+        curve[d - 1] = float(np.min(with_zero[j] + skipped[d] - skipped[j]))
+    return curve
+
+
+# --------------------------------------------------------------------------------------------------
+# The fitted model
+# --------------------------------------------------------------------------------------------------
+
+
+class TradeoffModel:
+    """Fitted model of a layer's low-rank, clustering and total error over d̃ = 1..m.
+
+    Built by :func:`fit_tradeoff`; constructor arguments are the fitted state (used by
+    :meth:`from_dict`). Errors are fractions of ‖W‖².
+
+    Parameters
+    ----------
+    k, m : int
+        Number of centroids and subvector size.
+    rho : float
+        Share of the low-rank error that training does not recover, in (0, 1].
+    eigenvalues : array of shape (m,)
+        Relative eigenvalues of the subvectors' Gram matrix (decreasing, sum 1).
+    lowrank_curve, clustering_curve : array of shape (m,)
+        Exact low-rank error and modelled clustering error for d̃ = 1..m.
+    knee : int
+        Reverse water-filling knee (:func:`water_filling` on the eigenvalues).
+    probes : mapping int -> float
+        Measured clustering error (k-means error on all subvectors) at each probed d̃.
+    params : mapping str -> float
+        Fitted parameters and probe details (see :func:`fit_tradeoff`).
+    n_subvectors : int
+        Number of subvectors n.
+    name : str, optional
+        Layer name.
+
+    Attributes
+    ----------
+    eigenvalues_, lowrank_curve_, clustering_curve_ : numpy.ndarray
+    knee_ : int
+    probes_ : dict[int, float]
+    params_ : dict[str, float]
+    n_subvectors_ : int
+    """
+
+    def __init__(
+        self,
+        k: int,
+        m: int,
+        rho: float,
+        *,
+        eigenvalues: Any,
+        lowrank_curve: Any,
+        clustering_curve: Any,
+        knee: int,
+        probes: Mapping[int, float],
+        params: Mapping[str, float],
+        n_subvectors: int,
+        name: str | None = None,
+    ) -> None:
+        self.k = check_k(k, name=name)
+        self.m = check_m(m, name=name)
+        self.name = name
+        self._rho = check_rho(rho)
+        arrays = {}
+        for label, value in (
+            ("eigenvalues", eigenvalues),
+            ("lowrank_curve", lowrank_curve),
+            ("clustering_curve", clustering_curve),
+        ):
+            array = np.array(value, dtype=np.float64)
+            if array.shape != (self.m,):
+                raise InvalidParameterError(
+                    f"{layer_label(name)}{label} has shape {array.shape}; it must have shape ({self.m},) for m={self.m}"
+                )
+            array.setflags(write=False)
+            arrays[label] = array
+        self.eigenvalues_: np.ndarray = arrays["eigenvalues"]
+        self.lowrank_curve_: np.ndarray = arrays["lowrank_curve"]
+        self.clustering_curve_: np.ndarray = arrays["clustering_curve"]
+        self.knee_ = int(knee)
+        self.probes_: dict[int, float] = {int(d): float(v) for d, v in sorted(probes.items())}
+        self.params_: dict[str, float] = {str(key): float(v) for key, v in params.items()}
+        self.n_subvectors_ = int(n_subvectors)
+
+    # -- curves ---------------------------------------------------------------------------------------
+
+    def _lookup(self, curve: np.ndarray, d: Any) -> Any:
+        index = check_d_tilde_array(d, self.m, name=self.name) - 1
+        values = curve[index]
+        return float(values) if np.ndim(values) == 0 else values.copy()
+
+    def lowrank(self, d: Any) -> Any:
+        """Exact relative low-rank error at d̃ (int → float, array → array)."""
+        return self._lookup(self.lowrank_curve_, d)
+
+    def clustering(self, d: Any) -> Any:
+        """Modelled relative k-means clustering error at d̃ (int → float, array → array)."""
+        return self._lookup(self.clustering_curve_, d)
+
+    def total(self, d: Any) -> Any:
+        """``rho · lowrank(d̃) + clustering(d̃)`` (int → float, array → array)."""
+        return self._lookup(self.total_curve, d)
+
+    @property
+    def total_curve(self) -> np.ndarray:
+        """Total error for d̃ = 1..m."""
+        return self._rho * self.lowrank_curve_ + self.clustering_curve_
+
+    # -- read-only summaries --------------------------------------------------------------------------
+
+    @property
+    def rho(self) -> float:
+        """Share of the low-rank error that end-to-end training does not recover."""
+        return self._rho
+
+    @property
+    def d_tilde(self) -> int:
+        """Predicted clustering dimensionality: argmin of the total over d̃ = 1..m (smallest on ties)."""
+        return int(np.argmin(self.total_curve)) + 1
+
+    @property
+    def knee(self) -> int:
+        """Reverse water-filling knee: number of eigenvalues above the water level of log2(k) bits."""
+        return self.knee_
+
+    @property
+    def probes(self) -> dict[int, float]:
+        """Measured clustering error at each probed d̃ (k-means error on all subvectors)."""
+        return dict(self.probes_)
+
+    @property
+    def params(self) -> dict[str, float]:
+        """Fitted parameters and probe details."""
+        return dict(self.params_)
+
+    def with_rho(self, rho: float) -> TradeoffModel:
+        """The same fitted model with another ρ (no refit); d̃ moves, the curves do not."""
+        clone = TradeoffModel.from_dict(self.to_dict())
+        clone._rho = check_rho(rho)
+        return clone
+
+    # -- serialisation --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; :meth:`from_dict` restores an identical model."""
+        return {
+            "k": self.k,
+            "m": self.m,
+            "rho": self._rho,
+            "name": self.name,
+            "eigenvalues": [float(v) for v in self.eigenvalues_],
+            "lowrank_curve": [float(v) for v in self.lowrank_curve_],
+            "clustering_curve": [float(v) for v in self.clustering_curve_],
+            "knee": self.knee_,
+            "probes": {str(d): v for d, v in self.probes_.items()},
+            "params": dict(self.params_),
+            "n_subvectors": self.n_subvectors_,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TradeoffModel:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(
+                int(data["k"]),
+                int(data["m"]),
+                float(data["rho"]),
+                eigenvalues=data["eigenvalues"],
+                lowrank_curve=data["lowrank_curve"],
+                clustering_curve=data["clustering_curve"],
+                knee=int(data["knee"]),
+                probes={int(d): float(v) for d, v in data["probes"].items()},
+                params=data["params"],
+                n_subvectors=int(data["n_subvectors"]),
+                name=data.get("name"),
+            )
+        except KeyError as exc:
+            raise InvalidParameterError(f"trade-off model dict lacks the key {exc}") from None
+
+    def __repr__(self) -> str:
+        label = f"name={self.name!r}, " if self.name else ""
+        return (
+            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, d_tilde={self.d_tilde}, "
+            f"knee={self.knee_}, probes={sorted(self.probes_)})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------------
+
+
+def _probe_dims(prior_curve: np.ndarray, active: np.ndarray, n_probes: int) -> list[int]:
+    """Probe at the high end (last active d̃), the low end and the middle (log scale) of the curve."""
+    high = int(np.max(active))
+    reaches = np.nonzero(prior_curve >= prior_curve[high - 1] * _LOW_END_FRACTION)[0]
+    low = min(int(reaches[0]) + 1, high)
+    candidates = [int(d) for d in active if low <= d <= high] or [high]
+    middle = min(candidates, key=lambda d: abs(math.log(d) - 0.5 * (math.log(low) + math.log(high))))
+    chosen = {1: [middle], 2: [low, high], 3: [low, middle, high]}[n_probes]
+    return sorted(set(chosen))
+
+
+def _check_probe_options(n_probes: Any, max_points_per_centroid: Any) -> tuple[int, int | None]:
+    if not isinstance(n_probes, (int, np.integer)) or isinstance(n_probes, bool) or not 1 <= n_probes <= MAX_PROBES:
+        raise InvalidParameterError(f"n_probes={n_probes!r} is invalid; n_probes must be an integer in 1..{MAX_PROBES}")
+    if max_points_per_centroid is not None and (
+        not isinstance(max_points_per_centroid, (int, np.integer))
+        or isinstance(max_points_per_centroid, bool)
+        or max_points_per_centroid < 2
+    ):
+        raise InvalidParameterError(
+            f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be an integer >= 2 or None"
+        )
+    return int(n_probes), None if max_points_per_centroid is None else int(max_points_per_centroid)
+
+
+def fit_tradeoff(
+    weight: Any,
+    k: int,
+    m: int,
+    *,
+    rho: float = DEFAULT_RHO,
+    seed: int = 0,
+    name: str | None = None,
+    n_probes: int = DEFAULT_N_PROBES,
+    max_points_per_centroid: int | None = DEFAULT_MAX_POINTS_PER_CENTROID,
+    device: str | torch.device | None = None,
+) -> TradeoffModel:
+    """Fit the trade-off model of one layer: exact low-rank curve, modelled clustering curve, d̃.
+
+    The clustering error over d̃ = 1..m is predicted from the spectrum, a density estimate of the
+    principal coordinates (capped Zador curve with the reverse water-filling knee) and ``n_probes``
+    k-means runs, each on at most ``k · max_points_per_centroid`` subvectors; the n/k dependence of
+    k-means' in-sample error is modelled so that the prediction refers to k-means on *all*
+    subvectors. See the module docstring and ``docs/theory.md``.
+
+    Parameters
+    ----------
+    weight : array-like or torch.Tensor
+        A Linear, Conv1d or Conv2d weight.
+    k : int
+        Number of centroids, ``2 <= k <`` number of subvectors.
+    m : int
+        Subvector size; must divide the row length.
+    rho : float, default DEFAULT_RHO
+        Share of the low-rank error that training does not recover, in (0, 1].
+    seed : int, default 0
+        Seed of the density sample and of the probes.
+    name : str, optional
+        Layer name, used in messages and kept on the model.
+    n_probes : int, default 3
+        Number of k-means probes, 1..3.
+    max_points_per_centroid : int or None, default 16
+        Subsample size of each probe per centroid; ``None`` probes on all subvectors.
+    device : str or torch.device, optional
+        Where the probes run (default CPU).
+
+    Returns
+    -------
+    TradeoffModel
+        ``params_`` holds ``calibration`` (c0), ``calibration_slope`` (c1), ``beta_const`` and
+        ``beta_inv_d`` (β(d) = a + b/d), ``points_per_centroid`` (n/k), ``water_level`` (θ) and, per
+        probe ``i``, ``probe{i}_d_tilde``, ``probe{i}_points_per_centroid``, ``probe{i}_train_error``,
+        ``probe{i}_heldout_error``, ``probe{i}_beta`` and ``probe{i}_estimate`` (the probe's estimate of
+        the in-sample error on all subvectors).
+
+    Raises
+    ------
+    InvalidParameterError
+        If k, m, rho, seed, n_probes or max_points_per_centroid is invalid, or m does not divide the
+        row length.
+    InvalidWeightsError
+        If the weight has the wrong rank or holds NaN/Inf, or is all zeros.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).laplace(size=(64, 32, 3, 3))
+    >>> model = fit_tradeoff(w, k=32, m=9, rho=0.85)
+    >>> 1 <= model.d_tilde <= 9, len(model.probes) <= 3
+    (True, True)
+    >>> round(model.lowrank(9), 12), bool(model.clustering(1) < model.clustering(9))
+    (0.0, True)
+    """
+    rho = check_rho(rho)
+    seed = check_seed(seed)
+    n_probes, max_points_per_centroid = _check_probe_options(n_probes, max_points_per_centroid)
+    m = check_m(m, name=name)
+    x = to_subvectors(weight, m, name=name)
+    n = int(x.shape[0])
+    k = check_k(k, n, name=name)
+    spectrum = compute_spectrum(x)
+    return _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
+
+
+def _fit(
+    spectrum: Spectrum,
+    x: np.ndarray,
+    k: int,
+    rho: float,
+    seed: int,
+    name: str | None,
+    n_probes: int,
+    max_points_per_centroid: int | None,
+    device: Any,
+) -> TradeoffModel:
+    n, m = x.shape
+    energy = spectrum.total_energy
+    eigenvalues = spectrum.relative_eigenvalues
+    points_per_centroid = n / k
+    dims = np.arange(1, m + 1)
+    water_level, knee = water_filling(eigenvalues, k)
+
+    # Theory: Zador estimate from a sample of the principal coordinates, in units of ‖W‖².
+    coordinates = spectrum.project(x, m)
+    rng = np.random.default_rng(seed)
+    sample = coordinates if n <= _DENSITY_SAMPLE else coordinates[rng.choice(n, _DENSITY_SAMPLE, replace=False)]
+    zador = zador_estimate(sample, k) * n / energy
+    variances = coordinates.var(axis=0) * n / energy
+    efficiency = dims**_EFFICIENCY_EXPONENT
+    prior_beta = _PRIOR_BETA[0] + _PRIOR_BETA[1] / dims
+
+    # Where to probe: on the prior curve, the last d̃ still quantized, its 1/8 point, the middle.
+    prior_quantized = efficiency * zador * in_sample_factor(points_per_centroid, prior_beta)
+    prior_curve = _capped_curve(prior_quantized, variances, knee, points_per_centroid)
+    active = np.array([d for d in range(1, knee + 1) if np.isclose(prior_curve[d - 1], prior_quantized[d - 1])])
+    if active.size == 0:
+        active = np.array([1])
+    probe_dims = _probe_dims(prior_curve, active, n_probes)
+
+    subsample = (
+        max_points_per_centroid if max_points_per_centroid and points_per_centroid > max_points_per_centroid else None
+    )
+    probes: list[ProbeResult] = [
+        run_probe(spectrum, x, k, d, seed=seed + i, max_points_per_centroid=subsample, device=device, name=name)
+        for i, d in enumerate(probe_dims)
+    ]
+
+    # β(d) from the probes (a + b/d), or the Gaussian prior when the probes used every subvector.
+    betas = {p.d_tilde: _beta_from_probe(p) for p in probes if p.subsampled}
+    if len(betas) >= 2:
+        design = np.column_stack([np.ones(len(betas)), 1.0 / np.array(list(betas))])
+        beta_const, beta_inv_d = np.linalg.lstsq(design, np.array(list(betas.values())), rcond=None)[0]
+    elif len(betas) == 1:
+        ((d0, b0),) = betas.items()
+        scale = b0 / prior_beta[d0 - 1]
+        beta_const, beta_inv_d = _PRIOR_BETA[0] * scale, _PRIOR_BETA[1] * scale
+    else:
+        beta_const, beta_inv_d = _PRIOR_BETA
+    beta = np.clip(beta_const + beta_inv_d / dims, 0.0, None)
+
+    # Each probe's estimate of the in-sample error on all n subvectors.
+    estimates = {}
+    for p in probes:
+        if p.subsampled:
+            b = betas[p.d_tilde]
+            estimates[p.d_tilde] = (
+                p.train_error * in_sample_factor(points_per_centroid, b) / in_sample_factor(p.points_per_centroid, b)
+            )
+        else:
+            estimates[p.d_tilde] = p.train_error
+
+    # Calibration c(d) = c0·d^c1 through the probes (least squares in log space, slope shrunk to 0).
+    shape = efficiency * zador * in_sample_factor(points_per_centroid, beta)
+    probed = np.array(sorted(estimates))
+    log_ratio = np.log([max(estimates[d], 1e-300) / max(shape[d - 1], 1e-300) for d in probed])
+    centre = float(np.mean(np.log(probed)))
+    design = np.column_stack([np.ones(probed.size), np.log(probed) - centre])
+    penalty = np.diag([0.0, _SLOPE_SHRINKAGE**2])
+    log_c0, slope = np.linalg.solve(design.T @ design + penalty, design.T @ log_ratio)
+    calibration = np.exp(log_c0 + slope * (np.log(dims) - centre))
+
+    clustering = _capped_curve(calibration * shape, variances, knee, points_per_centroid)
+    kept_energy = np.cumsum(eigenvalues)
+    clustering = np.clip(clustering, 0.0, kept_energy)
+
+    params: dict[str, float] = {
+        "calibration": float(math.exp(log_c0 - slope * centre)),
+        "calibration_slope": float(slope),
+        "beta_const": float(beta_const),
+        "beta_inv_d": float(beta_inv_d),
+        "points_per_centroid": float(points_per_centroid),
+        "water_level": float(water_level),
+    }
+    for i, p in enumerate(probes):
+        params[f"probe{i}_d_tilde"] = float(p.d_tilde)
+        params[f"probe{i}_points_per_centroid"] = float(p.points_per_centroid)
+        params[f"probe{i}_train_error"] = float(p.train_error)
+        params[f"probe{i}_heldout_error"] = float(p.heldout_error)
+        params[f"probe{i}_beta"] = float(betas.get(p.d_tilde, beta[p.d_tilde - 1]))
+        params[f"probe{i}_estimate"] = float(estimates[p.d_tilde])
+
+    return TradeoffModel(
+        k,
+        m,
+        rho,
+        eigenvalues=eigenvalues,
+        lowrank_curve=spectrum.lowrank_error(),
+        clustering_curve=clustering,
+        knee=knee,
+        probes={p.d_tilde: p.error for p in probes},
+        params=params,
+        n_subvectors=n,
+        name=name,
+    )
