@@ -133,7 +133,7 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
                 "accuracy_mean": float(group["accuracy"].mean()),
                 "accuracy_sd": float(group["accuracy"].std()) if len(group) > 1 else 0.0,
                 "val_accuracy_mean": float(group["val_accuracy"].mean()),
-                "n_seeds": int(len(group)),
+                "n_seeds": len(group),
             }
         )
     rho = measure_rho(selected)
@@ -144,7 +144,7 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
             "median": float(rho["rho"].median()),
             "q25": float(rho["rho"].quantile(0.25)),
             "q75": float(rho["rho"].quantile(0.75)),
-            "n_runs": int(len(rho)),
+            "n_runs": len(rho),
             "median_by_k_m_d_tilde": {f"k={k},m={m},d={d}": float(v) for (k, m, d), v in by_d.items()},
         }
     save_json(out_dir / f"{stem}_summary.json", summary)
@@ -153,7 +153,10 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
 
         from lr2vq_analysis.plots import plot_accuracy_vs_d_tilde, plot_size_frontier, save_figure
 
-        for kind, plot in (("frontier", plot_size_frontier), ("d_tilde", plot_accuracy_vs_d_tilde)):
+        plots: list[tuple[str, Any]] = [("frontier", plot_size_frontier)]
+        if selected.loc[selected["method"] == "lr2vq", "d_tilde"].nunique() > 1:
+            plots.append(("d_tilde", plot_accuracy_vs_d_tilde))
+        for kind, plot in plots:
             figure = plot(selected, title=f"{task}: test accuracy after fine-tuning")
             save_figure(figure, out_dir / f"{stem}_{kind}")
             plt.close(figure)

@@ -240,12 +240,13 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         raise ImportError(
             f"MNIST-1D needs the mnist1d package (pip install mnist1d, plus requests, which it imports): {exc}"
         ) from None
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # mnist1d seeds the legacy global generators, so only their legacy API can save and restore them
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     try:
         data = make_dataset(get_dataset_args())
     finally:
         random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
     arrays = (data["x"], data["y"], data["x_test"], data["y_test"])
     for array in arrays:
         array.setflags(write=False)  # shared by every caller through the cache

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -104,7 +104,7 @@ class Task:
 
     name: str
     load_model: Callable[[], nn.Module]
-    load_splits: Callable[[int], dict[str, Dataset]]
+    load_splits: Callable[[int], Mapping[str, Dataset]]
     train_cut_seed: int
     layers: tuple[str, ...]
 
@@ -123,9 +123,7 @@ def _mnist1d_model() -> nn.Module:
 
 #: The tasks of the evidence sweeps (the first conv and the classifier stay uncompressed).
 TASKS: dict[str, Task] = {
-    "digits": Task(
-        "digits", _digits_model, load_digits_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")
-    ),
+    "digits": Task("digits", _digits_model, load_digits_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")),
     "mnist1d": Task(
         "mnist1d", _mnist1d_model, load_mnist1d_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")
     ),
@@ -216,9 +214,7 @@ def make_plan(model: nn.Module, layers: Iterable[str], k: int, m: int, d_tilde: 
     [('conv2.weight', 128), ('conv4.weight', 256)]
     """
     state = model.state_dict()
-    return {
-        name: LayerPlan(k=effective_k(k, tuple(state[name].shape), m), m=m, d_tilde=d_tilde) for name in layers
-    }
+    return {name: LayerPlan(k=effective_k(k, tuple(state[name].shape), m), m=m, d_tilde=d_tilde) for name in layers}
 
 
 @torch.no_grad()
@@ -418,8 +414,10 @@ def run_sweep(
     task_obj = _task(task)
     n_jobs = check_count(n_jobs, "n_jobs")
     path = Path(out)
-    table = _read_rows(path)
-    done = {_key_of(row) for row in table.to_dict("records")} if len(table) else set()
+    rows: list[dict[str, Any]] = [
+        {str(key): value for key, value in row.items()} for row in _read_rows(path).to_dict("records")
+    ]
+    done = {_key_of(row) for row in rows}
     pending = []
     for config in configs:
         probe = {"task": task_obj.name, **asdict(config), "steps": budget.steps, "batch_size": budget.batch_size}
@@ -427,7 +425,6 @@ def run_sweep(
         if _key_of(probe) not in done:
             pending.append(config)
             done.add(_key_of(probe))
-    rows = table.to_dict("records") if len(table) else []
     if progress:
         print(f"{task_obj.name}: {len(pending)} run(s) to do, {len(rows)} already in {path}", flush=True)
     for index, row in enumerate(_execute(task_obj.name, pending, budget, n_jobs), start=1):
@@ -469,7 +466,7 @@ def _execute(task_name: str, configs: Sequence[RunConfig], budget: Budget, n_job
 
 
 def select_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
-    """Keep, for each (task, method, k, m, d̃, budget), the rows of the learning rate with the best mean validation accuracy.
+    """Keep, per (task, method, k, m, d̃, budget), the rows of the learning rate with the best mean validation accuracy.
 
     Ties go to the smaller learning rate. Test accuracy plays no part in the choice.
 
@@ -544,14 +541,18 @@ def plateau(selected: pd.DataFrame, metric: str = "accuracy") -> dict[tuple[int,
     """Per (k, m) of the LR²VQ rows: best d̃ by mean ``metric`` and the d̃ within one standard error of it."""
     out: dict[tuple[int, int], dict[str, Any]] = {}
     lr2vq = selected[selected["method"] == "lr2vq"]
-    for (k, m), group in lr2vq.groupby(["k", "m"]):
+    for key, group in lr2vq.groupby(["k", "m"]):
+        k, m = (int(value) for value in cast(tuple[Any, Any], key))
         stats = group.groupby("d_tilde")[metric].agg(["mean", "std", "count"])
-        best = int(stats["mean"].idxmax())
-        se = float(stats.loc[best, "std"] / math.sqrt(stats.loc[best, "count"]))
-        if math.isnan(se):
+        means = {int(d): float(value) for d, value in zip(stats.index.tolist(), stats["mean"].tolist(), strict=True)}
+        best = max(means, key=means.__getitem__)
+        spread = dict(zip(stats.index.tolist(), stats["std"].tolist(), strict=True))[best]
+        count = dict(zip(stats.index.tolist(), stats["count"].tolist(), strict=True))[best]
+        se = float(spread) / math.sqrt(float(count))
+        if math.isnan(se):  # one seed: no spread to speak of
             se = 0.0
-        inside = [int(d) for d, value in stats["mean"].items() if value >= stats.loc[best, "mean"] - se]
-        out[(int(k), int(m))] = {"best": best, "plateau": inside, "stats": stats}
+        inside = [d for d, value in means.items() if value >= means[best] - se]
+        out[(k, m)] = {"best": best, "plateau": inside, "stats": stats}
     return out
 
 

@@ -58,7 +58,9 @@ def train(args: argparse.Namespace) -> tuple[Mnist1DCNN, dict[str, Any]]:
             losses.append(loss.item())
         if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
             mean_loss = sum(losses) / len(losses)
-            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:.4f}  val {accuracy(model, loaders['val']):.4f}")
+            print(
+                f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:.4f}  val {accuracy(model, loaders['val']):.4f}"
+            )
     seconds = time.perf_counter() - start
     model.eval()
     results = {

@@ -93,8 +93,8 @@ def load_mnist1d_cnn(path: str | Path | None = None) -> Mnist1DCNN:
 
     Examples
     --------
-    >>> model = load_mnist1d_cnn()  # doctest: +SKIP
-    >>> type(model).__name__, model.training  # doctest: +SKIP
+    >>> model = load_mnist1d_cnn()
+    >>> type(model).__name__, model.training
     ('Mnist1DCNN', False)
     """
     from safetensors.torch import load_file
