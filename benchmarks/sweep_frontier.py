@@ -10,7 +10,8 @@ Writes into ``--out-dir`` (default ``benchmarks/results``; ``--quick`` writes ``
 
 - ``sweep_<task>_runs.csv``: every run (all learning rates), with validation and test accuracy and the
   ρ measurements (see :mod:`lr2vq_analysis.sweeps`);
-- ``sweep_<task>.csv``: the runs at the learning rate chosen on validation accuracy, plus the analysis's
+- ``sweep_<task>.csv``: the runs at the learning rate chosen on validation accuracy (every rate of the grid
+  is tried on the first ``--tune-seeds`` seeds; the other seeds run only at the chosen rate), plus the analysis's
   ``predicted_d_tilde`` on LR²VQ rows: the input of ``lr2vq_analysis.plots.plot_size_frontier`` and
   ``plot_accuracy_vs_d_tilde``;
 - ``sweep_<task>_summary.json``: per (k, m) the predicted d̃, the best fine-tuned d̃, the plateau (d̃ whose
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.report import analyze
 from lr2vq_analysis.sweeps import (
     BUDGETS,
@@ -72,11 +74,25 @@ QUICK_GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
 }
 
 
-def configs_for(task: str, seeds: list[int], lrs: list[float], quick: bool) -> list[RunConfig]:
+def grid_configs(task: str, seeds: list[int], lrs: list[float], quick: bool) -> list[RunConfig]:
+    """Every (method, k, m, d̃) of the task's grid at every seed and learning rate (seed-major order)."""
     grid = (QUICK_GRIDS if quick else GRIDS)[task]
     configs = [RunConfig("uncompressed", 0, 0, 0, seed, lrs[0]) for seed in seeds]
-    # seed-major order: an interrupted sweep has every configuration at the first seeds
     configs += [RunConfig(method, k, m, d, seed, lr) for seed in seeds for (method, k, m, d) in grid for lr in lrs]
+    return configs
+
+
+def at_chosen_rates(tuned: pd.DataFrame, tune_seeds: list[int], seeds: list[int]) -> list[RunConfig]:
+    """The remaining seeds of every configuration, at the learning rate chosen on the tuning seeds' validation."""
+    chosen = select_learning_rates(tuned, tune_seeds)
+    configs = []
+    for seed in seeds:
+        for row in chosen[chosen["seed"] == tune_seeds[0]].to_dict("records"):
+            if row["method"] == "uncompressed":
+                configs.append(RunConfig("uncompressed", 0, 0, 0, seed, float(row["lr"])))
+            else:
+                k, m, d = int(row["k"]), int(row["m"]), int(row["d_tilde"])
+                configs.append(RunConfig(str(row["method"]), k, m, d, seed, float(row["lr"])))
     return configs
 
 
@@ -91,8 +107,8 @@ def predictions(task: str, selected: pd.DataFrame, seed: int = 0) -> dict[tuple[
     return out
 
 
-def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[str, Any]:
-    selected = select_learning_rates(runs)
+def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seeds: list[int]) -> dict[str, Any]:
+    selected = select_learning_rates(runs, tune_seeds)
     reports = predictions(task, selected)
     selected["predicted_d_tilde"] = np.nan
     for (k, m), report in reports.items():
@@ -100,7 +116,13 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
         selected.loc[rows, "predicted_d_tilde"] = report.global_d_tilde
     selected.to_csv(out_dir / f"{stem}.csv", index=False)
 
-    summary: dict[str, Any] = {"task": task, "default_rho": DEFAULT_RHO, "configs": [], "methods": []}
+    summary: dict[str, Any] = {
+        "task": task,
+        "default_rho": DEFAULT_RHO,
+        "lr_chosen_on_validation_of_seeds": tune_seeds,
+        "configs": [],
+        "methods": [],
+    }
     for (k, m), info in plateau(selected).items():
         predicted = reports[(k, m)].global_d_tilde
         consistent = rho_consistent_range(reports[(k, m)], info["plateau"])
@@ -130,6 +152,7 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
                 "d_tilde": None if pd.isna(d) else int(d),
                 "lr": float(group["lr"].iloc[0]),
                 "kib": float(group["megabytes"].iloc[0] * 1024),
+                "ratio": float(group["ratio"].iloc[0]),
                 "accuracy_mean": float(group["accuracy"].mean()),
                 "accuracy_sd": float(group["accuracy"].std()) if len(group) > 1 else 0.0,
                 "val_accuracy_mean": float(group["val_accuracy"].mean()),
@@ -145,9 +168,10 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
             "q25": float(rho["rho"].quantile(0.25)),
             "q75": float(rho["rho"].quantile(0.75)),
             "n_runs": len(rho),
-            "median_by_k_m_d_tilde": {f"k={k},m={m},d={d}": float(v) for (k, m, d), v in by_d.items()},
+            "median_by_k_m_d_tilde": {f"k={int(k)},m={int(m)},d={int(d)}": float(v) for (k, m, d), v in by_d.items()},
         }
     save_json(out_dir / f"{stem}_summary.json", summary)
+    write_atomic(out_dir / f"{stem}_tables.md", markdown(summary).encode())
     try:
         import matplotlib.pyplot as plt
 
@@ -163,6 +187,44 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str) -> dict[s
     except Exception as exc:  # figures are a convenience; the CSV/JSON are the results
         print(f"figures not written: {type(exc).__name__}: {exc}", file=sys.stderr)
     return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as Markdown tables (what docs/evidence.md quotes)."""
+    lines = [
+        "| method | k | m | d̃ | KiB | ratio | lr | test accuracy % (mean ± sd) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(summary["methods"], key=lambda r: (r["kib"], r["method"])):
+        k, m, d = (("" if row[c] is None else row[c]) for c in ("k", "m", "d_tilde"))
+        lines.append(
+            f"| {row['method']} | {k} | {m} | {d} | {row['kib']:.2f} | {row['ratio']:.1f} | {row['lr']:g} | "
+            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} | {row['n_seeds']} |"
+        )
+    lines += [
+        "",
+        "| k | m | predicted d̃ (default ρ) | best d̃ | plateau (1 SE) | hit (±1) | in plateau | ρ giving a plateau d̃ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["configs"]:
+        consistent = row["rho_consistent_with_plateau"]
+        span = f"{min(consistent):.2f}–{max(consistent):.2f}" if consistent else "none"
+        lines.append(
+            f"| {row['k']} | {row['m']} | {row['predicted_d_tilde']} | {row['best_d_tilde']} | {row['plateau']} | "
+            f"{'yes' if row['hit_within_1'] else 'no'} | {'yes' if row['predicted_in_plateau'] else 'no'} | {span} |"
+        )
+    if "rho" in summary:
+        r = summary["rho"]
+        lines += [
+            "",
+            f"ρ per LR²VQ run (d̃ < m): median {r['median']:.3f}, quartiles {r['q25']:.3f}–{r['q75']:.3f} "
+            f"({r['n_runs']} runs); median by configuration:",
+            "",
+            "| configuration | median ρ |",
+            "|---|---|",
+            *(f"| {key} | {value:.3f} |" for key, value in r["median_by_k_m_d_tilde"].items()),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -190,6 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 configurations, 1 seed, 20 steps")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, or 1 with --quick)")
     parser.add_argument("--lrs", type=str, default=None, help="comma-separated learning-rate grid")
+    parser.add_argument(
+        "--tune-seeds",
+        type=int,
+        default=1,
+        help="seeds on which every learning rate is tried; the others run at the rate with the best validation "
+        "accuracy on these (default 1)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--summary-only", action="store_true", help="only re-summarize the existing runs CSV")
@@ -201,15 +270,24 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"sweep_{args.task}" + ("_quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_path = args.out_dir / f"{stem}_runs.csv"
+    tune_seeds = list(range(min(max(args.tune_seeds, 1), n_seeds)))
+    common: dict[str, Any] = {"budget": budget, "n_jobs": args.jobs}
+
+    def this_sweep(table: pd.DataFrame) -> pd.DataFrame:
+        keep = (table["steps"] == budget.steps) & table["lr"].isin(lrs) & table["seed"].lt(n_seeds)
+        return table[keep]
+
     if args.summary_only:
         runs = pd.read_csv(runs_path)
     else:
-        configs = configs_for(args.task, list(range(n_seeds)), lrs, args.quick)
-        runs = run_sweep(args.task, configs, runs_path, budget=budget, n_jobs=args.jobs)
-    runs = runs[(runs["steps"] == budget.steps) & runs["lr"].isin(lrs) & runs["seed"].lt(n_seeds)]
+        tuned = run_sweep(args.task, grid_configs(args.task, tune_seeds, lrs, args.quick), runs_path, **common)
+        tuned = this_sweep(tuned)
+        rest = [seed for seed in range(n_seeds) if seed not in tune_seeds]
+        runs = run_sweep(args.task, at_chosen_rates(tuned, tune_seeds, rest), runs_path, **common)
+    runs = this_sweep(runs)
     if not len(runs):
         raise SystemExit(f"no runs in {runs_path}")
-    summary = summarize(args.task, runs, args.out_dir, stem)
+    summary = summarize(args.task, runs, args.out_dir, stem, tune_seeds)
     print_table(summary)
 
 

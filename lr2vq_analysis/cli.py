@@ -113,7 +113,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lr2vq`` (exposed for documentation and tests)."""
+    """The argument parser of ``lr2vq`` (exposed for documentation and tests).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Usage errors exit with status 2 and a one-line message.
+    """
     from . import __version__
 
     common = _Parser(add_help=False)
@@ -327,7 +333,25 @@ def write_markdown_report(
     figures: Mapping[str, Sequence[Path]] | None = None,
     command: str | None = None,
 ) -> Path:
-    """Write ``report.md``: settings, global d̃, expected sizes, the layer table, figures and skipped layers."""
+    """Write ``report.md``: settings, global d̃, expected sizes, the layer table, figures and skipped layers.
+
+    Parameters
+    ----------
+    report : Report
+    out_dir : pathlib.Path
+        Folder of ``report.md``; figure links are written relative to it.
+    sizes : sequence of (str, SizeReport), optional
+        Rows of the "Expected size" table, e.g. per-layer d̃, global d̃ and PQ.
+    figures : mapping of str to list of Path, optional
+        What :func:`~lr2vq_analysis.plots.save_report_figures` returned; the PNGs are embedded.
+    command : str, optional
+        The command line that produced the report, quoted in the header.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written (atomically).
+    """
     from . import __version__
 
     figures = dict(figures or {})
@@ -359,7 +383,14 @@ def write_markdown_report(
             f"Uncompressed: {sizes[0][1].uncompressed_megabytes:.4g} MiB (fp32). Codes at log2 k bits, codebooks "
             "and projections at fp16, everything else at fp32, batch norm folded into two vectors (PQF's convention).",
         ]
-    lines += ["", "## Layers", ""]
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "Errors at each layer's predicted d̃; knee: the number of components that reverse water-filling gives "
+        "bits at this k; bits/weight: codes, codebook and projection.",
+        "",
+    ]
     frame = report.to_frame()[
         [
             "name",
@@ -393,9 +424,9 @@ def write_markdown_report(
         for key, caption in captions.items():
             png = _first_png(figures.get(key, ()))
             if png is not None:
-                lines += [f"![{caption}]({png.relative_to(out_dir).as_posix()})", ""]
+                lines += [f"![{caption}]({_link(png, out_dir)})", ""]
         per_layer = [(layer.name, _first_png(figures.get(layer.name, ()))) for layer in report.layers]
-        links = [f"[{name}]({png.relative_to(out_dir).as_posix()})" for name, png in per_layer if png is not None]
+        links = [f"[{name}]({_link(png, out_dir)})" for name, png in per_layer if png is not None]
         if links:
             lines += ["One figure per layer: " + ", ".join(links) + "."]
     if report.skipped:
@@ -409,6 +440,11 @@ def write_markdown_report(
     return path
 
 
+def _link(path: Path, start: Path) -> str:
+    """Markdown link target of ``path`` relative to the folder of the Markdown file."""
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
 def _first_png(paths: Sequence[Path]) -> Path | None:
     return next((path for path in paths if path.suffix == ".png"), None)
 
@@ -416,7 +452,7 @@ def _first_png(paths: Sequence[Path]) -> Path | None:
 def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tuple[str, SizeReport]]) -> None:
     frame = report.to_frame()[["name", "kind", "shape", "k", "knee", "d_tilde", "total_error"]]
     _say(args, frame.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
-    _say(args, f"\nglobal d̃ = {report.global_d_tilde}  (k = {report.k}, m = {report.m}, ρ = {report.rho:.3g})")
+    _say(args, f"\nglobal d̃ = {report.global_d_tilde}  (k ≤ {report.k}, m = {report.m}, ρ = {report.rho:.3g})")
     for label, size in sizes:
         _say(args, f"  {label:<26} {_describe_size(size)}")
     if report.skipped:
@@ -495,7 +531,27 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def read_plan(path: str | os.PathLike[str], which: str = "layer") -> dict[str, LayerPlan]:
-    """A plan from a saved report (``report.plan(which)``) or from JSON ``{layer: {"k", "m", "d_tilde"}}``."""
+    """Read a compression plan from a saved report or from a JSON file.
+
+    Parameters
+    ----------
+    path : str or path
+        ``report.json`` / ``report.npz`` from ``lr2vq analyze`` (:meth:`Report.save`), or a JSON object
+        ``{"layer.weight": {"k": 256, "m": 9, "d_tilde": 4}, ...}``.
+    which : {"layer", "global"}, default "layer"
+        For a report: each layer's predicted d̃, or the global d̃ for every layer.
+
+    Returns
+    -------
+    dict of str to LayerPlan
+
+    Raises
+    ------
+    WeightFileError
+        If the file is missing, not JSON, or neither a report nor a plan.
+    InvalidParameterError
+        If a plan entry is invalid.
+    """
     from ._validation import WeightFileError
     from .plan import LayerPlan
     from .report import Report
@@ -525,7 +581,30 @@ def skeleton_from_state_dict(state: Mapping[str, torch.Tensor], layer_keys: Sequ
     Each key in ``layer_keys`` becomes the weight of an ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (with
     its bias when the state_dict has one), each group with ``running_mean`` a batch norm, and every other
     tensor a parameter or buffer of a plain container. The module can be compressed, saved and reloaded;
-    it has no forward pass. Values are loaded from ``state``.
+    it has no forward pass.
+
+    Parameters
+    ----------
+    state : mapping of str to torch.Tensor
+        The whole state_dict (:func:`~lr2vq_analysis.weights.load_state_dict`); its values are loaded.
+    layer_keys : sequence of str
+        Weight keys to build as Linear / Conv1d / Conv2d layers (the keys of a plan).
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Raises
+    ------
+    InvalidParameterError
+        If a layer key's tensor is not 2-, 3- or 4-dimensional.
+
+    Examples
+    --------
+    >>> import torch
+    >>> state = {"fc.weight": torch.zeros(4, 8), "fc.bias": torch.zeros(4), "scale": torch.ones(3)}
+    >>> skeleton_from_state_dict(state, ["fc.weight"]).fc
+    Linear(in_features=8, out_features=4, bias=True)
     """
     import torch
     from torch import nn
@@ -582,6 +661,8 @@ def skeleton_from_state_dict(state: Mapping[str, torch.Tensor], layer_keys: Sequ
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from .export import load_compressed, save_compressed
     from .nn import compress
     from .size import size_report
@@ -605,7 +686,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     _say(
         args, f"compressing {len(plan)} layer(s) of {args.source} (no fine-tuning: a weight file has no training data)"
     )
-    cmodel = compress(skeleton, plan, seed=args.seed).quantize(seed=args.seed)
+    cmodel = compress(skeleton, plan, seed=args.seed)
+    layers = cmodel.compressed_layers()
+    for layer in tqdm(layers.values(), desc="quantize", unit="layer", disable=args.quiet):
+        layer.quantize(seed=args.seed)  # what cmodel.quantize(seed) does, one progress step per layer
     path = save_compressed(cmodel, out)
     reloaded = load_compressed(path, skeleton_from_state_dict(state, list(plan)))
     _check_reload(cmodel, reloaded)
@@ -709,12 +793,22 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lr2vq`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
+    """Run ``lr2vq`` with ``argv`` and return the exit status (the console script calls this).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a usage error, 1 when the work failed; errors are one line on stderr.
 
     Examples
     --------
-    >>> main(["--version"])  # doctest: +SKIP
-    lr2vq 0.1.0
+    >>> main(["plot", "/nonexistent/report.json"])
+    1
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -16,14 +16,16 @@ Algorithm (scikit-learn's ``KMeans(n_init=1, init="k-means++", algorithm="lloyd"
 - The returned labels and inertia are those of the returned centroids (one last assignment after
   the last update, as scikit-learn does).
 
-Implementation notes:
+Implementation notes (measurements in ``docs/kmeans.md``):
 
-- Distances go through a GEMM, ``‖c‖² − 2·x·c`` per chunk of points (``‖x‖²`` does not change the
-  argmin), so memory stays at ``chunk_size × k`` whatever n; the distance of each point to its chosen
-  centroid is then recomputed exactly as ``‖x − c‖²``. For one-dimensional data the nearest centroid
-  is found by binary search among the sorted centroids instead (O(n log k)).
+- Distances go through a GEMM per chunk of points, so memory stays at ``chunk_size × k`` whatever n;
+  the distance of each point to its chosen centroid is recomputed from differences for the reported
+  inertia. For one-dimensional data the nearest centroid is found by binary search among the sorted
+  centroids instead (O(n log k)).
 - Data are centred first (the GEMM expansion loses precision far from the origin) and processed in
   float32 by default; centroid sums and inertia are accumulated in float64.
+- On CPU the O(n·k) steps run in numpy where it is faster than torch (argmin, bincount), and the
+  calling thread runs single-threaded (see :func:`_one_thread_on_cpu`).
 - All random draws come from a CPU ``torch.Generator`` seeded with ``seed``, so a seed fixes the result
   on any device (up to floating-point differences between devices).
 - With ``max_points_per_centroid`` (faiss's knob), at most ``k · max_points_per_centroid`` randomly
@@ -49,7 +51,8 @@ __all__ = ["KMeansResult", "kmeans", "assign", "KMeans"]
 # (1 MiB) stay in a core's L2 cache (measured fastest for k = 16..256, d <= 9); on CUDA 64 MiB.
 _CPU_CHUNK_PAIRS = 1 << 18
 _DEVICE_CHUNK_PAIRS = 1 << 24
-# Up to this k the packed float64 minimum beats an argmin over rows of k scores (measured crossover ~48).
+# Up to this k the packed integer minimum beats numpy's argmin over rows of k scores (measured: 0.75 vs
+# 2.3 ns per score at k = 32, even at k = 64).
 _PACKED_MAX_K = 32
 
 

@@ -37,7 +37,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +51,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ._io import write_atomic
 from ._validation import InvalidParameterError, WeightFileError
@@ -75,6 +75,7 @@ __all__ = [
     "plot_size_frontier",
     "load_sweep_results",
     "save_report_figures",
+    "figure_file_stem",
 ]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, by role.
@@ -147,10 +148,14 @@ _STYLE: dict[Any, Any] = {
 }
 
 
-def plot_style() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def plot_style() -> Iterator[None]:
     """The package's figure style, as a context manager around matplotlib's rcParams.
 
-    Every plot function of this module draws inside it; use it for your own figures to match.
+    Every plot function of this module draws inside it; use it for your own figures to match. Only
+    the style's own settings are restored on exit (not, as ``matplotlib.rc_context`` does, every
+    setting): Jupyter's inline backend switches on interactive mode when the first figure is drawn,
+    and undoing that would stop later figures from showing.
 
     Examples
     --------
@@ -161,7 +166,12 @@ def plot_style() -> contextlib.AbstractContextManager[None]:
     False
     >>> plt.close(fig)
     """
-    return matplotlib.rc_context(_STYLE)
+    saved = {key: matplotlib.rcParams[key] for key in _STYLE}
+    matplotlib.rcParams.update(_STYLE)
+    try:
+        yield
+    finally:
+        matplotlib.rcParams.update(saved)
 
 
 def _styled(func: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -426,6 +436,7 @@ def plot_tradeoff(
         :func:`~lr2vq_analysis.probes.clustering_error_curve`; defaults to the layer's
         ``measured_curve`` (``analyze(..., measure_full_curve=True)``).
     legend : bool, default True
+        Draw the legend (outside the axes, on the right).
 
     Returns
     -------
@@ -483,8 +494,7 @@ def plot_tradeoff_grid(report: Report, *, ncols: int = 4, max_layers: int | None
             entries.setdefault(rf"predicted {_D_TILDE}" if label.startswith("predicted") else label, handle)
     figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3))
     figure.suptitle(
-        f"Error trade-off per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)}); "
-        f"errors as {_ENERGY}",
+        f"Error trade-off per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)})",
         x=0.01,
         horizontalalignment="left",
     )
@@ -555,8 +565,8 @@ def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None 
     """Heatmap of the eigenvalue spectra of all layers (layers × component), as fractions of ‖W‖².
 
     Each row is one layer's eigenvalues of the m × m Gram matrix of its subvectors, divided by ‖W‖²
-    (so a row sums to 1), on a log colour scale; a vertical tick after column d̃ marks where the
-    predicted clustering dimensionality cuts the spectrum.
+    (so a row sums to 1), on one log colour scale shared by all layers; a vertical bar after column
+    d̃ marks where the predicted clustering dimensionality cuts the spectrum.
 
     Parameters
     ----------
@@ -564,7 +574,7 @@ def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None 
     ax : matplotlib.axes.Axes, optional
     floor : float, optional
         Smallest value of the colour scale (smaller eigenvalues are drawn at the floor); by default
-        the power of ten at or below the smallest eigenvalue, but not below 1e-6.
+        the smallest eigenvalue, but not below 1e-6. The scale ends at the largest eigenvalue.
 
     Returns
     -------
@@ -573,19 +583,21 @@ def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None 
     layers = list(report.layers)
     n = len(layers)
     values = np.vstack([np.asarray(layer.model.eigenvalues_, dtype=np.float64) for layer in layers])
+    top = float(values.max())
     if floor is None:
         positive = values[values > 0]
-        smallest = float(positive.min()) if positive.size else 1e-6
-        floor = max(1e-6, 10.0 ** math.floor(math.log10(smallest)))
-    if not floor > 0 or not floor < 1:
-        raise InvalidParameterError(f"floor={floor!r} is invalid; use a number in (0, 1)")
-    values = np.clip(values, floor, 1.0)
+        floor = max(1e-6, float(positive.min()) if positive.size else 1e-6)
+    if not 0 < floor < top:
+        raise InvalidParameterError(
+            f"floor={floor!r} is invalid; use a number in (0, {top:.3g}), the largest eigenvalue"
+        )
+    values = np.clip(values, floor, None)
     owned = ax is None
     figure, ax = _figure_and_axes(ax, (5.6, 1.5 + 0.26 * n))
     image = ax.imshow(
         values,
         aspect="auto",
-        norm=LogNorm(vmin=floor, vmax=1.0),
+        norm=LogNorm(vmin=floor, vmax=top),  # the data's own range: flat spectra still show their structure
         extent=(0.5, report.m + 0.5, n - 0.5, -0.5),
         interpolation="nearest",
     )
@@ -595,12 +607,18 @@ def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None 
     ax.plot([], [], color=COLORS["vermillion"], linewidth=2.4, label=rf"cut at predicted {_D_TILDE}")
     ax.set_yticks(np.arange(n), [_short_name(layer.name) for layer in layers])
     ax.set_xticks(np.arange(1, report.m + 1))
+    ax.set_xlim(0.5, report.m + 0.7)  # room for a cut at d̃ = m
     ax.set_xlabel("principal component (decreasing eigenvalue)")
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    colorbar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    colorbar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02, aspect=max(20, 3 * n))
     colorbar.set_label(f"eigenvalue ({_ENERGY})")
+    # Few, plainly written ticks (0.15, not 1.5×10⁻¹); a range under a decade gets linear steps.
+    locator = MaxNLocator(nbins=6) if top / floor < 10 else LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    colorbar.ax.yaxis.set_major_locator(locator)
+    colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(f"Subvector spectra (m = {report.m})")
     _figure_legend(figure, ax, owned, ncols=1)
     return figure
@@ -672,7 +690,8 @@ def plot_size_breakdown(size_report: Any, *, ax: Axes | None = None, min_share: 
         Draw the per-layer bars into this axes (the total is then only in the title); without it
         the figure has a second, narrow panel with the total.
     min_share : float, default 0.01
-        Merge modules smaller than this share of the compressed total into one "other" bar (0 keeps all).
+        Merge uncompressed modules smaller than this share of the compressed total into one "other"
+        bar (0 keeps all); compressed layers always keep their own bar.
 
     Returns
     -------
@@ -683,11 +702,20 @@ def plot_size_breakdown(size_report: Any, *, ax: Axes | None = None, min_share: 
     uncompressed_bits = float(size_report.uncompressed_bits)
     ratio = float(size_report.ratio)
     if min_share > 0:
-        small = parts.sum(axis=1) < min_share * compressed_bits
+        # Compressed layers always keep their own bar; small uncompressed modules (norms, biases) merge.
+        compressed_parts = parts[["codes", "codebook", "projection"]].sum(axis=1)
+        small = (parts.sum(axis=1) < min_share * compressed_bits) & (compressed_parts == 0)
         if small.sum() > 1:
             other = parts[small].sum().to_frame(f"other ({int(small.sum())} entries)").T
             parts = pd.concat([parts[~small], other])
-    divisor, unit = _bits_unit(float(parts.sum(axis=1).max()))
+    totals_per_module = parts.sum(axis=1).to_numpy()
+    # A huge uncompressed tensor (an embedding table) would flatten every compressed layer to nothing:
+    # the axis ends a little past the largest compressed layer and longer bars are cut, with their value.
+    has_codes = (parts[["codes", "codebook", "projection"]].sum(axis=1) > 0).to_numpy()
+    limit = float(totals_per_module.max())
+    if has_codes.any():
+        limit = min(limit, 1.6 * float(totals_per_module[has_codes].max()))
+    divisor, unit = _bits_unit(limit)
     n = len(parts)
     if ax is None:
         figure, (ax, total_ax) = plt.subplots(
@@ -701,11 +729,24 @@ def plot_size_breakdown(size_report: Any, *, ax: Axes | None = None, min_share: 
         figure, ax = _figure_and_axes(ax, (6.4, 1.5 + 0.26 * n))
         total_ax = None
     y = np.arange(n)
-    left = np.zeros(n)
+    start = np.zeros(n)
     for part, label, color in _SIZE_PARTS:
-        values = parts[part].to_numpy() / divisor
-        ax.barh(y, values, left=left, color=color, height=0.7, label=label)
-        left += values
+        values = parts[part].to_numpy()
+        end = start + values
+        shown = np.minimum(end, limit) - np.minimum(start, limit)
+        ax.barh(y, shown / divisor, left=np.minimum(start, limit) / divisor, color=color, height=0.7, label=label)
+        start = end
+    for row in np.flatnonzero(totals_per_module > limit * (1 + 1e-9)):
+        ax.text(
+            limit / divisor,
+            float(row),
+            f"{_format_bits(float(totals_per_module[row]))}, bar cut ",
+            ha="right",
+            va="center",
+            color="white",
+            fontsize=7,
+        )
+    ax.set_xlim(0, limit / divisor * 1.02)
     ax.set_yticks(y, [_short_name(str(name)) for name in parts.index])
     ax.set_ylim(n - 0.5, -0.6)
     ax.set_xlabel(f"size ({unit})")
@@ -1134,7 +1175,22 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def figure_file_stem(layer_name: str) -> str:
-    """File-name stem for a layer's trade-off figure: ``tradeoff_<name>`` with unsafe characters replaced."""
+    """File-name stem of a layer's trade-off figure: ``tradeoff_<name>``, unsafe characters replaced by ``_``.
+
+    Parameters
+    ----------
+    layer_name : str
+        State-dict key of the layer.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> figure_file_stem("layer1.0.conv1.weight")
+    'tradeoff_layer1.0.conv1.weight'
+    """
     return "tradeoff_" + _UNSAFE.sub("_", layer_name)
 
 

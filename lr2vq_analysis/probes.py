@@ -12,12 +12,14 @@ error on all subvectors.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from ._validation import (
     InvalidParameterError,
@@ -27,16 +29,18 @@ from ._validation import (
     check_m,
     check_seed,
 )
-from .kmeans import kmeans
+from .kmeans import assign, kmeans
 from .spectrum import Spectrum, compute_spectrum
 from .subvectors import to_subvectors
 
-__all__ = ["ProbeResult", "run_probe", "clustering_error", "clustering_error_curve"]
+__all__ = ["ProbeResult", "run_probe", "clustering_error", "clustering_error_curve", "single_threaded"]
 
 
 @dataclass(frozen=True)
 class ProbeResult:
     """One k-means run on the top-d̃ principal coordinates of a layer.
+
+    Errors are fractions of ‖W‖²; "scaled to the layer" means a mean over some subvectors times n.
 
     Attributes
     ----------
@@ -49,14 +53,19 @@ class ProbeResult:
     n_train : int
         Number of subvectors that trained the centroids (n unless subsampled).
     train_error : float
-        Distortion on the training points, scaled to the whole layer (mean squared distance over the
-        training points × n), as a fraction of ‖W‖². This is the in-sample error at
+        Distortion on the training points, scaled to the layer: the in-sample error at
         ``n_train / k`` points per centroid.
     error : float
-        Distortion of all n subvectors with the trained centroids, as a fraction of ‖W‖²; equal to
-        ``train_error`` when not subsampled.
+        Distortion of all n subvectors with the trained centroids; equal to ``train_error`` when not
+        subsampled.
     n_iter : int
         Lloyd iterations run.
+    n_isolated : int
+        Held-out subvectors farther from every centroid than τ = ``(2/d̃)·(n/k)·`` the mean training
+        distortion — the high-rate value of one centroid in k-means on all n subvectors, which would
+        rather spend a centroid near such a point than leave it there; 0 when not subsampled.
+    isolated_error : float
+        By how much their summed distortion exceeds τ each (a fraction of ‖W‖², not scaled).
     """
 
     d_tilde: int
@@ -66,6 +75,8 @@ class ProbeResult:
     train_error: float
     error: float
     n_iter: int
+    n_isolated: int = 0
+    isolated_error: float = 0.0
 
     @property
     def points_per_centroid(self) -> float:
@@ -79,15 +90,38 @@ class ProbeResult:
 
     @property
     def heldout_error(self) -> float:
-        """Distortion of the subvectors that did not train the centroids, scaled to the whole layer.
+        """Distortion of the subvectors that did not train the centroids, scaled to the layer.
 
         Equals :attr:`train_error` when not subsampled.
         """
         if not self.subsampled:
             return self.train_error
         n, t = self.n_subvectors, self.n_train
-        train_sum = self.train_error * t / n
-        return (self.error - train_sum) * n / (n - t)
+        return (self.error - self.train_error * t / n) * n / (n - t)
+
+    @property
+    def heldout_capped_error(self) -> float:
+        """:attr:`heldout_error` with each held-out subvector's distortion capped at τ, scaled to the layer.
+
+        A few far outliers missed by the subsample (a single subvector can hold 5 % of a
+        transformer layer's energy) would otherwise dominate the held-out error.
+        """
+        if not self.subsampled:
+            return self.train_error
+        n, t = self.n_subvectors, self.n_train
+        heldout_sum = self.error - self.train_error * t / n - self.isolated_error
+        return heldout_sum * n / (n - t)
+
+
+def single_threaded(device: str | torch.device | None = None) -> contextlib.AbstractContextManager[Any]:
+    """Limit BLAS and OpenMP to one thread while analysing on CPU (as scikit-learn's KMeans does).
+
+    Every array here is small (n × m with m ≤ a few dozen): a second thread gains little, and on a
+    shared machine each parallel region can wait a whole scheduler slice for its other thread.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def _coordinates(spectrum: Spectrum, subvectors: np.ndarray, d_tilde: int, device: Any) -> torch.Tensor:
@@ -157,22 +191,40 @@ def run_probe(
         raise InvalidParameterError(
             f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be a positive integer or None"
         )
-    result = kmeans(
-        _coordinates(spectrum, subvectors, d_tilde, device),
-        k,
-        seed=seed,
-        max_points_per_centroid=max_points_per_centroid,
-        name=name,
-    )
+    with single_threaded(device):
+        z = _coordinates(spectrum, subvectors, d_tilde, device)
+        if max_points_per_centroid is None or n <= k * max_points_per_centroid:
+            result = kmeans(z, k, seed=seed, name=name)
+            train_sum = error_sum = result.inertia
+            n_train, n_isolated, isolated_sum = n, 0, 0.0
+        else:
+            # Subsample here rather than in kmeans(): the held-out subvectors must be known.
+            n_train = k * max_points_per_centroid
+            train = torch.zeros(n, dtype=torch.bool, device=z.device)
+            train[torch.as_tensor(np.random.default_rng(seed).choice(n, n_train, replace=False), device=z.device)] = (
+                True
+            )
+            result = kmeans(z[train], k, seed=seed, name=name)
+            _, sqdist = assign(z, result.centroids)
+            sqdist = sqdist.to(torch.float64)
+            train_sum, error_sum = result.inertia, float(sqdist.sum())
+            # Held-out subvectors farther from every centroid than the high-rate value of one centroid,
+            # (2/d̃)·(total distortion)/k: k-means on all n would move a centroid towards them.
+            threshold = 2.0 / d_tilde * (n / k) * train_sum / n_train
+            isolated = (sqdist > threshold) & ~train
+            n_isolated = int(isolated.sum())
+            isolated_sum = float((sqdist[isolated] - threshold).sum())
     energy = spectrum.total_energy
     return ProbeResult(
         d_tilde=d_tilde,
         k=k,
         n_subvectors=n,
-        n_train=int(result.n_train),
-        train_error=result.train_inertia / energy * n / result.n_train,
-        error=result.inertia / energy,
+        n_train=n_train,
+        train_error=train_sum / energy * n / n_train,
+        error=error_sum / energy,
         n_iter=int(result.n_iter),
+        n_isolated=n_isolated,
+        isolated_error=isolated_sum / energy,
     )
 
 
@@ -293,7 +345,8 @@ def clustering_error_curve(
     else:
         requested = [d_tilde] if isinstance(d_tilde, (int, np.integer)) else list(d_tilde)
         dims = np.atleast_1d(check_d_tilde_array(np.asarray(requested), m, name=name))
-    spectrum = compute_spectrum(x)
+    with single_threaded(device):
+        spectrum = compute_spectrum(x)
     return np.array(
         [
             run_probe(

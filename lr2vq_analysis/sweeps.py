@@ -465,10 +465,23 @@ def _execute(task_name: str, configs: Sequence[RunConfig], budget: Budget, n_job
 # analysis of the results
 
 
-def select_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
+def select_learning_rates(runs: pd.DataFrame, tune_seeds: Iterable[int] | None = None) -> pd.DataFrame:
     """Keep, per (task, method, k, m, d̃, budget), the rows of the learning rate with the best mean validation accuracy.
 
     Ties go to the smaller learning rate. Test accuracy plays no part in the choice.
+
+    Parameters
+    ----------
+    runs : pandas.DataFrame
+        Rows of :func:`run_one`.
+    tune_seeds : iterable of int, optional
+        Seeds whose validation accuracy decides (default: all). A sweep can try every rate on these seeds
+        only and run the other seeds at the chosen rate; the choice then stays the same when seeds are added.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows (every seed) of the chosen learning rate of each configuration.
 
     Examples
     --------
@@ -479,7 +492,8 @@ def select_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     [0.003]
     """
     group = ["task", "method", "k", "m", "d_tilde", "steps", "lowrank_steps", "batch_size"]
-    means = runs.groupby([*group, "lr"], dropna=False)["val_accuracy"].mean().reset_index()
+    deciding = runs if tune_seeds is None else runs[runs["seed"].isin([int(seed) for seed in tune_seeds])]
+    means = deciding.groupby([*group, "lr"], dropna=False)["val_accuracy"].mean().reset_index()
     means = means.sort_values([*group, "val_accuracy", "lr"], ascending=[True] * len(group) + [False, True])
     best = means.drop_duplicates(group, keep="first")[[*group, "lr"]]
     return runs.merge(best, on=[*group, "lr"], how="inner")

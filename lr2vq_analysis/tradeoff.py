@@ -15,14 +15,15 @@ The model (derivation, assumptions, failure modes and measured accuracy: ``docs/
    per principal coordinate (product of marginals; nearest-neighbour estimator), which captures
    heavy tails and non-zero means that a Gaussian with the same eigenvalues would miss.
 2. **Reverse water-filling knee**: components with λ_i ≤ θ, where Σ max(0, ½·log2(λ_i/θ)) = log2 k, get
-   no bits; past the knee adding a dimension adds its variance to the error ("capped Zador"). The
+   no bits; past the knee adding a dimension adds its eigenvalue to the error ("capped Zador"). The
    modelled curve is the minimum over the number j ≤ knee of quantized dimensions of
-   ``quantized(j) + Σ_{j<i≤d̃} var_i``.
+   ``quantized(j) + (1 − 1/r)·Σ_{j<i≤d̃} λ_i`` (r = n/k; in-sample, cell means absorb 1/r of it).
 3. **Finite points per centroid**: the in-sample distortion with r points per centroid is
    ``D∞·r/(r + β)``. β is read off each probe from the gap between its error on held-out subvectors
-   and on its training subvectors, ``β ≈ κ(r)·r·(held-out/train − 1)`` with κ(r) = ½ + 0.47/√r
-   (κ → ½ is the asymptotic M-estimation value), so probes can train on subsamples.
-4. **Calibration**: a factor ``c(d) = c0·d^c1`` (slope shrunk towards 0) matches the model to the probes.
+   (far outliers capped) and on its training subvectors, ``β ≈ κ(r)·r·(held-out/train − 1)`` with
+   κ(r) = ½ + 0.47/√r (κ → ½ is the asymptotic M-estimation value), so probes can train on subsamples.
+4. **Calibration**: a factor ``c(d) = c0·d^c1`` (slope shrunk towards 0) matches the model to the
+   probes, placed at the knee, where the curve reaches 1/8 of its knee value, and between.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ from ._validation import (
     check_seed,
     layer_label,
 )
-from .probes import ProbeResult, run_probe
+from .probes import ProbeResult, run_probe, single_threaded
 from .spectrum import Spectrum, compute_spectrum
 from .subvectors import to_subvectors
 
 __all__ = [
     "DEFAULT_RHO",
     "DEFAULT_MAX_POINTS_PER_CENTROID",
-    "DEFAULT_N_PROBES",
+    "PROBE_COST_POINTS_PER_CENTROID",
     "TradeoffModel",
     "fit_tradeoff",
     "water_filling",
@@ -71,8 +72,14 @@ the wide accuracy plateaus. It is a default, not a law: set ``rho`` for your tra
 DEFAULT_MAX_POINTS_PER_CENTROID: int = 16
 """Probes train on at most this many subvectors per centroid (faiss's knob; faiss's default is 256)."""
 
-DEFAULT_N_PROBES: int = 3
-"""Number of k-means probes per layer (1–3)."""
+PROBE_COST_POINTS_PER_CENTROID: int = 64
+"""With ``n_probes=None``, one subsampled probe per this many subvectors per centroid (at most 3).
+
+A probe's cost is mostly its k-means++ initialisation (k sequential steps), nearly independent of its
+sample size, while the exhaustive sweep it replaces costs m full runs whose Lloyd iterations grow with
+n/k. Below 64 points per centroid a sweep is cheap, and more than one probe would cost more than 1/20
+of it; layers whose probes use every subvector (n/k ≤ ``max_points_per_centroid``) get 3 probes.
+"""
 
 MAX_PROBES = 3
 
@@ -191,6 +198,7 @@ def _nearest_neighbour_distance_1d(values: np.ndarray, w: int) -> np.ndarray:
 def _log_density_power_integral(values: np.ndarray, alphas: np.ndarray, w: int = _NEIGHBOURS) -> np.ndarray:
     """log ∫ p(x)^α dx of a 1-D sample for each α in (0, 1): Leonenko–Pronzato–Savani kNN estimator."""
     n = values.size
+    w = min(w, n - 1)
     distance = np.maximum(_nearest_neighbour_distance_1d(values, w), np.finfo(np.float64).tiny)
     log_volume = math.log(n - 1) + math.log(2.0) + np.log(distance)  # (n − 1)·V_1·ρ, V_1 = 2
     out = np.empty(alphas.size)
@@ -262,16 +270,16 @@ def _kappa(points_per_centroid: float) -> float:
 
 
 def _beta_from_probe(probe: ProbeResult) -> float:
-    """β of r/(r+β) read off the held-out vs training error of a subsampled probe."""
+    """β of r/(r+β) read off the held-out (far outliers capped) vs training error of a probe."""
     r = probe.points_per_centroid
-    gap = probe.heldout_error / probe.train_error - 1.0 if probe.train_error > 0 else 0.0
+    gap = probe.heldout_capped_error / probe.train_error - 1.0 if probe.train_error > 0 else 0.0
     return max(_kappa(r) * r * gap, 0.0)
 
 
-def _capped_curve(quantized: np.ndarray, variances: np.ndarray, knee: int, points_per_centroid: float) -> np.ndarray:
-    """min over j ≤ min(d̃, knee) of quantized(j) + (1 − 1/r)·Σ_{j<i≤d̃} var_i, for d̃ = 1..m."""
-    m = variances.size
-    skipped = (1.0 - 1.0 / points_per_centroid) * np.concatenate([[0.0], np.cumsum(variances)])  # skipped[i] = Σ_{<i}
+def _capped_curve(quantized: np.ndarray, eigenvalues: np.ndarray, knee: int, skip_factor: float) -> np.ndarray:
+    """min over j ≤ min(d̃, knee) of quantized(j) + skip_factor·Σ_{j<i≤d̃} λ_i, for d̃ = 1..m."""
+    m = eigenvalues.size
+    skipped = skip_factor * np.concatenate([[0.0], np.cumsum(eigenvalues)])  # skipped[i] = Σ_{l<i} λ_l
     with_zero = np.concatenate([[0.0], quantized])  # j = 0: every dimension skipped
     curve = np.empty(m)
     for d in range(1, m + 1):
@@ -394,8 +402,12 @@ class TradeoffModel:
 
     @property
     def d_tilde(self) -> int:
-        """Predicted clustering dimensionality: argmin of the total over d̃ = 1..m (smallest on ties)."""
-        return int(np.argmin(self.total_curve)) + 1
+        """Predicted clustering dimensionality: argmin of the total over d̃ = 1..m (smallest on ties).
+
+        Totals within 1e-12 of the minimum count as ties (rounding in the eigenvalue tails).
+        """
+        total = self.total_curve
+        return int(np.argmax(total <= total.min() + 1e-12)) + 1
 
     @property
     def knee(self) -> int:
@@ -469,20 +481,23 @@ class TradeoffModel:
 # --------------------------------------------------------------------------------------------------
 
 
-def _probe_dims(prior_curve: np.ndarray, active: np.ndarray, n_probes: int) -> list[int]:
-    """Probe at the high end (last active d̃), the low end and the middle (log scale) of the curve."""
-    high = int(np.max(active))
+def _probe_dims(prior_curve: np.ndarray, knee: int, n_probes: int) -> list[int]:
+    """Probe at the knee, where the prior curve reaches 1/8 of its knee value, and between (log scale)."""
+    high = knee
     reaches = np.nonzero(prior_curve >= prior_curve[high - 1] * _LOW_END_FRACTION)[0]
     low = min(int(reaches[0]) + 1, high)
-    candidates = [int(d) for d in active if low <= d <= high] or [high]
-    middle = min(candidates, key=lambda d: abs(math.log(d) - 0.5 * (math.log(low) + math.log(high))))
+    middle = min(range(low, high + 1), key=lambda d: abs(math.log(d) - 0.5 * (math.log(low) + math.log(high))))
     chosen = {1: [middle], 2: [low, high], 3: [low, middle, high]}[n_probes]
     return sorted(set(chosen))
 
 
-def _check_probe_options(n_probes: Any, max_points_per_centroid: Any) -> tuple[int, int | None]:
-    if not isinstance(n_probes, (int, np.integer)) or isinstance(n_probes, bool) or not 1 <= n_probes <= MAX_PROBES:
-        raise InvalidParameterError(f"n_probes={n_probes!r} is invalid; n_probes must be an integer in 1..{MAX_PROBES}")
+def _check_probe_options(n_probes: Any, max_points_per_centroid: Any) -> tuple[int | None, int | None]:
+    if n_probes is not None and (
+        not isinstance(n_probes, (int, np.integer)) or isinstance(n_probes, bool) or not 1 <= n_probes <= MAX_PROBES
+    ):
+        raise InvalidParameterError(
+            f"n_probes={n_probes!r} is invalid; n_probes must be an integer in 1..{MAX_PROBES} or None (automatic)"
+        )
     if max_points_per_centroid is not None and (
         not isinstance(max_points_per_centroid, (int, np.integer))
         or isinstance(max_points_per_centroid, bool)
@@ -491,7 +506,17 @@ def _check_probe_options(n_probes: Any, max_points_per_centroid: Any) -> tuple[i
         raise InvalidParameterError(
             f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be an integer >= 2 or None"
         )
-    return int(n_probes), None if max_points_per_centroid is None else int(max_points_per_centroid)
+    return (
+        None if n_probes is None else int(n_probes),
+        None if max_points_per_centroid is None else int(max_points_per_centroid),
+    )
+
+
+def _default_n_probes(points_per_centroid: float, max_points_per_centroid: int | None) -> int:
+    """3 probes on small layers (every subvector), else one per 64 points per centroid, 1..3."""
+    if max_points_per_centroid is None or points_per_centroid <= max_points_per_centroid:
+        return MAX_PROBES
+    return int(min(MAX_PROBES, max(1, points_per_centroid // PROBE_COST_POINTS_PER_CENTROID)))
 
 
 def fit_tradeoff(
@@ -502,7 +527,7 @@ def fit_tradeoff(
     rho: float = DEFAULT_RHO,
     seed: int = 0,
     name: str | None = None,
-    n_probes: int = DEFAULT_N_PROBES,
+    n_probes: int | None = None,
     max_points_per_centroid: int | None = DEFAULT_MAX_POINTS_PER_CENTROID,
     device: str | torch.device | None = None,
 ) -> TradeoffModel:
@@ -528,8 +553,10 @@ def fit_tradeoff(
         Seed of the density sample and of the probes.
     name : str, optional
         Layer name, used in messages and kept on the model.
-    n_probes : int, default 3
-        Number of k-means probes, 1..3.
+    n_probes : int, optional
+        Number of k-means probes, 1..3. Default: 3 when the probes use every subvector, else one per
+        :data:`PROBE_COST_POINTS_PER_CENTROID` subvectors per centroid (1..3), which keeps the fit
+        about 20× cheaper than an exhaustive sweep.
     max_points_per_centroid : int or None, default 16
         Subsample size of each probe per centroid; ``None`` probes on all subvectors.
     device : str or torch.device, optional
@@ -541,7 +568,9 @@ def fit_tradeoff(
         ``params_`` holds ``calibration`` (c0), ``calibration_slope`` (c1), ``beta_const`` and
         ``beta_inv_d`` (β(d) = a + b/d), ``points_per_centroid`` (n/k), ``water_level`` (θ) and, per
         probe ``i``, ``probe{i}_d_tilde``, ``probe{i}_points_per_centroid``, ``probe{i}_train_error``,
-        ``probe{i}_heldout_error``, ``probe{i}_beta`` and ``probe{i}_estimate`` (the probe's estimate of
+        ``probe{i}_heldout_error``, ``probe{i}_isolated`` (held-out subvectors farther from every
+        centroid than one centroid's worth of distortion, their error capped), ``probe{i}_beta`` and
+        ``probe{i}_estimate`` (the probe's estimate of
         the in-sample error on all subvectors).
 
     Raises
@@ -569,8 +598,11 @@ def fit_tradeoff(
     x = to_subvectors(weight, m, name=name)
     n = int(x.shape[0])
     k = check_k(k, n, name=name)
-    spectrum = compute_spectrum(x)
-    return _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
+    if n_probes is None:
+        n_probes = _default_n_probes(n / k, max_points_per_centroid)
+    with single_threaded(device):
+        spectrum = compute_spectrum(x)
+        return _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
 
 
 def _fit(
@@ -588,6 +620,8 @@ def _fit(
     energy = spectrum.total_energy
     eigenvalues = spectrum.relative_eigenvalues
     points_per_centroid = n / k
+    # Past the knee a dimension adds its energy λ, less what the cell means absorb in-sample (1/r).
+    skip_factor = 1.0 - 1.0 / points_per_centroid
     dims = np.arange(1, m + 1)
     water_level, knee = water_filling(eigenvalues, k)
 
@@ -596,17 +630,13 @@ def _fit(
     rng = np.random.default_rng(seed)
     sample = coordinates if n <= _DENSITY_SAMPLE else coordinates[rng.choice(n, _DENSITY_SAMPLE, replace=False)]
     zador = zador_estimate(sample, k) * n / energy
-    variances = coordinates.var(axis=0) * n / energy
     efficiency = dims**_EFFICIENCY_EXPONENT
     prior_beta = _PRIOR_BETA[0] + _PRIOR_BETA[1] / dims
 
-    # Where to probe: on the prior curve, the last d̃ still quantized, its 1/8 point, the middle.
+    # Where to probe: at the knee, where the prior curve reaches 1/8 of its knee value, and between.
     prior_quantized = efficiency * zador * in_sample_factor(points_per_centroid, prior_beta)
-    prior_curve = _capped_curve(prior_quantized, variances, knee, points_per_centroid)
-    active = np.array([d for d in range(1, knee + 1) if np.isclose(prior_curve[d - 1], prior_quantized[d - 1])])
-    if active.size == 0:
-        active = np.array([1])
-    probe_dims = _probe_dims(prior_curve, active, n_probes)
+    prior_curve = _capped_curve(prior_quantized, eigenvalues, knee, skip_factor)
+    probe_dims = _probe_dims(prior_curve, knee, n_probes)
 
     subsample = (
         max_points_per_centroid if max_points_per_centroid and points_per_centroid > max_points_per_centroid else None
@@ -618,16 +648,19 @@ def _fit(
 
     # β(d) from the probes (a + b/d), or the Gaussian prior when the probes used every subvector.
     betas = {p.d_tilde: _beta_from_probe(p) for p in probes if p.subsampled}
+    measured_betas = np.array(list(betas.values()))
     if len(betas) >= 2:
         design = np.column_stack([np.ones(len(betas)), 1.0 / np.array(list(betas))])
-        beta_const, beta_inv_d = np.linalg.lstsq(design, np.array(list(betas.values())), rcond=None)[0]
-    elif len(betas) == 1:
-        ((d0, b0),) = betas.items()
-        scale = b0 / prior_beta[d0 - 1]
-        beta_const, beta_inv_d = _PRIOR_BETA[0] * scale, _PRIOR_BETA[1] * scale
+        beta_const, beta_inv_d = np.linalg.lstsq(design, measured_betas, rcond=None)[0]
+        # Two or three noisy points: do not extrapolate beyond the range they span.
+        beta = np.clip(beta_const + beta_inv_d / dims, measured_betas.min(), measured_betas.max())
     else:
-        beta_const, beta_inv_d = _PRIOR_BETA
-    beta = np.clip(beta_const + beta_inv_d / dims, 0.0, None)
+        scale = 1.0
+        if len(betas) == 1:
+            ((d0, b0),) = betas.items()
+            scale = b0 / prior_beta[d0 - 1]
+        beta_const, beta_inv_d = _PRIOR_BETA[0] * scale, _PRIOR_BETA[1] * scale
+        beta = beta_const + beta_inv_d / dims
 
     # Each probe's estimate of the in-sample error on all n subvectors.
     estimates = {}
@@ -650,9 +683,10 @@ def _fit(
     log_c0, slope = np.linalg.solve(design.T @ design + penalty, design.T @ log_ratio)
     calibration = np.exp(log_c0 + slope * (np.log(dims) - centre))
 
-    clustering = _capped_curve(calibration * shape, variances, knee, points_per_centroid)
-    kept_energy = np.cumsum(eigenvalues)
-    clustering = np.clip(clustering, 0.0, kept_energy)
+    clustering = _capped_curve(calibration * shape, eigenvalues, knee, skip_factor)
+    # Optimal k-means error cannot fall when a coordinate is added (drop it from the centroids), nor
+    # exceed the energy kept; the density estimate can break the first with atoms (pruned weights).
+    clustering = np.clip(np.maximum.accumulate(clustering), 0.0, np.cumsum(eigenvalues))
 
     params: dict[str, float] = {
         "calibration": float(math.exp(log_c0 - slope * centre)),
@@ -667,6 +701,7 @@ def _fit(
         params[f"probe{i}_points_per_centroid"] = float(p.points_per_centroid)
         params[f"probe{i}_train_error"] = float(p.train_error)
         params[f"probe{i}_heldout_error"] = float(p.heldout_error)
+        params[f"probe{i}_isolated"] = float(p.n_isolated)
         params[f"probe{i}_beta"] = float(betas.get(p.d_tilde, beta[p.d_tilde - 1]))
         params[f"probe{i}_estimate"] = float(estimates[p.d_tilde])
 

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from lr2vq_analysis.cli import build_parser, main, read_plan, skeleton_from_state_dict
 from lr2vq_analysis.export import load_compressed
+from lr2vq_analysis.models.digits import DigitsCNN
 from lr2vq_analysis.plan import LayerPlan
 from lr2vq_analysis.plots import figure_file_stem
 from lr2vq_analysis.report import Report
@@ -56,7 +57,7 @@ def weight_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def analyzed(weight_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    code = main(["analyze", str(weight_file), "--k", "16", "--m", "9", "--out", str(out), "--quiet"])
+    code = main(["analyze", str(weight_file), "--k", "16", "--m", "9", "--out", str(out), "--jobs", "2", "--quiet"])
     assert code == 0
     return out
 
@@ -115,7 +116,9 @@ def test_report_md_sizes_match_hand_computed_bits(analyzed):
 
 
 def test_analyze_bundled_default_model(tmp_path, capsys):
-    code, out, err = run(capsys, "analyze", "--k", "16", "--out", str(tmp_path), "--no-layer-figures")
+    code, out, err = run(
+        capsys, "analyze", "--k", "16", "--out", str(tmp_path), "--no-layer-figures", "--formats", "png"
+    )
     assert code == 0, err
     assert "global d̃ =" in out
     assert Report.load(tmp_path / "report.json").source == "digits-cnn"
@@ -248,3 +251,35 @@ def test_entry_point_runs_as_a_module(weight_file, tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("lr2vq analyze: error:")
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--quick", "--steps", "1", "--out", str(tmp_path))
+    assert code == 0, err
+    assert re.search(r"accuracy before: \d+\.\d\d%   after: \d+\.\d\d%", out)
+    for name in (
+        "digits-cnn.lr2vq",
+        "summary.json",
+        "size.csv",
+        "report.json",
+        "figures/size.png",
+        "figures/overview.png",
+    ):
+        assert (tmp_path / name).is_file(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["accuracy"]["reloaded"] == summary["accuracy"]["finetuned"]
+
+
+def test_compress_the_bundled_model_with_fine_tuning(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"conv3.weight": {"k": 16, "m": 9, "d_tilde": 4}}))
+    out = tmp_path / "small.lr2vq"
+    code, stdout, err = run(
+        capsys, "compress", "digits-cnn", "--plan", str(plan), "--steps", "1", "--out", str(out), "-q"
+    )
+    assert code == 0, err
+    assert stdout == ""
+    cmodel = load_compressed(out, DigitsCNN())
+    assert list(cmodel.compressed_layers()) == ["conv3.weight"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["files"]["model"] == str(out)  # the summary follows the file to --out

@@ -59,11 +59,11 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 
 
 def api_sections() -> dict[str, str]:
-    """``{name: text}`` for every ``### `name(...)` `` or ``### `name` `` heading of api.md."""
+    """``{name: body}`` for every ``### `name(...)` `` or ``### `name` `` heading of api.md, without the heading."""
     text = (ROOT / "docs" / "api.md").read_text()
     sections: dict[str, str] = {}
-    for match in re.finditer(r"^### `([\w.]+)[^`]*`(.*?)(?=^##|\Z)", text, re.MULTILINE | re.DOTALL):
-        sections[match.group(1).rpartition(".")[2]] = match.group(0)
+    for match in re.finditer(r"^### `([\w.]+)[^`]*`[^\n]*\n(.*?)(?=^##|\Z)", text, re.MULTILINE | re.DOTALL):
+        sections[match.group(1).rpartition(".")[2]] = match.group(2)
     return sections
 
 
@@ -99,4 +99,4 @@ def test_api_md_documents_every_public_name_and_parameter():
             if not re.search(rf"\b{re.escape(parameter.name)}\b", sections[name]):
                 undocumented.append(f"{module_name}.{name}: {parameter.name}")
     assert not missing, f"api.md lacks a '### `name`' section for: {missing}"
-    assert not undocumented, f"api.md does not mention these parameters: {undocumented}"
+    assert not undocumented, f"api.md does not describe these parameters (below the heading): {undocumented}"

@@ -54,11 +54,8 @@ def test_notebook_executes(path, kernel_env, tmp_path):
         notebook, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
-    figures = [
-        output
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-        if "image/png" in output.get("data", {})
-    ]
-    assert figures, "the notebook should show its figures inline"
+    for cell in notebook.cells:
+        draws = cell.cell_type == "code" and ("fig = plot" in cell.source or "plt.subplots" in cell.source)
+        if draws and "if spec is None" not in cell.source:  # the MiniLM cell draws only when it is installed
+            images = [output for output in cell.outputs if "image/png" in output.get("data", {})]
+            assert images, f"this cell draws a figure but shows none inline:\n{cell.source}"

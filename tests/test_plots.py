@@ -126,6 +126,18 @@ def test_every_line_uses_the_colour_blind_safe_palette(report):
         assert not plt.rcParams["axes.spines.top"] and not plt.rcParams["axes.spines.right"]
 
 
+def test_plot_style_restores_only_its_own_settings():
+    # Jupyter's inline backend turns interactive mode on when the first figure is drawn (inside a plot
+    # function); restoring it on exit would stop every later figure from showing inline.
+    interactive, font_size = matplotlib.is_interactive(), plt.rcParams["font.size"]
+    with plot_style():
+        matplotlib.interactive(not interactive)
+        assert plt.rcParams["font.size"] == 9
+    assert matplotlib.is_interactive() is (not interactive)
+    assert plt.rcParams["font.size"] == font_size
+    matplotlib.interactive(interactive)
+
+
 def test_grid_has_one_panel_per_layer_and_one_legend(report):
     fig = plot_tradeoff_grid(report, ncols=2)
     visible = [ax for ax in fig.axes if ax.get_visible()]
@@ -158,9 +170,9 @@ def test_spectra_heatmap_shows_normalised_eigenvalues(report):
         w = state[layer.name].astype(np.float64)
         x = w.reshape(-1, M)
         reference = np.sort(np.linalg.eigvalsh(x.T @ x))[::-1] / (w**2).sum()
-        floor = image.norm.vmin
-        np.testing.assert_allclose(data[row], np.clip(reference, floor, 1.0), rtol=1e-6)
-    assert image.norm.vmin <= data.min() and image.norm.vmax == 1.0
+        np.testing.assert_allclose(data[row], np.clip(reference, image.norm.vmin, None), rtol=1e-6)
+        np.testing.assert_allclose(data[row].sum(), 1.0, rtol=1e-6)  # no eigenvalue here is below the floor
+    assert image.norm.vmin == pytest.approx(data.min()) and image.norm.vmax == pytest.approx(data.max())
     assert "W" in fig.axes[-1].get_ylabel()  # the colour bar says what the colours mean
     with pytest.raises(InvalidParameterError, match="floor"):
         plot_spectra(report, floor=2.0)
@@ -171,27 +183,35 @@ def test_size_breakdown_bars_match_hand_computed_bits():
         "conv1.weight": np.zeros((8, 1, 3, 3), np.float32),
         "conv2.weight": np.zeros((32, 8, 3, 3), np.float32),
         "conv2.bias": np.zeros(32, np.float32),
-        "fc.weight": np.zeros((10, 32), np.float32),
+        "fc.weight": np.zeros((10, 8), np.float32),
+        "embed.weight": np.zeros((1000, 32), np.float32),  # a huge uncompressed tensor: its bar is cut
     }
     sizes = size_report(state, {"conv2.weight": LayerPlan(k=16, m=9, d_tilde=4)})
     fig = plot_size_breakdown(sizes, min_share=0)
     ax = fig.axes[0]
-    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["conv1", "conv2", "fc"]
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["conv1", "conv2", "fc", "embed"]
     kib = 8 * 1024
     codes, codebook, projection = 32 * 8 * 4, 16 * 4 * 16, 4 * 9 * 16  # 256 codes × 4 bits; fp16
+    limit = 1.6 * (codes + codebook + projection + 32 * 32) / kib  # the axis ends past the largest compressed layer
     expected = {  # (label, module) → KiB; conv2's bias is fp32 in "uncompressed"
         ("codes", 1): codes / kib,
         ("codebooks", 1): codebook / kib,
         ("projections P", 1): projection / kib,
         ("uncompressed (fp32)", 0): 72 * 32 / kib,
         ("uncompressed (fp32)", 1): 32 * 32 / kib,
-        ("uncompressed (fp32)", 2): 320 * 32 / kib,
+        ("uncompressed (fp32)", 2): 80 * 32 / kib,
+        ("uncompressed (fp32)", 3): limit,
     }
     for container in ax.containers:
         for row, patch in enumerate(container.patches):
             assert patch.get_width() == pytest.approx(expected.get((container.get_label(), row), 0.0))
-    ratio = (72 + 2304 + 32 + 320) * 32 / (codes + codebook + projection + (72 + 32 + 320) * 32)
+    assert [text.get_text() for text in ax.texts] == ["125 KiB, bar cut "]  # 32,000 fp32 values
+    total = codes + codebook + projection + (72 + 32 + 80 + 32000) * 32
+    ratio = (72 + 2304 + 32 + 80 + 32000) * 32 / total
     assert f"ratio {ratio:.1f}×" in fig.get_suptitle()
+    assert fig.axes[1].containers[-1].patches[0].get_y() + fig.axes[1].containers[-1].patches[0].get_height() == (
+        pytest.approx(total / kib)
+    )
 
 
 def sweep_frame() -> pd.DataFrame:

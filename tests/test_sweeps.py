@@ -187,6 +187,28 @@ def test_measure_rho_by_hand():
     assert float(rho["rho"].iloc[0]) == pytest.approx((0.3 - 0.1) / (1.0 - 0.2))
 
 
+def test_plateau_and_rho_consistent_range_by_hand():
+    accuracies = {1: [0.80, 0.82], 2: [0.90, 0.94], 3: [0.91, 0.91], 4: [0.95, 0.97]}
+    rows = [
+        {"method": "lr2vq", "k": 16, "m": 9, "d_tilde": d, "seed": i, "accuracy": value}
+        for d, values in accuracies.items()
+        for i, value in enumerate(values)
+    ]
+    rows.append({"method": "pq", "k": 16, "m": 9, "d_tilde": 9, "seed": 0, "accuracy": 1.0})  # not LR²VQ: ignored
+    result = sweeps.plateau(pd.DataFrame(rows))
+    assert list(result) == [(16, 9)]
+    best_sd = np.std([0.95, 0.97], ddof=1)  # best d̃ = 4, mean 0.96, standard error sd / sqrt(2) = 0.01
+    assert result[(16, 9)]["best"] == 4
+    assert 0.96 - best_sd / math.sqrt(2) == pytest.approx(0.95)
+    assert result[(16, 9)]["plateau"] == [4]  # d̃ = 2 (mean 0.92) and 3 (0.91) are below 0.95
+
+    class FakeReport:  # global d̃ = 1 for ρ < 0.3, 3 up to 0.6, 9 above
+        def with_rho(self, rho):
+            return type("R", (), {"global_d_tilde": 1 if rho < 0.3 else 3 if rho <= 0.6 else 9})()
+
+    assert sweeps.rho_consistent_range(FakeReport(), [3, 4], grid=[0.1, 0.3, 0.5, 0.6, 0.7]) == [0.3, 0.5, 0.6]
+
+
 # ----------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "words"),

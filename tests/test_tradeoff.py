@@ -191,11 +191,21 @@ def test_at_most_n_probes(layer: np.ndarray, n_probes: int) -> None:
     assert all(v > 0 for v in fitted.probes.values())
 
 
+@pytest.mark.parametrize(("k", "expected"), [(128, 3), (16, 1), (8, 2)])
+def test_automatic_number_of_probes(layer: np.ndarray, k: int, expected: int) -> None:
+    # 1024 subvectors: k = 128 leaves 8 per centroid (probes use all of them, 3 probes); otherwise one
+    # subsampled probe per PROBE_COST_POINTS_PER_CENTROID = 64 subvectors per centroid, at most 3.
+    fitted = fit_tradeoff(layer, k=k, m=6)
+    assert len(fitted.probes) == expected
+    subsampled = [fitted.params[f"probe{i}_points_per_centroid"] < 1024 / k for i in range(expected)]
+    assert all(subsampled) == (k != 128)
+
+
 def test_probe_on_all_subvectors_is_on_the_curve(layer: np.ndarray) -> None:
     # 1024 subvectors, k = 128: 8 points per centroid, so probes use every subvector and the measured
     # probe is the in-sample error the curve models.
     fitted = fit_tradeoff(layer, k=128, m=6, n_probes=1)
-    (d, measured), = fitted.probes.items()
+    ((d, measured),) = fitted.probes.items()
     assert fitted.params["probe0_points_per_centroid"] == pytest.approx(8.0)
     assert fitted.params["probe0_estimate"] == pytest.approx(measured)
     assert fitted.clustering(d) == pytest.approx(measured, rel=0.05)
@@ -264,7 +274,7 @@ def test_rejects_m_not_dividing_row_length(layer: np.ndarray) -> None:
         fit_tradeoff(layer, k=16, m=0)
 
 
-@pytest.mark.parametrize("n_probes", [0, 4, 1.5, None])
+@pytest.mark.parametrize("n_probes", [0, 4, 1.5, "2"])
 def test_rejects_bad_n_probes(layer: np.ndarray, n_probes: object) -> None:
     with pytest.raises(InvalidParameterError, match="n_probes"):
         fit_tradeoff(layer, k=16, m=6, n_probes=n_probes)  # type: ignore[arg-type]
