@@ -15,9 +15,9 @@ installed), and anisotropic Gaussians otherwise and for d = 9.
 
 Usage::
 
-    python benchmarks/bench_kmeans.py            # full: ~10-20 min on 2 cores
+    python benchmarks/bench_kmeans.py            # full: ~10 min on 2 shared cores
     python benchmarks/bench_kmeans.py --quick    # < 1 min
-    python benchmarks/bench_kmeans.py --threads 1
+    python benchmarks/bench_kmeans.py --threads 1 --out benchmarks/results/kmeans_threads1.csv
 
 Writes ``benchmarks/results/kmeans.csv`` (one row per dataset and seed) atomically.
 """
@@ -122,6 +122,7 @@ def write_csv_atomically(path: Path, rows: list[dict[str, object]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
 
 

@@ -159,17 +159,22 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
                 "n_seeds": len(group),
             }
         )
-    rho = measure_rho(selected)
-    rho = rho[np.isfinite(rho["rho"])]
-    if len(rho):
-        by_d = rho.groupby(["k", "m", "d_tilde"])["rho"].median()
-        summary["rho"] = {
-            "median": float(rho["rho"].median()),
-            "q25": float(rho["rho"].quantile(0.25)),
-            "q75": float(rho["rho"].quantile(0.75)),
-            "n_runs": len(rho),
-            "median_by_k_m_d_tilde": {f"k={int(k)},m={int(m)},d={int(d)}": float(v) for (k, m, d), v in by_d.items()},
-        }
+    for split in ("train", "val"):
+        if f"{'' if split == 'train' else 'val_'}loss_lowrank" not in selected:
+            continue  # runs from before validation losses were recorded
+        rho = measure_rho(selected, split)
+        rho = rho[np.isfinite(rho["rho"])]
+        if len(rho):
+            by_d = rho.groupby(["k", "m", "d_tilde"])["rho"].median()
+            summary[f"rho_{split}"] = {
+                "median": float(rho["rho"].median()),
+                "q25": float(rho["rho"].quantile(0.25)),
+                "q75": float(rho["rho"].quantile(0.75)),
+                "n_runs": len(rho),
+                "median_by_k_m_d_tilde": {
+                    f"k={int(k)},m={int(m)},d={int(d)}": float(v) for (k, m, d), v in by_d.items()
+                },
+            }
     save_json(out_dir / f"{stem}_summary.json", summary)
     write_atomic(out_dir / f"{stem}_tables.md", markdown(summary).encode())
     try:
@@ -213,12 +218,14 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {row['k']} | {row['m']} | {row['predicted_d_tilde']} | {row['best_d_tilde']} | {row['plateau']} | "
             f"{'yes' if row['hit_within_1'] else 'no'} | {'yes' if row['predicted_in_plateau'] else 'no'} | {span} |"
         )
-    if "rho" in summary:
-        r = summary["rho"]
+    for split in ("train", "val"):
+        if f"rho_{split}" not in summary:
+            continue
+        r = summary[f"rho_{split}"]
         lines += [
             "",
-            f"ρ per LR²VQ run (d̃ < m): median {r['median']:.3f}, quartiles {r['q25']:.3f}–{r['q75']:.3f} "
-            f"({r['n_runs']} runs); median by configuration:",
+            f"ρ on the {split} split, per LR²VQ run (d̃ < m): median {r['median']:.3f}, quartiles "
+            f"{r['q25']:.3f}–{r['q75']:.3f} ({r['n_runs']} runs); median by configuration:",
             "",
             "| configuration | median ρ |",
             "|---|---|",
@@ -241,9 +248,13 @@ def print_table(summary: dict[str, Any]) -> None:
             f"plateau {row['plateau']}, hit(±1)={row['hit_within_1']}, rho consistent: "
             f"{row['rho_consistent_with_plateau']}"
         )
-    if "rho" in summary:
-        r = summary["rho"]
-        print(f"rho per run: median {r['median']:.3f} (IQR {r['q25']:.3f}..{r['q75']:.3f}, {r['n_runs']} runs)")
+    for split in ("train", "val"):
+        if f"rho_{split}" in summary:
+            r = summary[f"rho_{split}"]
+            print(
+                f"rho ({split} split) per run: median {r['median']:.3f} "
+                f"(IQR {r['q25']:.3f}..{r['q75']:.3f}, {r['n_runs']} runs)"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,12 @@ from pathlib import Path
 __all__ = ["write_atomic"]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike[str], payload: bytes) -> Path:
     """Write bytes to ``path`` through a temporary file in the same folder and an atomic rename.
 
@@ -25,6 +31,7 @@ def write_atomic(path: str | os.PathLike[str], payload: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on the bundled digits CNN",
         description="Analyse the bundled digits CNN, compress it at the predicted d̃, fine-tune (low-rank "
         "stage, quantize, re-estimate batch norm, codebook stage), save, reload and evaluate; print the "
-        "accuracy before and after, the size report and where the files went. A few minutes on 2 cores.",
+        "accuracy before and after, the size report and where the files went. About a minute on 2 cores.",
     )
     demo.add_argument("--k", type=_positive_int, default=16, help="number of centroids (default: 16)")
     demo.add_argument("--m", type=_positive_int, default=9, help="subvector size (default: 9; 18 works too)")

@@ -329,9 +329,12 @@ class _PointSet:
     def cluster_sums(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Points per cluster (int64, k) and the float64 sum of each cluster's points (k × d)."""
         if self.x_np is not None:
+            # One bincount per feature: measured faster than index_add_, np.add.at or a one-hot GEMM.
             labels_np = labels.numpy()
-            sums = np.stack([np.bincount(labels_np, weights=col, minlength=self.k) for col in self.x64], axis=1)
-            return torch.from_numpy(np.bincount(labels_np, minlength=self.k)), torch.from_numpy(sums)
+            sums = np.empty((self.x64.shape[0], self.k))
+            for column, feature in zip(sums, self.x64, strict=True):
+                column[:] = np.bincount(labels_np, weights=feature, minlength=self.k)
+            return torch.from_numpy(np.bincount(labels_np, minlength=self.k)), torch.from_numpy(sums.T)
         counts = torch.bincount(labels, minlength=self.k)
         sums = self.x64.new_zeros((self.k, self.x.shape[1])).index_add_(0, labels, self.x64)
         return counts, sums
@@ -480,13 +483,16 @@ def kmeans(
     dtype : torch.dtype, default torch.float32
         Dtype of the distance computations (``torch.float64`` for full precision).
     chunk_size : int, optional
-        Points per distance block; the default keeps a block at 2^18 (point, centroid) pairs.
+        Points per distance block; the default keeps a block at 2^18 (point, centroid) pairs on CPU
+        (1 MiB of scores) and 2^24 on CUDA.
     name : str, optional
         Layer name, used in error messages.
 
     Returns
     -------
     KMeansResult
+        Centroids in ``dtype``, labels and centroids on x's device. On CPU the call runs
+        single-threaded (see :func:`_one_thread_on_cpu`).
 
     Raises
     ------
@@ -593,7 +599,8 @@ def assign(
     centroids : torch.Tensor of shape (k, d)
         Centroids, on x's device.
     chunk_size : int, optional
-        Points per distance block; the default keeps a block at 2^18 (point, centroid) pairs.
+        Points per distance block; the default keeps a block at 2^18 (point, centroid) pairs on CPU
+        and 2^24 on CUDA.
 
     Returns
     -------

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ._validation import (
     InvalidParameterError,
@@ -113,15 +113,21 @@ class ProbeResult:
         return heldout_sum * n / (n - t)
 
 
+_threadpools: ThreadpoolController | None = None
+
+
 def single_threaded(device: str | torch.device | None = None) -> contextlib.AbstractContextManager[Any]:
     """Limit BLAS and OpenMP to one thread while analysing on CPU (as scikit-learn's KMeans does).
 
     Every array here is small (n × m with m ≤ a few dozen): a second thread gains little, and on a
     shared machine each parallel region can wait a whole scheduler slice for its other thread.
     """
+    global _threadpools
     if device is not None and torch.device(device).type != "cpu":
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1)
+    if _threadpools is None:  # inspecting the loaded libraries takes milliseconds: do it once
+        _threadpools = ThreadpoolController()
+    return _threadpools.limit(limits=1)
 
 
 def _coordinates(spectrum: Spectrum, subvectors: np.ndarray, d_tilde: int, device: Any) -> torch.Tensor:

@@ -22,7 +22,15 @@ from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from ._io import write_atomic
-from ._validation import InvalidParameterError, InvalidWeightsError, WeightFileError, check_m, check_rho, check_seed
+from ._validation import (
+    InvalidParameterError,
+    InvalidWeightsError,
+    WeightFileError,
+    check_k,
+    check_m,
+    check_rho,
+    check_seed,
+)
 from .plan import LayerPlan, effective_k
 from .probes import clustering_error_curve
 from .subvectors import n_subvectors
@@ -442,6 +450,7 @@ def analyze(
     >>> 1 <= report.global_d_tilde <= 9
     True
     """
+    k = check_k(k)
     m = check_m(m)
     rho = check_rho(rho)
     seed = check_seed(seed)

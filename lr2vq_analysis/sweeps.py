@@ -246,7 +246,7 @@ def _eval_loaders(splits: Mapping[str, Dataset], batch_size: int) -> dict[str, D
 
 
 @functools.lru_cache(maxsize=64)
-def _dense_reference_loss(task: Task, seed: int, lr: float, steps: int, batch_size: int) -> float:
+def _dense_reference_loss(task: Task, seed: int, lr: float, steps: int, batch_size: int) -> dict[str, float]:
     """Train loss of the *uncompressed* model fine-tuned like LR²VQ's low-rank stage (the ρ baseline)."""
     torch.manual_seed(seed)
     model = task.load_model()
@@ -254,7 +254,20 @@ def _dense_reference_loss(task: Task, seed: int, lr: float, steps: int, batch_si
     loaders = make_loaders(splits, batch_size, seed)
     if steps:
         finetune(model, loaders["train"], stage="dense", steps=steps, lr=lr, seed=seed, device="cpu", progress=False)
-    return _mean_loss(model, _eval_loaders(splits, batch_size)["train"])
+    return _losses(model, _eval_loaders(splits, batch_size))
+
+
+def _losses(model: nn.Module, evaluation: Mapping[str, DataLoader]) -> dict[str, float]:
+    """Mean cross-entropy on the training split (``""``) and the validation split (``"val_"``)."""
+    return {"": _mean_loss(model, evaluation["train"]), "val_": _mean_loss(model, evaluation["val"])}
+
+
+_RHO_LOSSES = ("loss_pretrained", "loss_truncated", "loss_lowrank", "loss_dense_reference")
+
+
+def _record(measured: dict[str, Any], name: str, losses: Mapping[str, float]) -> None:
+    for prefix, value in losses.items():
+        measured[f"{prefix}{name}"] = value
 
 
 def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"]) -> dict[str, Any]:
@@ -275,7 +288,8 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
         after compression, before any training), ``accuracy_quantized`` (after k-means and batch-norm
         re-estimation, before the codebook stage), the ρ measurements ``loss_pretrained``,
         ``loss_truncated``, ``loss_lowrank``, ``loss_dense_reference`` (mean cross-entropy on the training
-        split, eval mode; LR²VQ with d̃ < m only, else NaN), the weight errors ``lowrank_error`` and
+        split in eval mode, and the same with a ``val_`` prefix on the validation split; LR²VQ with d̃ < m
+        only, else NaN), the weight errors ``lowrank_error`` and
         ``clustering_error`` (relative to the weights they approximate), ``layer_k`` and ``seconds``.
 
     Examples
@@ -303,6 +317,8 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
         ("accuracy_start", "accuracy_quantized", "loss_pretrained", "loss_truncated", "loss_lowrank"), nan
     )
     measured.update(loss_dense_reference=nan, lowrank_error=nan, clustering_error=nan, layer_k="")
+    for name in _RHO_LOSSES:
+        measured[f"val_{name}"] = nan
 
     if config.method == "uncompressed":
         sizes = size_report(model)
@@ -325,17 +341,18 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
             measured["lowrank_error"] = _relative_error(_layer_weights(cmodel), originals)
             if config.method == "lr2vq":
                 if config.d_tilde < config.m:
-                    measured["loss_pretrained"] = _mean_loss(model, evaluation["train"])
+                    _record(measured, "loss_pretrained", _losses(model, evaluation))
                     recalibrate_batchnorm(cmodel, loaders["train"])  # "free" recovery, not training
-                    measured["loss_truncated"] = _mean_loss(cmodel, evaluation["train"])
+                    _record(measured, "loss_truncated", _losses(cmodel, evaluation))
                 measured["accuracy_start"] = accuracy(cmodel, evaluation["test"])
                 if budget.lowrank_steps:
                     finetune(cmodel, loaders["train"], stage="lowrank", steps=budget.lowrank_steps, **common)
                 if config.d_tilde < config.m:
-                    measured["loss_lowrank"] = _mean_loss(cmodel, evaluation["train"])
-                    measured["loss_dense_reference"] = _dense_reference_loss(
+                    _record(measured, "loss_lowrank", _losses(cmodel, evaluation))
+                    reference = _dense_reference_loss(
                         task, config.seed, float(config.lr), budget.lowrank_steps, budget.batch_size
                     )
+                    _record(measured, "loss_dense_reference", reference)
                 codebook_steps -= budget.lowrank_steps
         before_quantizing = _layer_weights(cmodel)
         cmodel.quantize(seed=config.seed)
@@ -499,17 +516,25 @@ def select_learning_rates(runs: pd.DataFrame, tune_seeds: Iterable[int] | None =
     return runs.merge(best, on=[*group, "lr"], how="inner")
 
 
-def measure_rho(runs: pd.DataFrame) -> pd.DataFrame:
+def measure_rho(runs: pd.DataFrame, split: str = "train") -> pd.DataFrame:
     """ρ per LR²VQ run: the share of the truncation damage that the low-rank stage does not recover.
 
     ρ = (L_lowrank − L_dense) / (L_truncated − L_pretrained), with L the mean cross-entropy on the training
-    split in eval mode: L_pretrained of the pretrained model, L_truncated right after the rank-d̃
+    (or validation) split in eval mode: L_pretrained of the pretrained model, L_truncated right after the rank-d̃
     truncation (batch-norm statistics re-estimated: that recovery is free, not training), L_lowrank after
     the low-rank stage and L_dense of the *uncompressed* model fine-tuned with the same steps, learning
     rate and seed (what training alone does to the loss). ρ = 0: training recovered everything; ρ = 1:
     nothing. For small perturbations the loss increase is proportional to the squared weight error
     (second-order expansion), so this loss ratio estimates the weight the trade-off model gives the
-    low-rank error.
+    low-rank error. On the training split a net that can fit its training data drives both L_lowrank
+    and L_dense to ~0, so ρ(train) ≈ 0 says little; the validation split measures what generalises.
+
+    Parameters
+    ----------
+    runs : pandas.DataFrame
+        Rows of :func:`run_one`.
+    split : {"train", "val"}, default "train"
+        Which losses to use (``loss_*`` or ``val_loss_*``).
 
     Returns
     -------
@@ -523,9 +548,12 @@ def measure_rho(runs: pd.DataFrame) -> pd.DataFrame:
     >>> float(measure_rho(runs)["rho"].iloc[0])
     0.25
     """
+    if split not in ("train", "val"):
+        raise InvalidParameterError(f"split={split!r} is invalid; use 'train' or 'val'")
+    prefix = "" if split == "train" else "val_"
     rows = runs[(runs["method"] == "lr2vq") & (runs["d_tilde"] < runs["m"])].copy()
-    damage = rows["loss_truncated"] - rows["loss_pretrained"]
-    rows["rho"] = (rows["loss_lowrank"] - rows["loss_dense_reference"]) / damage
+    damage = rows[f"{prefix}loss_truncated"] - rows[f"{prefix}loss_pretrained"]
+    rows["rho"] = (rows[f"{prefix}loss_lowrank"] - rows[f"{prefix}loss_dense_reference"]) / damage
     return rows
 
 

@@ -103,7 +103,7 @@ _PRIOR_BETA = (2.0, 6.5)  # β(d) ≈ 2 + 6.5/d for Gaussian data
 _SLOPE_SHRINKAGE = 0.2  # probe noise (≈ 2 %) / prior spread of the calibration slope (≈ 0.1)
 _LOW_END_FRACTION = 1.0 / 8.0  # the lowest probe sits where the curve reaches 1/8 of its value at the knee
 _NEIGHBOURS = 8  # w-th nearest neighbour of the density estimator
-_DENSITY_SAMPLE = 8192  # subvectors used by the density estimate
+_DENSITY_SAMPLE = 4096  # subvectors used by the density estimate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +312,10 @@ class TradeoffModel:
     knee : int
         Reverse water-filling knee (:func:`water_filling` on the eigenvalues).
     probes : mapping int -> float
-        Measured clustering error (k-means error on all subvectors) at each probed d̃.
+        Measured clustering error at each probed d̃: the error over all subvectors of the probe's
+        codebook. A subsampled probe's codebook was trained on ``k · max_points_per_centroid``
+        subvectors, so it lies above the curve, which models k-means on all subvectors;
+        ``params["probe{i}_estimate"]`` holds the probe's estimate of the latter.
     params : mapping str -> float
         Fitted parameters and probe details (see :func:`fit_tradeoff`).
     n_subvectors : int
@@ -416,7 +419,7 @@ class TradeoffModel:
 
     @property
     def probes(self) -> dict[int, float]:
-        """Measured clustering error at each probed d̃ (k-means error on all subvectors)."""
+        """Measured clustering error at each probed d̃ (error over all subvectors of the probe's codebook)."""
         return dict(self.probes_)
 
     @property

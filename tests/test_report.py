@@ -96,7 +96,7 @@ def test_save_load_round_trips_exactly(report, tmp_path, suffix):
 
 
 def test_save_and_load_errors(report, tmp_path):
-    with pytest.raises(InvalidParameterError, match=".json, .npz"):
+    with pytest.raises(InvalidParameterError, match=r"\.json, \.npz"):
         report.save(tmp_path / "report.txt")
     assert not list(tmp_path.iterdir())
     with pytest.raises(WeightFileError, match="does not exist"):

@@ -71,8 +71,10 @@ def test_quick_run_on_digits_writes_a_valid_row(tmp_path):
         total += float((x**2).sum())
     assert row["lowrank_error"] == pytest.approx(dropped / total, rel=1e-6)
     # ρ's losses were measured: truncation hurts, training recovers part of it
-    assert row["loss_truncated"] > row["loss_pretrained"]
-    assert row["loss_lowrank"] < row["loss_truncated"]
+    for prefix in ("", "val_"):
+        assert row[f"{prefix}loss_truncated"] > row[f"{prefix}loss_pretrained"]
+        assert row[f"{prefix}loss_lowrank"] < row[f"{prefix}loss_truncated"]
+        assert math.isfinite(row[f"{prefix}loss_dense_reference"])
 
 
 def test_methods_run_with_the_same_budget_and_layers():
@@ -185,6 +187,15 @@ def test_measure_rho_by_hand():
     rho = measure_rho(runs)
     assert len(rho) == 1  # only LR²VQ with d̃ < m has a truncation to recover from
     assert float(rho["rho"].iloc[0]) == pytest.approx((0.3 - 0.1) / (1.0 - 0.2))
+    validation = runs.assign(
+        val_loss_pretrained=[0.3, np.nan, np.nan],
+        val_loss_truncated=[1.3, np.nan, np.nan],
+        val_loss_lowrank=[0.9, np.nan, np.nan],
+        val_loss_dense_reference=[0.4, np.nan, np.nan],
+    )
+    assert float(measure_rho(validation, split="val")["rho"].iloc[0]) == pytest.approx((0.9 - 0.4) / (1.3 - 0.3))
+    with pytest.raises(InvalidParameterError, match="split"):
+        measure_rho(runs, split="test")
 
 
 def test_plateau_and_rho_consistent_range_by_hand():

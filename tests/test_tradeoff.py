@@ -12,6 +12,7 @@ from sklearn.cluster import KMeans as SklearnKMeans
 from threadpoolctl import threadpool_limits
 
 from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError
+from lr2vq_analysis.probes import clustering_error_curve
 from lr2vq_analysis.tradeoff import (
     DEFAULT_RHO,
     TradeoffModel,
@@ -178,6 +179,19 @@ def test_model_curve_tracks_sklearn_kmeans(decay: float, laplacian: bool, k: int
             inertia = [SklearnKMeans(k, n_init=1, random_state=s).fit(z).inertia_ for s in (0, 1)]
         measured = float(np.mean(inertia)) / energy
         assert abs(fitted.clustering(d) - measured) <= max(0.12 * measured, 0.005), (d, fitted.clustering(d), measured)
+
+
+def test_far_outlier_missed_by_the_probe_subsample_is_capped() -> None:
+    # One subvector holds ~4 % of the energy (MiniLM's output.dense layers have one with 5 %). k-means on
+    # all subvectors gives it a centroid; the probes' subsamples (16 per centroid of 128) miss it, and its
+    # held-out error, uncapped, would inflate the modelled curve several-fold.
+    weight = rotated_layer(256, 96, 6, 0.8, seed=4)
+    subvectors = weight.reshape(-1, 6)
+    subvectors[123] *= 15.0
+    fitted = fit_tradeoff(weight, k=32, m=6, seed=0)
+    assert all(fitted.params[f"probe{i}_isolated"] >= 1 for i in range(len(fitted.probes)))
+    measured = clustering_error_curve(weight, k=32, m=6, seed=0)
+    np.testing.assert_array_less(np.abs(fitted.clustering_curve_ - measured), np.maximum(0.1 * measured, 0.005))
 
 
 # -- probes, params, serialisation ------------------------------------------------------------------
