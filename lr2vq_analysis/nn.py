@@ -271,9 +271,14 @@ class _LR2VQLayer(nn.Module):
         current = next(t for t in (self.Z, self.codebook) if t is not None)  # the layer's dtype and device
         self.Z = None
         self.dkm_centroids = None
-        self.codes = codes.to(device=current.device, dtype=torch.int64)
-        self.codebook = nn.Parameter(codebook.to(device=current.device, dtype=current.dtype))
-        self.P = None if projection is None else nn.Parameter(projection.to(device=current.device, dtype=current.dtype))
+        # Contiguous copies: k-means may hand back views, and optimizers and exporters want dense storage.
+        self.codes = codes.to(device=current.device, dtype=torch.int64).contiguous()
+        self.codebook = nn.Parameter(codebook.to(device=current.device, dtype=current.dtype).contiguous())
+        self.P = (
+            None
+            if projection is None
+            else nn.Parameter(projection.to(device=current.device, dtype=current.dtype).contiguous())
+        )
         self.state = "quantized"
         return self
 
