@@ -19,7 +19,7 @@ model's d̃ over the best total the sweep finds, minus 1 (target ≤ 3 %). The f
 Usage::
 
     python benchmarks/bench_analyze_speed.py            # all 37 layers, 3 repeats: ~15 min on 2 cores
-    python benchmarks/bench_analyze_speed.py --quick    # 4 layers, 1 repeat, < 2 min
+    python benchmarks/bench_analyze_speed.py --quick    # 3 layers, < 2 min
 
 Writes ``benchmarks/results/analyze_speed.csv`` atomically.
 """
@@ -72,7 +72,7 @@ def write_csv_atomic(path: Path, rows: list[dict[str, object]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 layers, no whole-model analyze timing")
+    parser.add_argument("--quick", action="store_true", help="3 layers, no whole-model analyze timing")
     parser.add_argument("--rho", type=float, default=DEFAULT_RHO)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -86,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     weights = load_weights(path, m=M)
     names = list(weights)
     if args.quick:
-        args.repeats = 1
         small = [n for n in names if weights[n].size // M < 20000][:2]
-        large = [n for n in names if weights[n].size // M >= 20000][:2]
+        large = [n for n in names if weights[n].size // M >= 20000][:1]
         names = small + large
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, rho {args.rho}")
     header = f"{'layer':48s} {'n':>6s} {'model s':>8s} {'sweep s':>8s} {'ratio':>6s}"
     print(header + f" {'d~':>3s} {'best':>4s} {'regret':>7s}")
+    # Warm up (thread pools, first-call costs in torch and numpy) so that no layer pays for them.
+    warm = np.random.default_rng(0).normal(size=(64, 96))
+    fit_tradeoff(warm, 16, M)
+    clustering_error_curve(warm, 16, M, d_tilde=[1])
     rows: list[dict[str, object]] = []
     for i, name in enumerate(names):
         w = np.asarray(weights[name])

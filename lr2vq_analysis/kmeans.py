@@ -25,7 +25,7 @@ Implementation notes (measurements in ``docs/kmeans.md``):
 - Data are centred first (the GEMM expansion loses precision far from the origin) and processed in
   float32 by default; centroid sums and inertia are accumulated in float64.
 - On CPU the O(n·k) steps run in numpy where it is faster than torch (argmin, bincount), and the
-  calling thread runs single-threaded (see :func:`_one_thread_on_cpu`).
+  calling thread runs single-threaded (see :func:`~lr2vq_analysis._threads.single_threaded`).
 - All random draws come from a CPU ``torch.Generator`` seeded with ``seed``, so a seed fixes the result
   on any device (up to floating-point differences between devices).
 - With ``max_points_per_centroid`` (faiss's knob), at most ``k · max_points_per_centroid`` randomly
@@ -34,15 +34,14 @@ Implementation notes (measurements in ``docs/kmeans.md``):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
 
+from ._threads import single_threaded
 from ._validation import InvalidParameterError, InvalidWeightsError, check_k, check_seed, layer_label
 
 __all__ = ["KMeansResult", "kmeans", "assign", "KMeans"]
@@ -157,26 +156,6 @@ def _check_dtype(dtype: Any) -> torch.dtype:
 
 def _default_chunk_size(k: int, device: torch.device) -> int:
     return max(1, (_CPU_CHUNK_PAIRS if device.type == "cpu" else _DEVICE_CHUNK_PAIRS) // k)
-
-
-_openmp_controller: Any = None
-
-
-def _one_thread_on_cpu(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Run this thread's torch ops single-threaded on CPU, as scikit-learn's KMeans limits BLAS.
-
-    Every step of k-means on CPU is small (microseconds to a few milliseconds): a second thread gains
-    little, while each parallel region costs a scheduler time slice (6–16 ms measured) whenever another
-    process holds a core, which made a run 10–40× slower on a shared 2-core machine. The limit is the
-    OpenMP thread count of the calling thread only (``threadpoolctl``), restored on exit;
-    ``torch.set_num_threads`` and other threads are untouched.
-    """
-    global _openmp_controller
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    if _openmp_controller is None:
-        _openmp_controller = ThreadpoolController()
-    return _openmp_controller.limit(limits=1, user_api="openmp")
 
 
 class _PointSet:
@@ -492,7 +471,7 @@ def kmeans(
     -------
     KMeansResult
         Centroids in ``dtype``, labels and centroids on x's device. On CPU the call runs
-        single-threaded (see :func:`_one_thread_on_cpu`).
+        single-threaded (see :func:`~lr2vq_analysis._threads.single_threaded`).
 
     Raises
     ------
@@ -530,7 +509,7 @@ def kmeans(
             raise InvalidParameterError(
                 f"{layer_label(name)}init has shape {tuple(initial.shape)}; it must be (k, d) = ({k}, {d})"
             )
-    with torch.no_grad(), _one_thread_on_cpu(points.device):
+    with torch.no_grad(), single_threaded(points.device, user_api="openmp"):
         return _kmeans(points, k, seed, max_iter, tol, max_points_per_centroid, initial, dtype, chunk)
 
 
@@ -631,7 +610,7 @@ def assign(
         raise InvalidParameterError(f"x is on {x.device} but centroids are on {centroids.device}")
     chunk = _check_positive_int(chunk_size, "chunk_size", allow_none=True)
     dtype = torch.promote_types(torch.promote_types(x.dtype, centroids.dtype), torch.float32)
-    with torch.no_grad(), _one_thread_on_cpu(x.device):
+    with torch.no_grad(), single_threaded(x.device, user_api="openmp"):
         centre = centroids.to(dtype).mean(0)
         return _assign_exact(x.detach().to(dtype) - centre, centroids.detach().to(dtype) - centre, chunk)
 

@@ -12,15 +12,14 @@ error on all subvectors.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
 
+from ._threads import single_threaded
 from ._validation import (
     InvalidParameterError,
     check_d_tilde,
@@ -33,7 +32,7 @@ from .kmeans import assign, kmeans
 from .spectrum import Spectrum, compute_spectrum
 from .subvectors import to_subvectors
 
-__all__ = ["ProbeResult", "run_probe", "clustering_error", "clustering_error_curve", "single_threaded"]
+__all__ = ["ProbeResult", "run_probe", "clustering_error", "clustering_error_curve"]
 
 
 @dataclass(frozen=True)
@@ -113,23 +112,6 @@ class ProbeResult:
         return heldout_sum * n / (n - t)
 
 
-_threadpools: ThreadpoolController | None = None
-
-
-def single_threaded(device: str | torch.device | None = None) -> contextlib.AbstractContextManager[Any]:
-    """Limit BLAS and OpenMP to one thread while analysing on CPU (as scikit-learn's KMeans does).
-
-    Every array here is small (n × m with m ≤ a few dozen): a second thread gains little, and on a
-    shared machine each parallel region can wait a whole scheduler slice for its other thread.
-    """
-    global _threadpools
-    if device is not None and torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
-    if _threadpools is None:  # inspecting the loaded libraries takes milliseconds: do it once
-        _threadpools = ThreadpoolController()
-    return _threadpools.limit(limits=1)
-
-
 def _coordinates(spectrum: Spectrum, subvectors: np.ndarray, d_tilde: int, device: Any) -> torch.Tensor:
     z = spectrum.project(subvectors, d_tilde)
     return torch.as_tensor(z, dtype=torch.float32, device=device)
@@ -143,6 +125,7 @@ def run_probe(
     *,
     seed: int = 0,
     max_points_per_centroid: int | None = None,
+    max_iter: int = 300,
     device: str | torch.device | None = None,
     name: str | None = None,
 ) -> ProbeResult:
@@ -162,6 +145,8 @@ def run_probe(
         Seeds the subsample and k-means++.
     max_points_per_centroid : int, optional
         Train on at most ``k * max_points_per_centroid`` randomly chosen subvectors (faiss's knob).
+    max_iter : int, default 300
+        Maximum number of Lloyd iterations (the engine's default).
     device : str or torch.device, optional
         Where k-means runs (default CPU).
     name : str, optional
@@ -200,7 +185,7 @@ def run_probe(
     with single_threaded(device):
         z = _coordinates(spectrum, subvectors, d_tilde, device)
         if max_points_per_centroid is None or n <= k * max_points_per_centroid:
-            result = kmeans(z, k, seed=seed, name=name)
+            result = kmeans(z, k, seed=seed, max_iter=max_iter, name=name)
             train_sum = error_sum = result.inertia
             n_train, n_isolated, isolated_sum = n, 0, 0.0
         else:
@@ -210,7 +195,7 @@ def run_probe(
             train[torch.as_tensor(np.random.default_rng(seed).choice(n, n_train, replace=False), device=z.device)] = (
                 True
             )
-            result = kmeans(z[train], k, seed=seed, name=name)
+            result = kmeans(z[train], k, seed=seed, max_iter=max_iter, name=name)
             _, sqdist = assign(z, result.centroids)
             sqdist = sqdist.to(torch.float64)
             train_sum, error_sum = result.inertia, float(sqdist.sum())

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
+from ._threads import single_threaded
 from ._validation import (
     InvalidParameterError,
     check_d_tilde_array,
@@ -45,7 +46,7 @@ from ._validation import (
     check_seed,
     layer_label,
 )
-from .probes import ProbeResult, run_probe, single_threaded
+from .probes import ProbeResult, run_probe
 from .spectrum import Spectrum, compute_spectrum
 from .subvectors import to_subvectors
 
@@ -104,6 +105,9 @@ _SLOPE_SHRINKAGE = 0.2  # probe noise (≈ 2 %) / prior spread of the calibratio
 _LOW_END_FRACTION = 1.0 / 8.0  # the lowest probe sits where the curve reaches 1/8 of its value at the knee
 _NEIGHBOURS = 8  # w-th nearest neighbour of the density estimator
 _DENSITY_SAMPLE = 4096  # subvectors used by the density estimate
+# Lloyd iterations of a probe: after 20 the distortion was within 0.2 % of its converged value on every
+# MiniLM layer tried (0.5 % after 10), far below the model's other errors; a few probes need 30–40.
+_PROBE_MAX_ITER = 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,7 +649,17 @@ def _fit(
         max_points_per_centroid if max_points_per_centroid and points_per_centroid > max_points_per_centroid else None
     )
     probes: list[ProbeResult] = [
-        run_probe(spectrum, x, k, d, seed=seed + i, max_points_per_centroid=subsample, device=device, name=name)
+        run_probe(
+            spectrum,
+            x,
+            k,
+            d,
+            seed=seed + i,
+            max_points_per_centroid=subsample,
+            max_iter=_PROBE_MAX_ITER,
+            device=device,
+            name=name,
+        )
         for i, d in enumerate(probe_dims)
     ]
 
