@@ -20,19 +20,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import platform
 import shlex
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from _training import fit_one_cycle, write_model_files
 
 from lr2vq_analysis.datasets import accuracy, digits_loaders
 from lr2vq_analysis.models.digits import DigitsCNN
@@ -63,30 +59,17 @@ def train(args: argparse.Namespace) -> tuple[DigitsCNN, dict[str, Any]]:
     torch.manual_seed(args.seed)
     loaders = digits_loaders(args.batch_size, args.seed)
     model = DigitsCNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(loaders["train"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps)
     augment_generator = torch.Generator().manual_seed(args.seed + 1)
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        losses = []
-        for x, y in loaders["train"]:
-            if args.augment:
-                x = random_shift(x, augment_generator)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
-            mean_loss = sum(losses) / len(losses)
-            print(
-                f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:.4f}  val {accuracy(model, loaders['val']):.4f}"
-            )
-    seconds = time.perf_counter() - start
-    model.eval()
+    transform = (lambda x: random_shift(x, augment_generator)) if args.augment else None
+    seconds = fit_one_cycle(
+        model,
+        loaders,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        log_every=10,
+        transform=transform,
+    )
     results = {
         "train_accuracy": accuracy(model, loaders["train"]),
         "val_accuracy": accuracy(model, loaders["val"]),
@@ -95,20 +78,6 @@ def train(args: argparse.Namespace) -> tuple[DigitsCNN, dict[str, Any]]:
         "train_seconds": round(seconds, 2),
     }
     return model, results
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Call write(temp_path) on a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        os.chmod(temp, 0o644)  # mkstemp creates 0600; package data must be readable by all
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,9 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     model, results = train(args)
 
     out: Path = args.out
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    write_atomically(out, lambda temp: save_file(state, temp, metadata={"model": "digits-cnn"}))
-    data = out.read_bytes()
     command = (
         f"python scripts/train_digits_cnn.py --seed {args.seed} --epochs {args.epochs} --lr {args.lr} "
         f"--weight-decay {args.weight_decay} --batch-size {args.batch_size} "
@@ -151,9 +117,6 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "augment": "random shift by -1..1 pixels" if args.augment else "none",
         },
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "file_bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
         **results,
         "data": "sklearn.datasets.load_digits, lr2vq_analysis.datasets.load_digits_splits(seed)",
         "environment": {
@@ -163,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             "note": "wall time measured on a shared 2-core machine",
         },
     }
-    json_path = out.with_suffix(".json")
-    write_atomically(json_path, lambda temp: Path(temp).write_text(json.dumps(metadata, indent=2) + "\n"))
-    print(json.dumps(metadata, indent=2))
+    print(json.dumps(write_model_files(out, model, "digits-cnn", metadata), indent=2))
 
 
 if __name__ == "__main__":

@@ -19,19 +19,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import shlex
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save
+from _training import fit_one_cycle, write_model_files
 
-from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.datasets import accuracy, load_mnist1d_splits, make_loaders
 from lr2vq_analysis.models.mnist1d import MNIST1D_CNN_PATH, Mnist1DCNN
 
@@ -42,27 +38,7 @@ def train(args: argparse.Namespace) -> tuple[Mnist1DCNN, dict[str, Any]]:
     torch.manual_seed(args.seed)
     loaders = make_loaders(load_mnist1d_splits(args.seed), args.batch_size, args.seed)
     model = Mnist1DCNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(loaders["train"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps)
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        losses = []
-        for x, y in loaders["train"]:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
-            mean_loss = sum(losses) / len(losses)
-            print(
-                f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:.4f}  val {accuracy(model, loaders['val']):.4f}"
-            )
-    seconds = time.perf_counter() - start
-    model.eval()
+    seconds = fit_one_cycle(model, loaders, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, log_every=5)
     results = {
         "train_accuracy": accuracy(model, loaders["train"].dataset),
         "val_accuracy": accuracy(model, loaders["val"]),
@@ -88,10 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     model, results = train(args)
 
     out: Path = args.out
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    data = save(state, metadata={"model": "mnist1d-cnn"})
-    write_atomic(out, data)
-    out.chmod(0o644)  # package data must be readable by all (temporary files are created 0600)
     command = (
         f"python scripts/train_mnist1d_cnn.py --seed {args.seed} --epochs {args.epochs} --lr {args.lr} "
         f"--weight-decay {args.weight_decay} --batch-size {args.batch_size}"
@@ -112,9 +84,6 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "augment": "none",
         },
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "file_bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
         **results,
         "data": "mnist1d.data.make_dataset(get_dataset_args()) (generated locally), "
         "lr2vq_analysis.datasets.load_mnist1d_splits(seed)",
@@ -125,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             "note": "wall time measured on a shared 2-core machine",
         },
     }
-    write_atomic(out.with_suffix(".json"), (json.dumps(metadata, indent=2) + "\n").encode()).chmod(0o644)
-    print(json.dumps(metadata, indent=2))
+    print(json.dumps(write_model_files(out, model, "mnist1d-cnn", metadata), indent=2))
 
 
 if __name__ == "__main__":
