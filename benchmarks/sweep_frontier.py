@@ -38,6 +38,7 @@ from lr2vq_analysis.report import analyze
 from lr2vq_analysis.sweeps import (
     BUDGETS,
     TASKS,
+    Budget,
     RunConfig,
     measure_rho,
     plateau,
@@ -54,13 +55,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
     "digits": [
         *[("lr2vq", k, 9, d) for k in (16, 32) for d in range(1, 10)],
+        *[("lr2vq", 8, 9, d) for d in (1, 2, 3, 4, 5, 6, 9)],
         *[("pq", k, 9, 9) for k in (4, 8, 16, 32, 64)],
         *[("pq", k, 18, 18) for k in (16, 32, 64)],
         ("scalar", 2, 1, 1),
         *[("dkm", k, 9, 9) for k in (16, 32)],
     ],
+    # MiniLM: every setting is >= 15x on the encoder linears' weights (k = 256, m = 4: 15.6x; m = 8: 28.8x;
+    # k = 16, m = 4: 31.9x; scalar k = 4: 16.0x). Flat spectra: the analysis predicts d~ = m, so d~ < m is
+    # sampled near m only.
+    "minilm": [
+        *[("lr2vq", 256, 8, d) for d in (4, 6, 7, 8)],
+        ("lr2vq", 256, 4, 3),
+        *[("pq", k, m, m) for k, m in ((256, 4), (256, 8), (16, 4))],
+        ("scalar", 4, 1, 1),
+        ("dkm", 16, 4, 4),
+    ],
     "mnist1d": [
-        *[("lr2vq", k, 6, d) for k in (16, 32) for d in range(1, 7)],
+        *[("lr2vq", k, 6, d) for k in (8, 16, 32) for d in range(1, 7)],
         *[("pq", k, 6, 6) for k in (4, 8, 16, 32, 64)],
         *[("pq", k, 12, 12) for k in (16, 32, 64)],
         *[("pq", k, 3, 3) for k in (4, 8)],
@@ -71,7 +83,16 @@ GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
 QUICK_GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
     "digits": [("lr2vq", 16, 9, 4), ("pq", 16, 9, 9), ("scalar", 2, 1, 1), ("dkm", 16, 9, 9)],
     "mnist1d": [("lr2vq", 16, 6, 3), ("pq", 16, 6, 6), ("scalar", 2, 1, 1), ("dkm", 16, 6, 6)],
+    "minilm": [("lr2vq", 256, 8, 6), ("pq", 256, 8, 8)],
 }
+#: ρ values at which the summary records the analysis's prediction (benchmarks/calibrate_rho.py reads them).
+RHO_GRID = [round(0.05 * i, 2) for i in range(1, 21)]
+#: Tasks whose frontier is drawn against the size of the compressed layers alone (x-axis label).
+LAYERS_SIZE_AXIS: dict[str, str] = {"minilm": "size of the 36 compressed encoder linears (MiB)"}
+#: Learning-rate grids (Adam; the CNNs follow PQF's 1e-3, a transformer usually wants less).
+LEARNING_RATES: dict[str, list[float]] = {"digits": [1e-3, 3e-3], "mnist1d": [1e-3, 3e-3], "minilm": [1e-4, 1e-3]}
+#: Smoke-test budgets: a few steps (a MiniLM step costs ~100 digits steps).
+QUICK_BUDGETS: dict[str, Budget] = {"digits": BUDGETS["quick"], "mnist1d": BUDGETS["quick"], "minilm": Budget(4, 2, 8)}
 
 
 def grid_configs(task: str, seeds: list[int], lrs: list[float], quick: bool) -> list[RunConfig]:
@@ -82,9 +103,9 @@ def grid_configs(task: str, seeds: list[int], lrs: list[float], quick: bool) -> 
     return configs
 
 
-def at_chosen_rates(tuned: pd.DataFrame, tune_seeds: list[int], seeds: list[int]) -> list[RunConfig]:
+def at_chosen_rates(tuned: pd.DataFrame, tune_seeds: list[int], seeds: list[int], metric: str) -> list[RunConfig]:
     """The remaining seeds of every configuration, at the learning rate chosen on the tuning seeds' validation."""
-    chosen = select_learning_rates(tuned, tune_seeds)
+    chosen = select_learning_rates(tuned, tune_seeds, metric)
     configs = []
     for seed in seeds:
         for row in chosen[chosen["seed"] == tune_seeds[0]].to_dict("records"):
@@ -108,7 +129,8 @@ def predictions(task: str, selected: pd.DataFrame, seed: int = 0) -> dict[tuple[
 
 
 def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seeds: list[int]) -> dict[str, Any]:
-    selected = select_learning_rates(runs, tune_seeds)
+    metric = TASKS[task].metric
+    selected = select_learning_rates(runs, tune_seeds, metric)
     reports = predictions(task, selected)
     selected["predicted_d_tilde"] = np.nan
     for (k, m), report in reports.items():
@@ -118,12 +140,13 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
 
     summary: dict[str, Any] = {
         "task": task,
+        "metric": metric,
         "default_rho": DEFAULT_RHO,
         "lr_chosen_on_validation_of_seeds": tune_seeds,
         "configs": [],
         "methods": [],
     }
-    for (k, m), info in plateau(selected).items():
+    for (k, m), info in plateau(selected, metric).items():
         predicted = reports[(k, m)].global_d_tilde
         consistent = rho_consistent_range(reports[(k, m)], info["plateau"])
         stats = info["stats"]
@@ -137,7 +160,10 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
                 "hit_within_1": abs(predicted - info["best"]) <= 1,
                 "predicted_in_plateau": predicted in info["plateau"],
                 "rho_consistent_with_plateau": consistent,
-                "accuracy_by_d_tilde": {
+                "predicted_d_tilde_by_rho": {
+                    f"{rho:.2f}": reports[(k, m)].with_rho(rho).global_d_tilde for rho in RHO_GRID
+                },
+                "metric_by_d_tilde": {
                     int(d): {"mean": float(r["mean"]), "sd": float(r["std"]), "n": int(r["count"])}
                     for d, r in stats.iterrows()
                 },
@@ -153,9 +179,13 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
                 "lr": float(group["lr"].iloc[0]),
                 "kib": float(group["megabytes"].iloc[0] * 1024),
                 "ratio": float(group["ratio"].iloc[0]),
-                "accuracy_mean": float(group["accuracy"].mean()),
-                "accuracy_sd": float(group["accuracy"].std()) if len(group) > 1 else 0.0,
-                "val_accuracy_mean": float(group["val_accuracy"].mean()),
+                "layers_ratio": float(group["layers_ratio"].iloc[0]) if "layers_ratio" in group else float("nan"),
+                "layers_kib": float(group["layers_megabytes"].iloc[0] * 1024)
+                if "layers_megabytes" in group
+                else float("nan"),
+                "mean": float(group[metric].mean()),
+                "sd": float(group[metric].std()) if len(group) > 1 else 0.0,
+                "val_mean": float(group[f"val_{metric}"].mean()),
                 "n_seeds": len(group),
             }
         )
@@ -185,8 +215,13 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
         plots: list[tuple[str, Any]] = [("frontier", plot_size_frontier)]
         if selected.loc[selected["method"] == "lr2vq", "d_tilde"].nunique() > 1:
             plots.append(("d_tilde", plot_accuracy_vs_d_tilde))
+        frame = selected
+        if task in LAYERS_SIZE_AXIS:  # a big uncompressed remainder (embeddings) would hide the differences
+            frame = selected.assign(megabytes=selected["layers_megabytes"])
         for kind, plot in plots:
-            figure = plot(selected, title=f"{task}: test accuracy after fine-tuning")
+            figure = plot(frame, metric=metric, title=f"{task}: test {metric} after fine-tuning")
+            if kind == "frontier" and task in LAYERS_SIZE_AXIS:
+                figure.axes[0].set_xlabel(LAYERS_SIZE_AXIS[task])
             save_figure(figure, out_dir / f"{stem}_{kind}")
             plt.close(figure)
     except Exception as exc:  # figures are a convenience; the CSV/JSON are the results
@@ -197,14 +232,16 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as Markdown tables (what docs/evidence.md quotes)."""
     lines = [
-        "| method | k | m | d̃ | KiB | ratio | lr | test accuracy % (mean ± sd) | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | k | m | d̃ | KiB | ratio | layers KiB | layers ratio | lr | test {summary['metric']} % (mean ± sd)"
+        " | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(summary["methods"], key=lambda r: (r["kib"], r["method"])):
         k, m, d = (("" if row[c] is None else row[c]) for c in ("k", "m", "d_tilde"))
         lines.append(
-            f"| {row['method']} | {k} | {m} | {d} | {row['kib']:.2f} | {row['ratio']:.1f} | {row['lr']:g} | "
-            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} | {row['n_seeds']} |"
+            f"| {row['method']} | {k} | {m} | {d} | {row['kib']:.2f} | {row['ratio']:.1f} | {row['layers_kib']:.1f} | "
+            f"{row['layers_ratio']:.1f} | {row['lr']:g} | "
+            f"{100 * row['mean']:.2f} ± {100 * row['sd']:.2f} | {row['n_seeds']} |"
         )
     lines += [
         "",
@@ -235,12 +272,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"\n{'method':<13}{'k':>5}{'m':>4}{'d~':>4}{'KiB':>8}{'lr':>8}  test accuracy (mean ± sd, n)")
+    print(f"\n{'method':<13}{'k':>5}{'m':>4}{'d~':>4}{'KiB':>8}{'lr':>8}  test {summary['metric']} (mean ± sd, n)")
     for row in sorted(summary["methods"], key=lambda r: r["kib"]):
         k, m, d = (("" if row[c] is None else row[c]) for c in ("k", "m", "d_tilde"))
         print(
             f"{row['method']:<13}{k:>5}{m:>4}{d:>4}{row['kib']:>8.2f}{row['lr']:>8.0e}  "
-            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} ({row['n_seeds']})"
+            f"{100 * row['mean']:.2f} ± {100 * row['sd']:.2f} ({row['n_seeds']})"
         )
     for row in summary["configs"]:
         print(
@@ -276,8 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else ([1e-3] if args.quick else [1e-3, 3e-3])
-    budget = BUDGETS["quick" if args.quick else "full"]
+    grid_rates = LEARNING_RATES[args.task]
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else (grid_rates[:1] if args.quick else grid_rates)
+    budget = QUICK_BUDGETS[args.task] if args.quick else TASKS[args.task].budget
     stem = f"sweep_{args.task}" + ("_quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_path = args.out_dir / f"{stem}_runs.csv"
@@ -294,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         tuned = run_sweep(args.task, grid_configs(args.task, tune_seeds, lrs, args.quick), runs_path, **common)
         tuned = this_sweep(tuned)
         rest = [seed for seed in range(n_seeds) if seed not in tune_seeds]
-        runs = run_sweep(args.task, at_chosen_rates(tuned, tune_seeds, rest), runs_path, **common)
+        later = at_chosen_rates(tuned, tune_seeds, rest, TASKS[args.task].metric)
+        runs = run_sweep(args.task, later, runs_path, **common)
     runs = this_sweep(runs)
     if not len(runs):
         raise SystemExit(f"no runs in {runs_path}")

@@ -14,16 +14,19 @@ method           what happens after the pretrained start (``steps`` optimizer st
 ``"uncompressed"`` the pretrained model itself (no training): the reference line
 ===============  ==========================================================================================
 
-The compressed layers are the same for every method (the task's ``layers``: every conv but the first), each
-with PQF's k cap (:func:`~lr2vq_analysis.plan.effective_k`). Fine-tuning uses cross-entropy, Adam and a
+The compressed layers are the same for every method (the task's ``layers``: every conv but the first of
+the CNNs, the 36 encoder linears of all-MiniLM-L6-v2), each with PQF's k cap
+(:func:`~lr2vq_analysis.plan.effective_k`). Fine-tuning uses the task's loss (cross-entropy for the CNNs;
+for MiniLM, 1 − cosine to the uncompressed model's sentence embeddings, i.e. distillation), Adam and a
 cosine schedule (:func:`~lr2vq_analysis.finetune.finetune`). The train / validation cut is the one the
-pretrained model was trained with, so validation images were never trained on; ``seed`` varies the batch
+pretrained model was trained with, so validation data were never trained on; ``seed`` varies the batch
 order, the k-means initialisation and torch's generator. The learning rate of each (method, k, m, d̃) is the
-one of a grid with the best mean *validation* accuracy over seeds (:func:`select_learning_rates`); test
-accuracy is only reported.
+one of a grid with the best mean *validation* metric over seeds (:func:`select_learning_rates`); the test
+metric is only reported.
 
 Every run appends one row to a CSV (:func:`run_sweep`, resumable: rows already there are skipped). The
-columns include :data:`~lr2vq_analysis.plots.SWEEP_COLUMNS` and ``accuracy`` (on the test split), so the
+columns include :data:`~lr2vq_analysis.plots.SWEEP_COLUMNS` and the task's metric (``accuracy``, or
+``cosine`` for MiniLM; on the test split), so the
 selected rows feed :func:`~lr2vq_analysis.plots.plot_size_frontier` and
 :func:`~lr2vq_analysis.plots.plot_accuracy_vs_d_tilde` directly.
 
@@ -37,7 +40,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -47,21 +50,30 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._io import write_atomic
 from ._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_seed
-from .datasets import accuracy, load_digits_splits, load_mnist1d_splits, make_loaders
-from .finetune import finetune, recalibrate_batchnorm
+from .datasets import (
+    accuracy,
+    cosine_distance,
+    cosine_similarity,
+    load_digits_splits,
+    load_minilm_splits,
+    load_mnist1d_splits,
+    make_loaders,
+)
+from .finetune import finetune, recalibrate_batchnorm, split_batch
 from .nn import CompressedModel, compress
 from .plan import LayerPlan, effective_k
-from .size import size_report
+from .size import bits_to_mib, size_report
 
 __all__ = [
     "METHODS",
     "RUN_KEY",
     "Task",
     "TASKS",
+    "MINILM_LAYERS",
     "RunConfig",
     "Budget",
     "BUDGETS",
@@ -75,6 +87,8 @@ __all__ = [
     "save_json",
 ]
 
+#: A training loss: (output, target) -> scalar tensor.
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: Methods a run can use.
 METHODS = ("lr2vq", "pq", "scalar", "dkm", "uncompressed")
 #: Columns that identify a run; :func:`run_sweep` skips a configuration whose key is already in the CSV.
@@ -83,63 +97,6 @@ RUN_KEY = ("task", "method", "k", "m", "d_tilde", "seed", "lr", "steps", "lowran
 
 # --------------------------------------------------------------------------------------------------
 # tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    """A pretrained classifier, its data and the layers every method compresses.
-
-    Attributes
-    ----------
-    name : str
-    load_model : callable () -> nn.Module
-        Returns the pretrained model (a fresh copy, eval mode).
-    load_splits : callable (seed) -> dict of Dataset
-        Train / val / test splits; called with ``train_cut_seed``.
-    train_cut_seed : int
-        The cut the pretrained model was trained with (its validation images were never trained on).
-    layers : tuple of str
-        State_dict keys of the compressed weights.
-    """
-
-    name: str
-    load_model: Callable[[], nn.Module]
-    load_splits: Callable[[int], Mapping[str, Dataset]]
-    train_cut_seed: int
-    layers: tuple[str, ...]
-
-
-def _digits_model() -> nn.Module:
-    from .models.digits import load_bundled_model
-
-    return load_bundled_model("digits-cnn")
-
-
-def _mnist1d_model() -> nn.Module:
-    from .models.mnist1d import load_mnist1d_cnn
-
-    return load_mnist1d_cnn()
-
-
-#: The tasks of the evidence sweeps (the first conv and the classifier stay uncompressed).
-TASKS: dict[str, Task] = {
-    "digits": Task("digits", _digits_model, load_digits_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")),
-    "mnist1d": Task(
-        "mnist1d", _mnist1d_model, load_mnist1d_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")
-    ),
-}
-
-
-def _task(task: str | Task) -> Task:
-    if isinstance(task, Task):
-        return task
-    if task not in TASKS:
-        raise InvalidParameterError(f"task={task!r} is invalid; known tasks are {sorted(TASKS)}")
-    return TASKS[task]
-
-
-# --------------------------------------------------------------------------------------------------
-# one run
 
 
 @dataclass(frozen=True)
@@ -169,7 +126,123 @@ class Budget:
             )
 
 
-#: The full budget (600 steps, as in design.md's digits measurements) and a smoke-test one.
+@dataclass(frozen=True)
+class Task:
+    """A pretrained classifier, its data and the layers every method compresses.
+
+    Attributes
+    ----------
+    name : str
+    load_model : callable () -> nn.Module
+        Returns the pretrained model (a fresh copy, eval mode).
+    load_splits : callable (seed) -> dict of Dataset
+        Train / val / test splits; called with ``train_cut_seed``.
+    train_cut_seed : int
+        The cut the pretrained model was trained with (its validation images were never trained on).
+    layers : tuple of str
+        State_dict keys of the compressed weights.
+    budget : Budget
+        The full training budget of every run of the task.
+    metric : str, default "accuracy"
+        Name of the quality column of the result rows (``"accuracy"``, ``"cosine"``).
+    evaluate : callable (model, DataLoader) -> float, default :func:`~lr2vq_analysis.datasets.accuracy`
+        Measures ``metric`` on a split.
+    loss_fn : callable (output, target) -> scalar tensor, optional
+        Training loss (default: cross-entropy); also the loss of the ρ measurement.
+    self_distilled : bool, default False
+        The targets are the pretrained model's own outputs, so the pretrained model is a fixed point of
+        training (zero loss, zero gradient) and is its own dense reference in the ρ measurement.
+    loss_samples : int, optional
+        The ρ losses on the training split use its first ``loss_samples`` samples (default: all of them).
+    """
+
+    name: str
+    load_model: Callable[[], nn.Module]
+    load_splits: Callable[[int], Mapping[str, Dataset]]
+    train_cut_seed: int
+    layers: tuple[str, ...]
+    budget: Budget = Budget()
+    metric: str = "accuracy"
+    evaluate: Callable[[nn.Module, DataLoader], float] = accuracy
+    loss_fn: LossFunction | None = None
+    self_distilled: bool = False
+    loss_samples: int | None = None
+
+    @property
+    def loss(self) -> LossFunction:
+        """The training loss (``loss_fn``, or cross-entropy)."""
+        return self.loss_fn if self.loss_fn is not None else F.cross_entropy
+
+
+def _digits_model() -> nn.Module:
+    from .models.digits import load_bundled_model
+
+    return load_bundled_model("digits-cnn")
+
+
+def _mnist1d_model() -> nn.Module:
+    from .models.mnist1d import load_mnist1d_cnn
+
+    return load_mnist1d_cnn()
+
+
+def _minilm_model() -> nn.Module:
+    from .models.minilm import load_minilm
+
+    return load_minilm()
+
+
+#: all-MiniLM-L6-v2's 36 encoder linears (query, key, value, attention output, intermediate, output × 6 layers).
+MINILM_LAYERS: tuple[str, ...] = tuple(
+    f"bert.encoder.layer.{i}.{name}.weight"
+    for i in range(6)
+    for name in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    )
+)
+
+#: The tasks of the evidence sweeps (the first conv and the classifier stay uncompressed; MiniLM's
+#: embeddings and layer norms stay fp32). MiniLM: distillation into its own sentence embeddings on
+#: standard-library docstrings, 120 steps at batch 16 (a transformer step costs ~0.5 s on one thread).
+TASKS: dict[str, Task] = {
+    "digits": Task("digits", _digits_model, load_digits_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")),
+    "mnist1d": Task(
+        "mnist1d", _mnist1d_model, load_mnist1d_splits, 0, ("conv2.weight", "conv3.weight", "conv4.weight")
+    ),
+    "minilm": Task(
+        "minilm",
+        _minilm_model,
+        load_minilm_splits,
+        0,
+        MINILM_LAYERS,
+        budget=Budget(120, 60, 16),
+        metric="cosine",
+        evaluate=cosine_similarity,
+        loss_fn=cosine_distance,
+        self_distilled=True,
+        loss_samples=500,
+    ),
+}
+
+
+def _task(task: str | Task) -> Task:
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise InvalidParameterError(f"task={task!r} is invalid; known tasks are {sorted(TASKS)}")
+    return TASKS[task]
+
+
+# --------------------------------------------------------------------------------------------------
+# one run
+
+
+#: The full budget of the CNN tasks (600 steps, as in design.md's digits measurements) and a smoke-test one.
 BUDGETS: dict[str, Budget] = {"full": Budget(600, 300, 64), "quick": Budget(20, 10, 64)}
 
 
@@ -218,13 +291,17 @@ def make_plan(model: nn.Module, layers: Iterable[str], k: int, m: int, d_tilde: 
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loader: DataLoader) -> float:
+def _mean_loss(model: nn.Module, loader: DataLoader, loss: LossFunction) -> float:
+    """Mean of ``loss`` over the batches' samples, in eval mode."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in loader:
-        total += float(F.cross_entropy(model(x), y, reduction="sum"))
-        count += int(y.numel())
+    for batch in loader:
+        inputs, target = split_batch(batch)
+        assert target is not None  # the task datasets all yield (inputs, target)
+        output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+        total += float(loss(output, target)) * len(target)
+        count += len(target)
     model.train(was_training)
     return total / count
 
@@ -241,28 +318,43 @@ def _layer_weights(cmodel: CompressedModel) -> dict[str, torch.Tensor]:
         return {name: layer.weight.detach().clone() for name, layer in cmodel.compressed_layers().items()}
 
 
-def _eval_loaders(splits: Mapping[str, Dataset], batch_size: int) -> dict[str, DataLoader]:
-    return {name: DataLoader(dataset, batch_size=512, shuffle=False) for name, dataset in splits.items()}
+def _eval_loaders(task: Task, splits: Mapping[str, Dataset]) -> dict[str, DataLoader]:
+    """Unshuffled loaders of every split; the training split cut to the task's ``loss_samples``."""
+    subsets = dict(splits)
+    if task.loss_samples is not None:
+        subsets["train"] = Subset(splits["train"], range(min(task.loss_samples, len(cast(Sized, splits["train"])))))
+    return {name: DataLoader(dataset, batch_size=512, shuffle=False) for name, dataset in subsets.items()}
 
 
 @functools.lru_cache(maxsize=64)
 def _dense_reference_loss(task: Task, seed: int, lr: float, steps: int, batch_size: int) -> dict[str, float]:
-    """Train loss of the *uncompressed* model fine-tuned like LR²VQ's low-rank stage (the ρ baseline)."""
+    """Losses of the *uncompressed* model fine-tuned like LR²VQ's low-rank stage (the ρ baseline)."""
     torch.manual_seed(seed)
     model = task.load_model()
     splits = task.load_splits(task.train_cut_seed)
     loaders = make_loaders(splits, batch_size, seed)
-    if steps:
-        finetune(model, loaders["train"], stage="dense", steps=steps, lr=lr, seed=seed, device="cpu", progress=False)
-    return _losses(model, _eval_loaders(splits, batch_size))
+    if steps and not task.self_distilled:  # a self-distilled model is a fixed point: training leaves it as it is
+        common: dict[str, Any] = {"lr": lr, "seed": seed, "device": "cpu", "progress": False}
+        finetune(model, loaders["train"], loss_fn=task.loss, stage="dense", steps=steps, **common)
+    return _losses(task, model, _eval_loaders(task, splits))
 
 
-def _losses(model: nn.Module, evaluation: Mapping[str, DataLoader]) -> dict[str, float]:
-    """Mean cross-entropy on the training split (``""``) and the validation split (``"val_"``)."""
-    return {"": _mean_loss(model, evaluation["train"]), "val_": _mean_loss(model, evaluation["val"])}
+def _losses(task: Task, model: nn.Module, evaluation: Mapping[str, DataLoader]) -> dict[str, float]:
+    """Mean task loss on the training split (``""``) and the validation split (``"val_"``)."""
+    splits = (("", "train"), ("val_", "val"))
+    return {prefix: _mean_loss(model, evaluation[split], task.loss) for prefix, split in splits}
 
 
 _RHO_LOSSES = ("loss_pretrained", "loss_truncated", "loss_lowrank", "loss_dense_reference")
+
+
+def _layer_sizes(sizes: Any, layers: Iterable[str]) -> dict[str, float]:
+    """Size (MiB) and compression ratio of the task's compressed weights alone (biases and the rest left out)."""
+    wanted = set(layers)
+    chosen = [entry for entry in sizes.layers if entry.name in wanted]
+    compressed = sum(entry.compressed_bits for entry in chosen)
+    uncompressed = sum(entry.uncompressed_bits for entry in chosen)
+    return {"layers_megabytes": bits_to_mib(compressed), "layers_ratio": uncompressed / compressed}
 
 
 def _record(measured: dict[str, Any], name: str, losses: Mapping[str, float]) -> None:
@@ -270,27 +362,30 @@ def _record(measured: dict[str, Any], name: str, losses: Mapping[str, float]) ->
         measured[f"{prefix}{name}"] = value
 
 
-def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"]) -> dict[str, Any]:
+def run_one(task: str | Task, config: RunConfig, budget: Budget | None = None) -> dict[str, Any]:
     """Run one configuration and return its result row (see the module docstring for the recipe).
 
     Parameters
     ----------
     task : str or Task
-        ``"digits"``, ``"mnist1d"`` or a :class:`Task`.
+        A name of :data:`TASKS` (``"digits"``, ``"mnist1d"``, ``"minilm"``) or a :class:`Task`.
     config : RunConfig
-    budget : Budget, default ``BUDGETS["full"]``
+    budget : Budget, optional
+        Default: the task's ``budget``.
 
     Returns
     -------
     dict
         The row: the :data:`RUN_KEY` columns, ``megabytes`` and ``ratio`` (:func:`~lr2vq_analysis.size.size_report`
-        of the plan), ``accuracy`` (test) and ``val_accuracy`` after fine-tuning, ``accuracy_start`` (right
-        after compression, before any training), ``accuracy_quantized`` (after k-means and batch-norm
-        re-estimation, before the codebook stage), the ρ measurements ``loss_pretrained``,
-        ``loss_truncated``, ``loss_lowrank``, ``loss_dense_reference`` (mean cross-entropy on the training
-        split in eval mode, and the same with a ``val_`` prefix on the validation split; LR²VQ with d̃ < m
-        only, else NaN), the weight errors ``lowrank_error`` and
-        ``clustering_error`` (relative to the weights they approximate), ``layer_k`` and ``seconds``.
+        of the plan; the whole model), ``layers_megabytes`` and ``layers_ratio`` (the compressed weights
+        alone), the task's metric (``accuracy`` or ``cosine``; below ``<metric>``) on the test split and
+        ``val_<metric>`` after fine-tuning, ``<metric>_start`` (right after compression, before any
+        training), ``<metric>_quantized`` (after k-means and batch-norm re-estimation, before the codebook
+        stage), the ρ measurements ``loss_pretrained``, ``loss_truncated``, ``loss_lowrank``,
+        ``loss_dense_reference`` (mean task loss on the training split in eval mode, and the same with a
+        ``val_`` prefix on the validation split; LR²VQ with d̃ < m only, else NaN), the weight errors
+        ``lowrank_error`` and ``clustering_error`` (relative to the weights they approximate), ``layer_k``
+        and ``seconds``.
 
     Examples
     --------
@@ -300,11 +395,13 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
     """
     started = time.perf_counter()
     task = _task(task)
+    budget = task.budget if budget is None else budget
+    metric, evaluate = task.metric, task.evaluate
     torch.manual_seed(config.seed)
     model = task.load_model()
     splits = task.load_splits(task.train_cut_seed)
     loaders = make_loaders(splits, budget.batch_size, config.seed)
-    evaluation = _eval_loaders(splits, budget.batch_size)
+    evaluation = _eval_loaders(task, splits)
     nan = float("nan")
     row: dict[str, Any] = {
         "task": task.name,
@@ -314,7 +411,7 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
         "batch_size": budget.batch_size,
     }
     measured: dict[str, Any] = dict.fromkeys(
-        ("accuracy_start", "accuracy_quantized", "loss_pretrained", "loss_truncated", "loss_lowrank"), nan
+        (f"{metric}_start", f"{metric}_quantized", "loss_pretrained", "loss_truncated", "loss_lowrank"), nan
     )
     measured.update(loss_dense_reference=nan, lowrank_error=nan, clustering_error=nan, layer_k="")
     for name in _RHO_LOSSES:
@@ -329,10 +426,11 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
         measured["layer_k"] = "/".join(str(entry.k) for entry in plan.values())
         originals = {name: model.state_dict()[name].detach().clone() for name in plan}
         common: dict[str, Any] = {"lr": config.lr, "seed": config.seed, "device": "cpu", "progress": False}
+        common["loss_fn"] = task.loss
         codebook_steps = budget.steps
         if config.method == "dkm":
             cmodel = compress(model, plan, seed=config.seed, method="dkm")
-            measured["accuracy_start"] = accuracy(cmodel, evaluation["test"])
+            measured[f"{metric}_start"] = evaluate(cmodel, evaluation["test"])
             if budget.lowrank_steps:
                 finetune(cmodel, loaders["train"], stage="dkm", steps=budget.lowrank_steps, **common)
             codebook_steps -= budget.lowrank_steps
@@ -341,14 +439,14 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
             measured["lowrank_error"] = _relative_error(_layer_weights(cmodel), originals)
             if config.method == "lr2vq":
                 if config.d_tilde < config.m:
-                    _record(measured, "loss_pretrained", _losses(model, evaluation))
+                    _record(measured, "loss_pretrained", _losses(task, model, evaluation))
                     recalibrate_batchnorm(cmodel, loaders["train"])  # "free" recovery, not training
-                    _record(measured, "loss_truncated", _losses(cmodel, evaluation))
-                measured["accuracy_start"] = accuracy(cmodel, evaluation["test"])
+                    _record(measured, "loss_truncated", _losses(task, cmodel, evaluation))
+                measured[f"{metric}_start"] = evaluate(cmodel, evaluation["test"])
                 if budget.lowrank_steps:
                     finetune(cmodel, loaders["train"], stage="lowrank", steps=budget.lowrank_steps, **common)
                 if config.d_tilde < config.m:
-                    _record(measured, "loss_lowrank", _losses(cmodel, evaluation))
+                    _record(measured, "loss_lowrank", _losses(task, cmodel, evaluation))
                     reference = _dense_reference_loss(
                         task, config.seed, float(config.lr), budget.lowrank_steps, budget.batch_size
                     )
@@ -358,9 +456,9 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
         cmodel.quantize(seed=config.seed)
         measured["clustering_error"] = _relative_error(_layer_weights(cmodel), before_quantizing)
         recalibrate_batchnorm(cmodel, loaders["train"])
-        measured["accuracy_quantized"] = accuracy(cmodel, evaluation["test"])
+        measured[f"{metric}_quantized"] = evaluate(cmodel, evaluation["test"])
         if config.method in ("pq", "scalar"):
-            measured["accuracy_start"] = measured["accuracy_quantized"]
+            measured[f"{metric}_start"] = measured[f"{metric}_quantized"]
         if codebook_steps:
             finetune(cmodel, loaders["train"], stage="codebook", steps=codebook_steps, **common)
         cmodel.round_fp16_()  # what the exported file stores
@@ -368,8 +466,8 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget = BUDGETS["full"
     row.update(
         megabytes=sizes.megabytes,
         ratio=sizes.ratio,
-        accuracy=accuracy(final, evaluation["test"]),
-        val_accuracy=accuracy(final, evaluation["val"]),
+        **_layer_sizes(sizes, task.layers),
+        **{metric: evaluate(final, evaluation["test"]), f"val_{metric}": evaluate(final, evaluation["val"])},
         split="test",
         **measured,
         seconds=round(time.perf_counter() - started, 2),
@@ -404,7 +502,7 @@ def run_sweep(
     configs: Iterable[RunConfig],
     out: str | Path,
     *,
-    budget: Budget = BUDGETS["full"],
+    budget: Budget | None = None,
     n_jobs: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -417,7 +515,8 @@ def run_sweep(
     out : path
         The runs CSV; created when missing. Rows whose :data:`RUN_KEY` is already there are skipped, so an
         interrupted sweep resumes where it stopped.
-    budget : Budget
+    budget : Budget, optional
+        Default: the task's ``budget``.
     n_jobs : int, default 1
         Worker processes (joblib); every worker uses one torch thread.
     progress : bool, default True
@@ -429,6 +528,8 @@ def run_sweep(
         Every row of ``out`` after the sweep.
     """
     task_obj = _task(task)
+    budget = task_obj.budget if budget is None else budget
+    metric = task_obj.metric
     n_jobs = check_count(n_jobs, "n_jobs")
     path = Path(out)
     rows: list[dict[str, Any]] = [
@@ -451,7 +552,7 @@ def run_sweep(
             print(
                 f"[{index}/{len(pending)}] {row['method']} k={row['k']} m={row['m']} d~={row['d_tilde']} "
                 f"seed={row['seed']} lr={row['lr']:g}: {row['megabytes'] * 1024:.1f} KiB, "
-                f"test {row['accuracy']:.4f}, val {row['val_accuracy']:.4f} ({row['seconds']:.0f} s)",
+                f"test {metric} {row[metric]:.4f}, val {row[f'val_{metric}']:.4f} ({row['seconds']:.0f} s)",
                 flush=True,
             )
     return pd.DataFrame(rows)
@@ -482,10 +583,12 @@ def _execute(task_name: str, configs: Sequence[RunConfig], budget: Budget, n_job
 # analysis of the results
 
 
-def select_learning_rates(runs: pd.DataFrame, tune_seeds: Iterable[int] | None = None) -> pd.DataFrame:
-    """Keep, per (task, method, k, m, d̃, budget), the rows of the learning rate with the best mean validation accuracy.
+def select_learning_rates(
+    runs: pd.DataFrame, tune_seeds: Iterable[int] | None = None, metric: str = "accuracy"
+) -> pd.DataFrame:
+    """Keep, per (task, method, k, m, d̃, budget), the rows of the learning rate with the best mean validation metric.
 
-    Ties go to the smaller learning rate. Test accuracy plays no part in the choice.
+    Ties go to the smaller learning rate. The test split plays no part in the choice.
 
     Parameters
     ----------
@@ -494,6 +597,8 @@ def select_learning_rates(runs: pd.DataFrame, tune_seeds: Iterable[int] | None =
     tune_seeds : iterable of int, optional
         Seeds whose validation accuracy decides (default: all). A sweep can try every rate on these seeds
         only and run the other seeds at the chosen rate; the choice then stays the same when seeds are added.
+    metric : str, default "accuracy"
+        The choice maximises the mean of the column ``val_<metric>``.
 
     Returns
     -------
@@ -510,8 +615,8 @@ def select_learning_rates(runs: pd.DataFrame, tune_seeds: Iterable[int] | None =
     """
     group = ["task", "method", "k", "m", "d_tilde", "steps", "lowrank_steps", "batch_size"]
     deciding = runs if tune_seeds is None else runs[runs["seed"].isin([int(seed) for seed in tune_seeds])]
-    means = deciding.groupby([*group, "lr"], dropna=False)["val_accuracy"].mean().reset_index()
-    means = means.sort_values([*group, "val_accuracy", "lr"], ascending=[True] * len(group) + [False, True])
+    means = deciding.groupby([*group, "lr"], dropna=False)[f"val_{metric}"].mean().reset_index()
+    means = means.sort_values([*group, f"val_{metric}", "lr"], ascending=[True] * len(group) + [False, True])
     best = means.drop_duplicates(group, keep="first")[[*group, "lr"]]
     return runs.merge(best, on=[*group, "lr"], how="inner")
 

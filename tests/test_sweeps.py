@@ -62,6 +62,10 @@ def test_quick_run_on_digits_writes_a_valid_row(tmp_path):
     uncompressed = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var")))
     uncompressed -= sum(1 for k in state if k.endswith("num_batches_tracked"))
     assert row["ratio"] == pytest.approx(uncompressed * 32 / (compressed + dense + batchnorm), rel=1e-12)
+    # the compressed layers alone: their codes, codebooks and projections against their fp32 weights
+    assert row["layers_megabytes"] == pytest.approx(compressed / 8 / 2**20, rel=1e-12)
+    layer_weights = sum(state[name].numel() for name in DIGITS_LAYERS)
+    assert row["layers_ratio"] == pytest.approx(layer_weights * 32 / compressed, rel=1e-12)
     # the low-rank error of the row is the spectrum's: sum of the dropped eigenvalues over ‖W‖²
     dropped = total = 0.0
     for name in DIGITS_LAYERS:
