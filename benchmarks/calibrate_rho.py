@@ -62,6 +62,22 @@ def score(settings: list[dict[str, Any]], rho: float) -> dict[str, Any]:
     return out
 
 
+#: Rules that pick d̃ without looking at the weights, scored like the analysis (is it any better than these?).
+BASELINES = {"d~ = m (PQ)": lambda m: m, "d~ = floor(m/2)": lambda m: m // 2}
+
+
+def score_baselines(settings: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Predictions in the plateau and hits (±1) of each rule of :data:`BASELINES`, over all settings."""
+    out = {}
+    for name, rule in BASELINES.items():
+        predictions = [(rule(int(s["m"])), s) for s in settings]
+        out[name] = {
+            "in_plateau": sum(d in s["plateau"] for d, s in predictions),
+            "hits": sum(abs(d - s["best_d_tilde"]) <= 1 for d, s in predictions),
+        }
+    return out
+
+
 def consistent_ranges(settings: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task: the ρ values whose prediction is in the plateau, per setting and for all settings at once."""
     out: dict[str, dict[str, Any]] = {}
@@ -85,7 +101,9 @@ def loss_rho(results: Path) -> dict[str, Any]:
     return out
 
 
-def markdown(rows: list[dict[str, Any]], chosen: float, ranges: dict[str, Any], n: int) -> str:
+def markdown(
+    rows: list[dict[str, Any]], chosen: float, ranges: dict[str, Any], n: int, baselines: dict[str, Any]
+) -> str:
     tasks = sorted({task for row in rows for task in row["by_task"]})
     header = " | ".join(f"{task}: in plateau / hits" for task in tasks)
     lines = [
@@ -96,6 +114,8 @@ def markdown(rows: list[dict[str, Any]], chosen: float, ranges: dict[str, Any], 
         cells = " | ".join(f"{row['by_task'][t]['in_plateau']} / {row['by_task'][t]['hits']}" for t in tasks)
         mark = " **(chosen)**" if row["rho"] == chosen else ""
         lines.append(f"| {row['rho']:.2f}{mark} | {cells} | {row['in_plateau']} / {row['hits']} |")
+    lines += ["", f"| rule without the weights | in plateau / hits (of {n}) |", "|---|---|"]
+    lines += [f"| {name} | {entry['in_plateau']} / {entry['hits']} |" for name, entry in baselines.items()]
     lines += ["", "| task | setting | ρ with the prediction in the plateau |", "|---|---|---|"]
     for task, entry in ranges.items():
         for setting, values in entry["per_setting"].items():
@@ -130,18 +150,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tied = [row["rho"] for row in rows if (row["in_plateau"], row["hits"]) == best]
     chosen = min(tied, key=lambda rho: abs(rho - statistics.median(tied)))
     ranges = consistent_ranges(settings)
+    baselines = score_baselines(settings)
     result = {
         "current_default_rho": DEFAULT_RHO,
         "chosen_rho": chosen,
         "tied_rhos": tied,
         "n_settings": len(settings),
         "scores": rows,
+        "baselines": baselines,
         "plateau_consistent_rho": ranges,
         "loss_based_rho": loss_rho(args.results),
     }
     save_json(args.results / "rho_calibration.json", result)
-    write_atomic(args.results / "rho_calibration.md", markdown(rows, chosen, ranges, len(settings)).encode())
-    print(markdown(rows, chosen, ranges, len(settings)))
+    write_atomic(args.results / "rho_calibration.md", markdown(rows, chosen, ranges, len(settings), baselines).encode())
+    print(markdown(rows, chosen, ranges, len(settings), baselines))
     print(f"chosen ρ = {chosen:.2f} (ties: {tied}); current DEFAULT_RHO = {DEFAULT_RHO}")
     return result
 

@@ -685,12 +685,17 @@ def rho_consistent_range(report: Any, best_d_tildes: Iterable[int], grid: Sequen
 
 
 def plateau(selected: pd.DataFrame, metric: str = "accuracy") -> dict[tuple[int, int], dict[str, Any]]:
-    """Per (k, m) of the LR²VQ rows: best d̃ by mean ``metric`` and the d̃ within one standard error of it."""
+    """Per (k, m) of the LR²VQ rows: best d̃ by mean ``metric`` and the d̃ within one standard error of it.
+
+    A (k, m) run at a single d̃ has no curve to find a best d̃ on and is left out.
+    """
     out: dict[tuple[int, int], dict[str, Any]] = {}
     lr2vq = selected[selected["method"] == "lr2vq"]
     for key, group in lr2vq.groupby(["k", "m"]):
         k, m = (int(value) for value in cast(tuple[Any, Any], key))
         stats = group.groupby("d_tilde")[metric].agg(["mean", "std", "count"])
+        if len(stats) < 2:
+            continue
         means = {int(d): float(value) for d, value in zip(stats.index.tolist(), stats["mean"].tolist(), strict=True)}
         best = max(means, key=means.__getitem__)
         spread = dict(zip(stats.index.tolist(), stats["std"].tolist(), strict=True))[best]

@@ -210,6 +210,7 @@ def test_plateau_and_rho_consistent_range_by_hand():
         for i, value in enumerate(values)
     ]
     rows.append({"method": "pq", "k": 16, "m": 9, "d_tilde": 9, "seed": 0, "accuracy": 1.0})  # not LR²VQ: ignored
+    rows.append({"method": "lr2vq", "k": 256, "m": 4, "d_tilde": 3, "seed": 0, "accuracy": 0.5})  # one d̃: no curve
     result = sweeps.plateau(pd.DataFrame(rows))
     assert list(result) == [(16, 9)]
     best_sd = np.std([0.95, 0.97], ddof=1)  # best d̃ = 4, mean 0.96, standard error sd / sqrt(2) = 0.01

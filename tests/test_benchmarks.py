@@ -1,0 +1,95 @@
+"""The evidence scripts in benchmarks/: the quick sweep CI can afford, and the ρ calibration by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import calibrate_rho
+import sweep_frontier
+
+
+def test_quick_digits_sweep_writes_every_result_file(tmp_path):
+    previous = torch.get_num_threads()
+    try:
+        sweep_frontier.main(["--task", "digits", "--quick", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(previous)
+    for suffix in ("_runs.csv", ".csv", "_summary.json", "_tables.md", "_frontier.png", "_frontier.svg"):
+        assert (tmp_path / f"sweep_digits_quick{suffix}").is_file(), suffix
+    selected = pd.read_csv(tmp_path / "sweep_digits_quick.csv")
+    assert sorted(selected["method"]) == ["dkm", "lr2vq", "pq", "scalar", "uncompressed"]
+    assert (selected["steps"] == 20).all()
+    lr2vq = selected[selected["method"] == "lr2vq"]
+    assert lr2vq["predicted_d_tilde"].between(1, 9).all()
+    summary = json.loads((tmp_path / "sweep_digits_quick_summary.json").read_text())
+    assert summary["metric"] == "accuracy" and len(summary["methods"]) == 5
+    assert summary["configs"] == []  # one d̃ only: no accuracy-vs-d̃ curve to find a best d̃ on
+
+
+def _summary(folder: Path, task: str, configs: list[dict]) -> None:
+    (folder / f"sweep_{task}_summary.json").write_text(json.dumps({"task": task, "configs": configs}))
+
+
+def test_calibrate_rho_counts_plateau_and_hits_by_hand(tmp_path):
+    grid = ["0.50", "0.70", "0.90"]
+    _summary(
+        tmp_path,
+        "digits",
+        [
+            {
+                "k": 16,
+                "m": 9,
+                "best_d_tilde": 4,
+                "plateau": [4, 5],
+                "predicted_d_tilde_by_rho": dict(zip(grid, [2, 4, 9], strict=True)),
+            },
+            {
+                "k": 32,
+                "m": 9,
+                "best_d_tilde": 6,
+                "plateau": [6],
+                "predicted_d_tilde_by_rho": dict(zip(grid, [2, 5, 6], strict=True)),
+            },
+        ],
+    )
+    _summary(
+        tmp_path,
+        "mnist1d",
+        [
+            {
+                "k": 8,
+                "m": 6,
+                "best_d_tilde": 2,
+                "plateau": [2],
+                "predicted_d_tilde_by_rho": dict(zip(grid, [3, 3, 6], strict=True)),
+            }
+        ],
+    )
+    result = calibrate_rho.main(["--results", str(tmp_path)])
+    scores = {row["rho"]: (row["in_plateau"], row["hits"]) for row in result["scores"]}
+    # ρ = 0.5: 2, 2, 3 -> in plateau none; hits |2-4|=2 no, |2-6| no, |3-2|=1 yes
+    # ρ = 0.7: 4, 5, 3 -> in plateau 4 only; hits 4 yes, |5-6| yes, 3 yes
+    # ρ = 0.9: 9, 6, 6 -> in plateau 6 only; hits 9 no, 6 yes, |6-2| no
+    assert scores == {0.5: (0, 1), 0.7: (1, 3), 0.9: (1, 1)}
+    assert result["chosen_rho"] == 0.7
+    assert result["plateau_consistent_rho"]["digits"]["per_setting"] == {"k=16,m=9": [0.7], "k=32,m=9": [0.9]}
+    assert result["plateau_consistent_rho"]["digits"]["all_settings"] == []
+    # baselines: d̃ = m gives 9, 9, 6 (no plateau, no hit); d̃ = m // 2 gives 4, 4, 3 (one plateau, hits 4 and 3)
+    assert result["baselines"] == {
+        "d~ = m (PQ)": {"in_plateau": 0, "hits": 0},
+        "d~ = floor(m/2)": {"in_plateau": 1, "hits": 2},
+    }
+    assert (tmp_path / "rho_calibration.json").is_file() and (tmp_path / "rho_calibration.md").is_file()
+
+
+def test_calibrate_rho_without_summaries_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="sweep_frontier"):
+        calibrate_rho.main(["--results", str(tmp_path)])
