@@ -35,11 +35,14 @@ import pandas as pd
 
 from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.report import analyze
+from lr2vq_analysis.size import size_report
 from lr2vq_analysis.sweeps import (
     BUDGETS,
     TASKS,
     Budget,
     RunConfig,
+    layer_sizes,
+    make_plan,
     measure_rho,
     plateau,
     rho_consistent_range,
@@ -63,9 +66,10 @@ GRIDS: dict[str, list[tuple[str, int, int, int]]] = {
     ],
     # MiniLM: every setting is >= 15x on the encoder linears' weights (k = 256, m = 4: 15.6x; m = 8: 28.8x;
     # k = 16, m = 4: 31.9x; scalar k = 4: 16.0x). Flat spectra: the analysis predicts d~ = m, so d~ < m is
-    # sampled near m only.
+    # sampled near m only. d~ = 4 ran on seed 0 only (cosine 0.61 against 0.65-0.67 at d~ = 6-8): a MiniLM
+    # run costs ~4 min of a core, and the 2-core budget went to more seeds of the rest.
     "minilm": [
-        *[("lr2vq", 256, 8, d) for d in (4, 6, 7, 8)],
+        *[("lr2vq", 256, 8, d) for d in (6, 7, 8)],
         ("lr2vq", 256, 4, 3),
         *[("pq", k, m, m) for k, m in ((256, 4), (256, 8), (16, 4))],
         ("scalar", 4, 1, 1),
@@ -105,17 +109,25 @@ def grid_configs(task: str, seeds: list[int], lrs: list[float], quick: bool) -> 
     return configs
 
 
-def at_chosen_rates(tuned: pd.DataFrame, tune_seeds: list[int], seeds: list[int], metric: str) -> list[RunConfig]:
-    """The remaining seeds of every configuration, at the learning rate chosen on the tuning seeds' validation."""
+def at_chosen_rates(
+    tuned: pd.DataFrame, tune_seeds: list[int], seeds: list[int], metric: str, grid: list[tuple[str, int, int, int]]
+) -> list[RunConfig]:
+    """The remaining seeds of every configuration of ``grid``, at the rate chosen on the tuning seeds' validation.
+
+    Configurations in the runs CSV but no longer in the grid keep the seeds they have (they are reported,
+    not extended).
+    """
     chosen = select_learning_rates(tuned, tune_seeds, metric)
+    wanted = set(grid)
     configs = []
     for seed in seeds:
         for row in chosen[chosen["seed"] == tune_seeds[0]].to_dict("records"):
             if row["method"] == "uncompressed":
                 configs.append(RunConfig("uncompressed", 0, 0, 0, seed, float(row["lr"])))
-            else:
-                k, m, d = int(row["k"]), int(row["m"]), int(row["d_tilde"])
-                configs.append(RunConfig(str(row["method"]), k, m, d, seed, float(row["lr"])))
+                continue
+            key = (str(row["method"]), int(row["k"]), int(row["m"]), int(row["d_tilde"]))
+            if key in wanted:
+                configs.append(RunConfig(*key, seed=seed, lr=float(row["lr"])))
     return configs
 
 
@@ -130,9 +142,53 @@ def predictions(task: str, selected: pd.DataFrame, seed: int = 0) -> dict[tuple[
     return out
 
 
+def with_layer_sizes(task: str, runs: pd.DataFrame) -> pd.DataFrame:
+    """Fill ``layers_megabytes`` / ``layers_ratio`` of rows written before those columns existed (from the plan)."""
+    runs = runs.copy()
+    for column in ("layers_megabytes", "layers_ratio"):
+        if column not in runs:
+            runs[column] = np.nan
+    missing = runs["layers_megabytes"].isna()
+    if not missing.any():
+        return runs
+    model = TASKS[task].load_model()
+    layers = TASKS[task].layers
+    for (method, k, m, d), rows in runs[missing].groupby(["method", "k", "m", "d_tilde"], dropna=False):
+        if method == "uncompressed":
+            sizes = size_report(model)
+        else:
+            sizes = size_report(model, make_plan(model, layers, int(k), int(m), int(d)))
+        for column, value in layer_sizes(sizes, layers).items():
+            runs.loc[rows.index, column] = value
+    return runs
+
+
+def _stats(rows: pd.DataFrame, metric: str) -> dict[str, float]:
+    values = rows[metric]
+    return {"mean": float(values.mean()), "sd": float(values.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def d_tilde_readings(selected: pd.DataFrame, metric: str, k: int, m: int, predicted: int, best: int) -> dict[str, Any]:
+    """LR²VQ's test metric at three choices of d̃, and PQ's at the same (k, m), for one setting.
+
+    - ``at_predicted``: d̃ chosen by the analysis before any training (what a user of the package gets);
+    - ``at_val_best``: d̃ with the best mean *validation* metric (a choice made without the test split);
+    - ``at_test_best``: d̃ with the best mean test metric (optimistic: the maximum of several noisy means).
+    """
+    lr2vq = selected[(selected["method"] == "lr2vq") & (selected["k"] == k) & (selected["m"] == m)]
+    val_best = int(lr2vq.groupby("d_tilde")[f"val_{metric}"].mean().idxmax())
+    pq = selected[(selected["method"] == "pq") & (selected["k"] == k) & (selected["m"] == m)]
+    readings: dict[str, Any] = {"val_best_d_tilde": val_best}
+    for name, d in (("at_predicted", predicted), ("at_val_best", val_best), ("at_test_best", best)):
+        rows = lr2vq[lr2vq["d_tilde"] == d]
+        readings[name] = {"d_tilde": d, **_stats(rows, metric)} if len(rows) else None
+    readings["pq_same_k_m"] = _stats(pq, metric) if len(pq) else None
+    return readings
+
+
 def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seeds: list[int]) -> dict[str, Any]:
     metric = TASKS[task].metric
-    selected = select_learning_rates(runs, tune_seeds, metric)
+    selected = select_learning_rates(with_layer_sizes(task, runs), tune_seeds, metric)
     reports = predictions(task, selected)
     selected["predicted_d_tilde"] = np.nan
     for (k, m), report in reports.items():
@@ -169,6 +225,7 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
                     int(d): {"mean": float(r["mean"]), "sd": float(r["std"]), "n": int(r["count"])}
                     for d, r in stats.iterrows()
                 },
+                **d_tilde_readings(selected, metric, k, m, predicted, info["best"]),
             }
         )
     for (method, k, m, d), group in selected.groupby(["method", "k", "m", "d_tilde"], dropna=False):
@@ -181,10 +238,8 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
                 "lr": float(group["lr"].iloc[0]),
                 "kib": float(group["megabytes"].iloc[0] * 1024),
                 "ratio": float(group["ratio"].iloc[0]),
-                "layers_ratio": float(group["layers_ratio"].iloc[0]) if "layers_ratio" in group else float("nan"),
-                "layers_kib": float(group["layers_megabytes"].iloc[0] * 1024)
-                if "layers_megabytes" in group
-                else float("nan"),
+                "layers_ratio": _first_known(group, "layers_ratio"),
+                "layers_kib": _first_known(group, "layers_megabytes") * 1024,
                 "mean": float(group[metric].mean()),
                 "sd": float(group[metric].std()) if len(group) > 1 else 0.0,
                 "val_mean": float(group[f"val_{metric}"].mean()),
@@ -231,6 +286,12 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
     return summary
 
 
+def _first_known(group: pd.DataFrame, column: str) -> float:
+    """The configuration's value of a column that rows from before it existed lack (NaN when none has it)."""
+    known = group[column].dropna() if column in group else pd.Series(dtype=float)
+    return float(known.iloc[0]) if len(known) else float("nan")
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The summary as Markdown tables (what docs/evidence.md quotes)."""
     lines = [
@@ -257,6 +318,21 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {row['k']} | {row['m']} | {row['predicted_d_tilde']} | {row['best_d_tilde']} | {row['plateau']} | "
             f"{'yes' if row['hit_within_1'] else 'no'} | {'yes' if row['predicted_in_plateau'] else 'no'} | {span} |"
         )
+    lines += [
+        "",
+        "| k | m | LR²VQ at predicted d̃ | at validation-best d̃ | at test-best d̃ (optimistic) | PQ, same k and m |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(reading: dict[str, Any] | None, with_d: bool = True) -> str:
+        if reading is None:
+            return "not run"
+        head = f"d̃ = {reading['d_tilde']}: " if with_d else ""
+        return f"{head}{100 * reading['mean']:.2f} ± {100 * reading['sd']:.2f} ({reading['n']})"
+
+    for row in summary["configs"]:
+        readings = [cell(row[name]) for name in ("at_predicted", "at_val_best", "at_test_best")]
+        lines.append(f"| {row['k']} | {row['m']} | {' | '.join(readings)} | {cell(row['pq_same_k_m'], False)} |")
     for split in ("train", "val"):
         if f"rho_{split}" not in summary:
             continue
@@ -334,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         tuned = run_sweep(args.task, grid_configs(args.task, tune_seeds, lrs, args.quick), runs_path, **common)
         tuned = this_sweep(tuned)
         rest = [seed for seed in range(n_seeds) if seed not in tune_seeds]
-        later = at_chosen_rates(tuned, tune_seeds, rest, TASKS[args.task].metric)
+        grid = (QUICK_GRIDS if args.quick else GRIDS)[args.task]
+        later = at_chosen_rates(tuned, tune_seeds, rest, TASKS[args.task].metric, grid)
         runs = run_sweep(args.task, later, runs_path, **common)
     runs = this_sweep(runs)
     if not len(runs):

@@ -66,7 +66,7 @@ from .datasets import (
 from .finetune import finetune, recalibrate_batchnorm, split_batch
 from .nn import CompressedModel, compress
 from .plan import LayerPlan, effective_k
-from .size import bits_to_mib, size_report
+from .size import SizeReport, bits_to_mib, size_report
 
 __all__ = [
     "METHODS",
@@ -78,6 +78,7 @@ __all__ = [
     "Budget",
     "BUDGETS",
     "make_plan",
+    "layer_sizes",
     "run_one",
     "run_sweep",
     "select_learning_rates",
@@ -348,8 +349,21 @@ def _losses(task: Task, model: nn.Module, evaluation: Mapping[str, DataLoader]) 
 _RHO_LOSSES = ("loss_pretrained", "loss_truncated", "loss_lowrank", "loss_dense_reference")
 
 
-def _layer_sizes(sizes: Any, layers: Iterable[str]) -> dict[str, float]:
-    """Size (MiB) and compression ratio of the task's compressed weights alone (biases and the rest left out)."""
+def layer_sizes(sizes: SizeReport, layers: Iterable[str]) -> dict[str, float]:
+    """Size (MiB) and compression ratio of the listed weights alone (biases and the rest left out).
+
+    Parameters
+    ----------
+    sizes : SizeReport
+        :func:`~lr2vq_analysis.size.size_report` of a model and plan.
+    layers : iterable of str
+        State_dict keys of the weights to count.
+
+    Returns
+    -------
+    dict
+        ``layers_megabytes`` (MiB) and ``layers_ratio`` (their fp32 size over their compressed size).
+    """
     wanted = set(layers)
     chosen = [entry for entry in sizes.layers if entry.name in wanted]
     compressed = sum(entry.compressed_bits for entry in chosen)
@@ -466,7 +480,7 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget | None = None) -
     row.update(
         megabytes=sizes.megabytes,
         ratio=sizes.ratio,
-        **_layer_sizes(sizes, task.layers),
+        **layer_sizes(sizes, task.layers),
         **{metric: evaluate(final, evaluation["test"]), f"val_{metric}": evaluate(final, evaluation["val"])},
         split="test",
         **measured,
