@@ -350,11 +350,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"\n{'method':<13}{'k':>5}{'m':>4}{'d~':>4}{'KiB':>8}{'lr':>8}  test {summary['metric']} (mean ± sd, n)")
+    header = f"{'method':<13}{'k':>5}{'m':>4}{'d~':>4}{'KiB':>11}{'layers x':>9}{'lr':>8}"
+    print(f"\n{header}  test {summary['metric']} (mean ± sd, n)")
     for row in sorted(summary["methods"], key=lambda r: r["kib"]):
         k, m, d = (("" if row[c] is None else row[c]) for c in ("k", "m", "d_tilde"))
         print(
-            f"{row['method']:<13}{k:>5}{m:>4}{d:>4}{row['kib']:>8.2f}{row['lr']:>8.0e}  "
+            f"{row['method']:<13}{k:>5}{m:>4}{d:>4}{row['kib']:>11.2f}{row['layers_ratio']:>9.1f}{row['lr']:>8.0e}  "
             f"{100 * row['mean']:.2f} ± {100 * row['sd']:.2f} ({row['n_seeds']})"
         )
     for row in summary["configs"]:
