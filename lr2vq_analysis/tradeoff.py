@@ -66,7 +66,7 @@ DEFAULT_RHO: float = 0.85
 """Default share of the low-rank error that end-to-end training does not recover.
 
 Calibrated by the evidence sweeps (``benchmarks/calibrate_rho.py``, docs/results.md): over 7 settings of
-a digits CNN, an MNIST-1D CNN and all-MiniLM-L6-v2 (5, 5 and 3 seeds; short fine-tuning budgets), ρ = 0.85
+a digits CNN, an MNIST-1D CNN and all-MiniLM-L6-v2 (5 seeds each; short fine-tuning budgets), ρ = 0.85
 put the most predictions inside the plateau of fine-tuned accuracy (3 of 7) and within ±1 of the best d̃
 (5 of 7) of any ρ in 0.05–1.00. The ρ consistent with single settings spans 0.25–1.00: it is a default,
 not a law; set ``rho`` for your training budget.
