@@ -14,7 +14,7 @@ import hashlib
 import random
 import re
 import sysconfig
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_minilm_splits",
     "cosine_distance",
     "cosine_similarity",
+    "mean_over_samples",
 ]
 
 #: Seed of the train+val / test cut; constant so that every ``seed`` shares one test split.
@@ -214,20 +215,63 @@ def accuracy(model: torch.nn.Module, data: Dataset | DataLoader, *, batch_size: 
     >>> accuracy(always_zero, TensorDataset(torch.zeros(4, 2), torch.tensor([0, 0, 1, 2])))
     0.5
     """
+    return mean_over_samples(model, data, lambda logits, y: (logits.argmax(dim=1) == y).sum(), batch_size=batch_size)
+
+
+@torch.no_grad()
+def mean_over_samples(
+    model: torch.nn.Module,
+    data: Dataset | DataLoader,
+    batch_total: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float],
+    *,
+    batch_size: int = 512,
+) -> float:
+    """Mean over every sample of ``(inputs, target)`` pairs of a per-batch total, in eval mode.
+
+    The one evaluation loop of the package (:func:`accuracy`, :func:`cosine_similarity` and the sweeps'
+    losses use it). The model runs in eval mode on the device of its first parameter (CPU for a model
+    without parameters); its training mode is restored afterwards.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Called as ``model(**inputs)`` when the inputs are a mapping, else ``model(inputs)``.
+    data : Dataset or DataLoader
+        Yields ``(inputs, target)`` pairs; a Dataset is batched with ``batch_size`` in its own order.
+    batch_total : callable (output, target) -> scalar
+        The sum of the per-sample quantity over one batch (e.g. the number of correct predictions).
+    batch_size : int, default 512
+        Batch size used when ``data`` is a Dataset.
+
+    Returns
+    -------
+    float
+        The sum of ``batch_total`` over the batches divided by the number of samples (NaN without any).
+
+    Examples
+    --------
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.tensor([[1.0], [2.0], [3.0]]), torch.zeros(3))
+    >>> mean_over_samples(torch.nn.Identity(), data, lambda output, target: output.sum())
+    2.0
+    """
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    correct = total = 0
+    total, count = 0.0, 0
     try:
-        for x, y in loader:
-            predictions = model(x.to(device)).argmax(dim=1)
-            correct += int((predictions.cpu() == y).sum())
-            total += int(y.numel())
+        for inputs, target in loader:
+            if isinstance(inputs, Mapping):
+                output = model(**{key: value.to(device) for key, value in inputs.items()})
+            else:
+                output = model(inputs.to(device))
+            total += float(batch_total(output.cpu(), target))
+            count += len(target)
     finally:
         model.train(was_training)
-    return correct / total if total else float("nan")
+    return total / count if count else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,8 +632,8 @@ def cosine_similarity(model: torch.nn.Module, data: Dataset | DataLoader, *, bat
     """Mean cosine similarity between the model's outputs and the targets of ``(inputs, target)`` pairs.
 
     For :class:`DistillationTexts` this is the similarity of the (compressed) model's sentence embeddings
-    to the original model's, on held-out sentences. Evaluated in eval mode, on the CPU; the model's
-    training mode is restored afterwards.
+    to the original model's, on held-out sentences. Evaluated by :func:`mean_over_samples` (eval mode,
+    on the model's device, training mode restored).
 
     Parameters
     ----------
@@ -612,15 +656,7 @@ def cosine_similarity(model: torch.nn.Module, data: Dataset | DataLoader, *, bat
     >>> cosine_similarity(identity, TensorDataset(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])))
     0.7071067...
     """
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for inputs, target in loader:
-            output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-            total += float(torch.nn.functional.cosine_similarity(output, target, dim=-1).double().sum())
-            count += len(target)
-    finally:
-        model.train(was_training)
-    return total / count if count else float("nan")
+    cosines = torch.nn.functional.cosine_similarity
+    return mean_over_samples(
+        model, data, lambda output, t: cosines(output, t, dim=-1).double().sum(), batch_size=batch_size
+    )

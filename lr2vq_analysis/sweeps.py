@@ -62,8 +62,9 @@ from .datasets import (
     load_minilm_splits,
     load_mnist1d_splits,
     make_loaders,
+    mean_over_samples,
 )
-from .finetune import finetune, recalibrate_batchnorm, split_batch
+from .finetune import finetune, recalibrate_batchnorm
 from .nn import CompressedModel, compress
 from .plan import LayerPlan, effective_k
 from .size import SizeReport, bits_to_mib, size_report
@@ -291,22 +292,6 @@ def make_plan(model: nn.Module, layers: Iterable[str], k: int, m: int, d_tilde: 
     return {name: LayerPlan(k=effective_k(k, tuple(state[name].shape), m), m=m, d_tilde=d_tilde) for name in layers}
 
 
-@torch.no_grad()
-def _mean_loss(model: nn.Module, loader: DataLoader, loss: LossFunction) -> float:
-    """Mean of ``loss`` over the batches' samples, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        inputs, target = split_batch(batch)
-        assert target is not None  # the task datasets all yield (inputs, target)
-        output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-        total += float(loss(output, target)) * len(target)
-        count += len(target)
-    model.train(was_training)
-    return total / count
-
-
 def _relative_error(weights: Mapping[str, torch.Tensor], references: Mapping[str, torch.Tensor]) -> float:
     """Σ‖W − W_ref‖² / Σ‖W_ref‖² over the layers (size-weighted relative error)."""
     error = sum(float((weights[name].double() - ref.double()).pow(2).sum()) for name, ref in references.items())
@@ -343,7 +328,11 @@ def _dense_reference_loss(task: Task, seed: int, lr: float, steps: int, batch_si
 def _losses(task: Task, model: nn.Module, evaluation: Mapping[str, DataLoader]) -> dict[str, float]:
     """Mean task loss on the training split (``""``) and the validation split (``"val_"``)."""
     splits = (("", "train"), ("val_", "val"))
-    return {prefix: _mean_loss(model, evaluation[split], task.loss) for prefix, split in splits}
+
+    def batch_total(output: torch.Tensor, target: torch.Tensor) -> float:
+        return float(task.loss(output, target)) * len(target)  # the losses are means over the batch
+
+    return {prefix: mean_over_samples(model, evaluation[split], batch_total) for prefix, split in splits}
 
 
 _RHO_LOSSES = ("loss_pretrained", "loss_truncated", "loss_lowrank", "loss_dense_reference")
