@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -16,12 +15,9 @@ import calibrate_rho
 import sweep_frontier
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_quick_digits_sweep_writes_every_result_file(tmp_path):
-    previous = torch.get_num_threads()
-    try:
-        sweep_frontier.main(["--task", "digits", "--quick", "--out-dir", str(tmp_path)])
-    finally:
-        torch.set_num_threads(previous)
+    sweep_frontier.main(["--task", "digits", "--quick", "--out-dir", str(tmp_path)])
     for suffix in ("_runs.csv", ".csv", "_summary.json", "_tables.md", "_frontier.png", "_frontier.svg"):
         assert (tmp_path / f"sweep_digits_quick{suffix}").is_file(), suffix
     selected = pd.read_csv(tmp_path / "sweep_digits_quick.csv")

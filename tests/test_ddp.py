@@ -17,16 +17,10 @@ from torch.utils.data import DataLoader
 import lr2vq_analysis
 from lr2vq_analysis.finetune import finetune
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread beats several that spin-wait on a shared machine (7x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,7 @@ ENCODER_TASK = Task(
 )
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_self_distilled_task_runs_with_its_metric_loss_and_budget():
     row = run_one(ENCODER_TASK, RunConfig("lr2vq", 16, 8, 3, 0, 1e-2))
     assert (row["steps"], row["lowrank_steps"], row["batch_size"]) == (8, 4, 32)  # the task's budget

@@ -23,14 +23,7 @@ from lr2vq_analysis.finetune import (
     split_batch,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread beats several that spin-wait on a shared machine (7x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 96, features: int = 6, seed: int = 0) -> TensorDataset:

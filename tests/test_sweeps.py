@@ -25,14 +25,7 @@ from lr2vq_analysis.sweeps import Budget, RunConfig, measure_rho, run_one, run_s
 TINY = Budget(steps=6, lowrank_steps=3, batch_size=32)
 DIGITS_LAYERS = ("conv2.weight", "conv3.weight", "conv4.weight")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The sweeps run one torch thread per run; on a shared machine more threads only spin-wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- one run
