@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _training import fit_one_cycle, write_model_files
+from _training import fit_one_cycle, split_accuracies, training_metadata, training_parser, write_model_files
 
-from lr2vq_analysis.datasets import accuracy, digits_loaders
+from lr2vq_analysis.datasets import digits_loaders
 from lr2vq_analysis.models.digits import DigitsCNN
 from lr2vq_analysis.weights import bundled_model_path
 
@@ -70,63 +67,30 @@ def train(args: argparse.Namespace) -> tuple[DigitsCNN, dict[str, Any]]:
         log_every=10,
         transform=transform,
     )
-    results = {
-        "train_accuracy": accuracy(model, loaders["train"]),
-        "val_accuracy": accuracy(model, loaders["val"]),
-        "test_accuracy": accuracy(model, loaders["test"]),
-        "split_sizes": {name: len(loader.dataset) for name, loader in loaders.items()},  # type: ignore[arg-type]
-        "train_seconds": round(seconds, 2),
-    }
-    return model, results
+    return model, split_accuracies(model, loaders, loaders["train"], seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (one-cycle)")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    default_out = bundled_model_path("digits-cnn")
+    parser = training_parser(__doc__.split("\n\n")[0], DEFAULTS, default_out)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS["augment"])
-    parser.add_argument("--out", type=Path, default=bundled_model_path("digits-cnn"), help="safetensors output")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # one thread: the float reductions happen in one fixed order
     torch.use_deterministic_algorithms(True)
     model, results = train(args)
-
-    out: Path = args.out
-    command = (
-        f"python scripts/train_digits_cnn.py --seed {args.seed} --epochs {args.epochs} --lr {args.lr} "
-        f"--weight-decay {args.weight_decay} --batch-size {args.batch_size} "
-        f"{'--augment' if args.augment else '--no-augment'}"
+    metadata = training_metadata(
+        script="train_digits_cnn.py",
+        name="digits-cnn",
+        architecture="DigitsCNN(widths=(16, 32, 64, 64))",
+        args=args,
+        default_out=default_out,
+        augment="random shift by -1..1 pixels" if args.augment else "none",
+        results=results,
+        data="sklearn.datasets.load_digits, lr2vq_analysis.datasets.load_digits_splits(seed)",
+        extra_flags=("--augment" if args.augment else "--no-augment",),
     )
-    if args.out != bundled_model_path("digits-cnn"):
-        command += f" --out {shlex.quote(str(args.out))}"
-    metadata = {
-        "model": "digits-cnn",
-        "architecture": "DigitsCNN(widths=(16, 32, 64, 64))",
-        "command": command,
-        "seed": args.seed,
-        "hyperparameters": {
-            "epochs": args.epochs,
-            "optimizer": "AdamW",
-            "peak_lr": args.lr,
-            "schedule": "OneCycleLR (cosine)",
-            "weight_decay": args.weight_decay,
-            "batch_size": args.batch_size,
-            "augment": "random shift by -1..1 pixels" if args.augment else "none",
-        },
-        **results,
-        "data": "sklearn.datasets.load_digits, lr2vq_analysis.datasets.load_digits_splits(seed)",
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": 1,
-            "note": "wall time measured on a shared 2-core machine",
-        },
-    }
-    print(json.dumps(write_model_files(out, model, "digits-cnn", metadata), indent=2))
+    print(json.dumps(write_model_files(args.out, model, "digits-cnn", metadata), indent=2))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-from pathlib import Path
 from typing import Any
 
 import torch
-from _training import fit_one_cycle, write_model_files
+from _training import fit_one_cycle, split_accuracies, training_metadata, training_parser, write_model_files
 
-from lr2vq_analysis.datasets import accuracy, load_mnist1d_splits, make_loaders
+from lr2vq_analysis.datasets import load_mnist1d_splits, make_loaders
 from lr2vq_analysis.models.mnist1d import MNIST1D_CNN_PATH, Mnist1DCNN
 
 DEFAULTS: dict[str, Any] = {"seed": 0, "epochs": 20, "lr": 3e-3, "weight_decay": 5e-4, "batch_size": 64}
@@ -39,62 +36,28 @@ def train(args: argparse.Namespace) -> tuple[Mnist1DCNN, dict[str, Any]]:
     loaders = make_loaders(load_mnist1d_splits(args.seed), args.batch_size, args.seed)
     model = Mnist1DCNN()
     seconds = fit_one_cycle(model, loaders, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, log_every=5)
-    results = {
-        "train_accuracy": accuracy(model, loaders["train"].dataset),
-        "val_accuracy": accuracy(model, loaders["val"]),
-        "test_accuracy": accuracy(model, loaders["test"]),
-        "split_sizes": {name: len(loader.dataset) for name, loader in loaders.items()},  # type: ignore[arg-type]
-        "train_seconds": round(seconds, 2),
-    }
-    return model, results
+    return model, split_accuracies(model, loaders, loaders["train"].dataset, seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (one-cycle)")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--out", type=Path, default=MNIST1D_CNN_PATH, help="safetensors output")
+    parser = training_parser(__doc__.split("\n\n")[0], DEFAULTS, MNIST1D_CNN_PATH)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # one thread: the float reductions happen in one fixed order
     torch.use_deterministic_algorithms(True)
     model, results = train(args)
-
-    out: Path = args.out
-    command = (
-        f"python scripts/train_mnist1d_cnn.py --seed {args.seed} --epochs {args.epochs} --lr {args.lr} "
-        f"--weight-decay {args.weight_decay} --batch-size {args.batch_size}"
-    )
-    if out != MNIST1D_CNN_PATH:
-        command += f" --out {shlex.quote(str(out))}"
-    metadata = {
-        "model": "mnist1d-cnn",
-        "architecture": "Mnist1DCNN(widths=(32, 64, 64, 64))",
-        "command": command,
-        "seed": args.seed,
-        "hyperparameters": {
-            "epochs": args.epochs,
-            "optimizer": "AdamW",
-            "peak_lr": args.lr,
-            "schedule": "OneCycleLR (cosine)",
-            "weight_decay": args.weight_decay,
-            "batch_size": args.batch_size,
-            "augment": "none",
-        },
-        **results,
-        "data": "mnist1d.data.make_dataset(get_dataset_args()) (generated locally), "
+    metadata = training_metadata(
+        script="train_mnist1d_cnn.py",
+        name="mnist1d-cnn",
+        architecture="Mnist1DCNN(widths=(32, 64, 64, 64))",
+        args=args,
+        default_out=MNIST1D_CNN_PATH,
+        augment="none",
+        results=results,
+        data="mnist1d.data.make_dataset(get_dataset_args()) (generated locally), "
         "lr2vq_analysis.datasets.load_mnist1d_splits(seed)",
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": 1,
-            "note": "wall time measured on a shared 2-core machine",
-        },
-    }
-    print(json.dumps(write_model_files(out, model, "mnist1d-cnn", metadata), indent=2))
+    )
+    print(json.dumps(write_model_files(args.out, model, "mnist1d-cnn", metadata), indent=2))
 
 
 if __name__ == "__main__":
