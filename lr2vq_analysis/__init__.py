@@ -6,7 +6,8 @@ The pipeline, one module per stage (data flows one way):
 ``report`` → ``nn`` (compressed layers) → ``finetune`` → ``size`` / ``export`` → ``plots`` / ``cli``.
 """
 
-from ._validation import InvalidParameterError, InvalidWeightsError, LR2VQError, WeightFileError
+from . import exceptions
+from .exceptions import InvalidParameterError, InvalidWeightsError, LR2VQError, WeightFileError
 from .export import load_compressed, save_compressed
 from .finetune import FinetuneResult, finetune, recalibrate_batchnorm
 from .kmeans import KMeans, kmeans
@@ -44,6 +45,7 @@ __all__ = [
     "WeightSet",
     "__version__",
     "analyze",
+    "exceptions",
     "clustering_error_curve",
     "compress",
     "compute_spectrum",

@@ -1,4 +1,4 @@
-"""Errors and argument checks shared by every public function.
+"""Argument checks shared by every public function (the exceptions live in ``exceptions``).
 
 Every public entry point validates its arguments here, once, so that the numerical code behind it
 never re-checks shapes or dtypes. Messages name the layer, the offending value and what is allowed.
@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from .exceptions import InvalidParameterError, InvalidWeightsError, LR2VQError, WeightFileError
 
 __all__ = [
     "LR2VQError",
@@ -28,22 +30,6 @@ __all__ = [
     "as_float_array",
     "layer_label",
 ]
-
-
-class LR2VQError(Exception):
-    """Base class of every error this package raises on purpose."""
-
-
-class InvalidParameterError(LR2VQError, ValueError):
-    """A parameter (k, m, d̃, ρ, a plan entry, ...) is outside its allowed range."""
-
-
-class InvalidWeightsError(LR2VQError, ValueError):
-    """A weight tensor cannot be analysed: wrong rank, NaN/Inf values, empty model."""
-
-
-class WeightFileError(LR2VQError, OSError):
-    """A weight file is missing, of an unsupported format, or corrupt."""
 
 
 def layer_label(name: str | None) -> str:
