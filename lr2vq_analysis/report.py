@@ -9,9 +9,10 @@ produces the compression plan.
 from __future__ import annotations
 
 import io
-import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,18 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
+from ._html import html_block, html_text
 from ._io import write_atomic
+from ._report_file import check_report_data, dumps_report, parse_report_json, read_report_text
 from ._validation import (
     InvalidParameterError,
     InvalidWeightsError,
-    WeightFileError,
     check_k,
     check_m,
     check_rho,
     check_seed,
 )
+from .exceptions import LR2VQError, ReportFileError
 from .plan import LayerPlan, effective_k
 from .probes import clustering_error_curve
 from .subvectors import n_subvectors
@@ -42,9 +45,9 @@ __all__ = ["LayerReport", "ModelPrediction", "Report", "analyze", "predict_d_til
 REPORT_FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LayerReport:
-    """The analysis of one layer.
+    """The analysis of one layer (a result container: plain attribute names, no fitting).
 
     Attributes
     ----------
@@ -65,6 +68,13 @@ class LayerReport:
     shape: tuple[int, ...]
     model: TradeoffModel
     measured_curve: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        shape = "×".join(str(s) for s in self.shape)
+        return (
+            f"LayerReport({self.name!r}, {self.kind} {shape}, k={self.k}, m={self.m}, rho={self.rho:g}, "
+            f"d_tilde={self.d_tilde}, knee={self.knee})"
+        )
 
     @property
     def k(self) -> int:
@@ -94,32 +104,32 @@ class LayerReport:
     @property
     def lowrank_curve(self) -> np.ndarray:
         """Exact relative low-rank error, d̃ = 1..m."""
-        return np.asarray(self.model.lowrank(np.arange(1, self.m + 1)))
+        return self.model.lowrank_curve_.copy()
 
     @property
     def clustering_curve(self) -> np.ndarray:
         """Modelled relative clustering error, d̃ = 1..m."""
-        return np.asarray(self.model.clustering(np.arange(1, self.m + 1)))
+        return self.model.clustering_curve_.copy()
 
     @property
     def total_curve(self) -> np.ndarray:
         """Modelled total error ρ·lowrank + clustering, d̃ = 1..m."""
-        return np.asarray(self.model.total(np.arange(1, self.m + 1)))
+        return self.rho * self.model.lowrank_curve_ + self.model.clustering_curve_
 
     @property
     def d_tilde(self) -> int:
         """Predicted clustering dimensionality (argmin of the total)."""
-        return int(self.model.d_tilde)
+        return int(self.model.d_tilde_)
 
     @property
     def knee(self) -> int:
         """Reverse water-filling knee: the number of components that get bits at this k."""
-        return int(self.model.knee)
+        return int(self.model.knee_)
 
     @property
     def probes(self) -> dict[int, float]:
         """Measured clustering errors used for calibration, {d̃: relative error}."""
-        return dict(self.model.probes)
+        return dict(self.model.probes_)
 
     def plan(self, d_tilde: int | None = None) -> LayerPlan:
         """The :class:`LayerPlan` for this layer, at the predicted d̃ unless another is given."""
@@ -145,14 +155,18 @@ class LayerReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerReport:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (check the data with :meth:`Report.from_dict`'s validation first)."""
         measured = data.get("measured_curve")
+        model = dict(data["model"])
+        model["params"] = {key: math.nan if value is None else value for key, value in model["params"].items()}
         return cls(
             name=str(data["name"]),
             kind=str(data["kind"]),
             shape=tuple(int(s) for s in data["shape"]),
-            model=TradeoffModel.from_dict(data["model"]),
-            measured_curve=None if measured is None else np.asarray(measured, dtype=np.float64),
+            model=TradeoffModel.from_dict(model),
+            measured_curve=None
+            if measured is None
+            else np.array([math.nan if v is None else v for v in measured], dtype=np.float64),
         )
 
 
@@ -170,22 +184,53 @@ class ModelPrediction(dict[str, int]):
         self.global_d_tilde = int(global_d_tilde)
 
     def __repr__(self) -> str:
-        return f"ModelPrediction({dict.__repr__(self)}, global_d_tilde={self.global_d_tilde})"
+        items = list(self.items())
+        shown = ", ".join(f"{name!r}: {d}" for name, d in items[:_REPR_ITEMS])
+        more = f", ... ({len(items) - _REPR_ITEMS} more)" if len(items) > _REPR_ITEMS else ""
+        return f"ModelPrediction({{{shown}{more}}}, global_d_tilde={self.global_d_tilde})"
+
+    def __call__(self) -> ModelPrediction:
+        """Deprecated: ``Report.prediction`` is a property now; ``report.prediction()`` still works."""
+        warnings.warn(
+            "Report.prediction is a property; use report.prediction instead of report.prediction()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self
 
 
-class Report:
-    """Per-layer analysis of a whole model, from :func:`analyze`.
+_REPR_ITEMS = 4
+_HTML_ROWS = 60  # a notebook table shows this many layers, then the first and last ones
+
+
+class Report(Mapping[str, LayerReport]):
+    """Per-layer analysis of a whole model, from :func:`analyze`: a read-only mapping ``{name: LayerReport}``.
+
+    Iterating gives the layer names in model order; ``report[name]`` and ``name in report`` accept a
+    name with or without its trailing ``.weight`` (``report["conv2"]`` is ``report["conv2.weight"]``).
+    Derived results are properties with plain names (``global_d_tilde``, ``total_curve``,
+    ``prediction``); ``plan()``, ``with_rho()`` and the frames are methods.
 
     Parameters
     ----------
     layers : list of LayerReport
-        In model order.
+        In model order; names must be unique.
     k, m : int
         Requested number of centroids and subvector size (a layer may use a smaller, capped k).
     skipped : dict, optional
         ``{name: reason}`` for the layers that were not analysed.
     source : str, optional
         Description of where the weights came from.
+    package_version : str, optional
+        Version of lr2vq-analysis that ran the analysis (default: this one); recorded in report.json.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> report = analyze({"fc.weight": rng.normal(size=(64, 72))}, k=16, m=9, progress=False)
+    >>> list(report), "fc" in report, report["fc"] is report["fc.weight"]
+    (['fc.weight'], True, True)
     """
 
     def __init__(
@@ -195,48 +240,91 @@ class Report:
         m: int,
         skipped: Mapping[str, str] | None = None,
         source: str = "",
+        package_version: str | None = None,
     ) -> None:
         if not layers:
             raise InvalidWeightsError(f"a report needs at least one analysed layer (source {source!r})")
         self.layers = list(layers)
+        self._index = {layer.name: layer for layer in self.layers}
+        if len(self._index) != len(self.layers):
+            duplicates = sorted({layer.name for layer in self.layers if sum(x.name == layer.name for x in layers) > 1})
+            raise InvalidParameterError(f"layer names must be unique in a report; repeated: {duplicates}")
         self.k = int(k)
         self.m = int(m)
         self.skipped = dict(skipped or {})
         self.source = source
+        self.package_version = _package_version() if package_version is None else str(package_version)
+
+    # -- mapping -------------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
         return (
-            f"Report(source={self.source!r}, k={self.k}, m={self.m}, rho={self.rho}, layers={len(self.layers)}, "
-            f"skipped={len(self.skipped)}, global_d_tilde={self.global_d_tilde})"
+            f"Report(source={self.source!r}, layers={len(self.layers)}, k={self.k}, m={self.m}, rho={self.rho:g}, "
+            f"global_d_tilde={self.global_d_tilde}, skipped={len(self.skipped)})"
         )
 
     def __len__(self) -> int:
         return len(self.layers)
 
+    def __eq__(self, other: object) -> bool:
+        """Reports are equal when their dicts are (the same analysis, ρ, names and settings)."""
+        if not isinstance(other, Report):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([layer.name for layer in self.layers])
+
+    def _resolve(self, name: object) -> str | None:
+        if not isinstance(name, str):
+            return None
+        if name in self._index:
+            return name
+        if f"{name}.weight" in self._index:
+            return f"{name}.weight"
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        return self._resolve(name) is not None
+
     def __getitem__(self, name: str) -> LayerReport:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no analysed layer named {name!r}; analysed layers: {[lay.name for lay in self.layers]}")
+        key = self._resolve(name)
+        if key is None:
+            names = [layer.name for layer in self.layers]
+            shown = ", ".join(repr(n) for n in names[:12]) + (
+                f", ... ({len(names) - 12} more)" if len(names) > 12 else ""
+            )
+            reason = f" (skipped: {self.skipped[name]})" if isinstance(name, str) and name in self.skipped else ""
+            raise KeyError(f"no analysed layer named {name!r}{reason}; analysed layers: {shown}")
+        return self._index[key]
+
+    # -- results -------------------------------------------------------------------------------------
 
     @property
     def rho(self) -> float:
         """ρ used for every layer."""
         return self.layers[0].rho
 
-    def global_total_curve(self) -> np.ndarray:
+    @property
+    def total_curve(self) -> np.ndarray:
         """Size-weighted mean of the layers' modelled total error, d̃ = 1..m."""
         weights = np.array([layer.n_weights for layer in self.layers], dtype=np.float64)
         curves = np.stack([layer.total_curve for layer in self.layers])
         return weights @ curves / weights.sum()
 
+    def global_total_curve(self) -> np.ndarray:
+        """Deprecated alias of :attr:`total_curve`."""
+        warnings.warn("Report.global_total_curve() is deprecated; use Report.total_curve", DeprecationWarning, 2)
+        return self.total_curve
+
     @property
     def global_d_tilde(self) -> int:
-        """One d̃ for the whole model: argmin of :meth:`global_total_curve`."""
-        return int(np.argmin(self.global_total_curve())) + 1
+        """One d̃ for the whole model: argmin of :attr:`total_curve`."""
+        return int(np.argmin(self.total_curve)) + 1
 
+    @property
     def prediction(self) -> ModelPrediction:
-        """Predicted d̃ per layer plus the global d̃."""
+        """Predicted d̃ per layer plus the global d̃ (what :func:`predict_d_tilde` returns for a model)."""
         return ModelPrediction({layer.name: layer.d_tilde for layer in self.layers}, self.global_d_tilde)
 
     def plan(self, which: str = "layer") -> dict[str, LayerPlan]:
@@ -255,7 +343,8 @@ class Report:
     def with_rho(self, rho: float) -> Report:
         """The same analysis with another ρ: curves and probes are kept, d̃ moves."""
         rho = check_rho(rho)
-        return Report([layer.with_rho(rho) for layer in self.layers], self.k, self.m, self.skipped, self.source)
+        layers = [layer.with_rho(rho) for layer in self.layers]
+        return Report(layers, self.k, self.m, self.skipped, self.source, self.package_version)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: shape, sizes, knee, predicted d̃, errors at d̃ and bits per weight."""
@@ -303,10 +392,36 @@ class Report:
                 )
         return pd.DataFrame(rows)
 
+    def _repr_html_(self) -> str:
+        """A summary and a table of the layers, for Jupyter."""
+        header = ["layer", "kind", "shape", "k", "knee", "d̃", "total error at d̃", "bits/weight"]
+        rows = [
+            [
+                layer.name,
+                layer.kind,
+                "×".join(str(s) for s in layer.shape),
+                layer.k,
+                layer.knee,
+                layer.d_tilde,
+                f"{layer.model.total(layer.d_tilde):.4g}",
+                f"{layer.bits_per_weight():.3g}",
+            ]
+            for layer in self.layers
+        ]
+        summary = (
+            f"<b>Report</b> of {html_text(self.source or 'a model')}: {len(self.layers)} layers, k ≤ {self.k}, "
+            f"m = {self.m}, ρ = {self.rho:.3g}, <b>global d̃ = {self.global_d_tilde}</b>"
+            + (f", {len(self.skipped)} skipped" if self.skipped else "")
+        )
+        return html_block(summary, header, rows, max_rows=_HTML_ROWS)
+
+    # -- files ---------------------------------------------------------------------------------------
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of the whole report."""
+        """JSON-able dict of the whole report (missing values as NaN; :meth:`save` writes them as null)."""
         return {
             "format_version": REPORT_FORMAT_VERSION,
+            "package_version": self.package_version,
             "source": self.source,
             "k": self.k,
             "m": self.m,
@@ -315,53 +430,80 @@ class Report:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Report:
-        """Inverse of :meth:`to_dict`."""
-        version = data.get("format_version")
-        if version != REPORT_FORMAT_VERSION:
-            raise WeightFileError(
-                f"report format version {version!r} is not supported (expected {REPORT_FORMAT_VERSION})"
+    def from_dict(cls, data: Any) -> Report:
+        """Inverse of :meth:`to_dict`; checks every field first.
+
+        Raises
+        ------
+        ReportFileError
+            If a field is missing, has the wrong type, is not finite where it must be, or disagrees
+            with another (the message names the layer and the field).
+        """
+        check_report_data(data)
+        try:
+            layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
+            return cls(
+                layers,
+                data["k"],
+                data["m"],
+                data.get("skipped", {}),
+                data.get("source", ""),
+                data.get("package_version") or "unknown",
             )
-        layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
-        return cls(layers, int(data["k"]), int(data["m"]), dict(data.get("skipped", {})), str(data.get("source", "")))
+        except (LR2VQError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+            raise ReportFileError(f"the report data is invalid: {exc}") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the report to ``.json`` or ``.npz`` atomically (temporary file, then rename).
 
-        Both formats round-trip exactly through :meth:`load`.
+        The JSON is standard (no ``NaN`` tokens: missing values are ``null``); both formats
+        round-trip exactly through :meth:`load`.
+
+        Raises
+        ------
+        InvalidParameterError
+            For a suffix other than ``.json`` or ``.npz``.
+        ReportFileError
+            If the report holds a value a report file may not (a non-finite curve value).
         """
         path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1)
+        if path.suffix not in (".json", ".npz"):
+            raise InvalidParameterError(f"cannot save a report as {path.name!r}; allowed suffixes: .json, .npz")
+        try:
+            text = dumps_report(self.to_dict())
+        except ReportFileError as exc:
+            raise ReportFileError(f"refusing to write {str(path)!r}: {exc}") from None
         if path.suffix == ".json":
             payload = text.encode()
-        elif path.suffix == ".npz":
+        else:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, report_json=np.frombuffer(text.encode(), dtype=np.uint8))
             payload = buffer.getvalue()
-        else:
-            raise InvalidParameterError(f"cannot save a report as {path.name!r}; allowed suffixes: .json, .npz")
         write_atomic(path, payload)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Report:
-        """Read a report written by :meth:`save`."""
+        """Read a report written by :meth:`save`, checking every field (see ``docs/guarantees.md``).
+
+        Raises
+        ------
+        ReportFileError
+            If the file is missing, not a regular file, too large, not JSON, or not a valid report;
+            the message names the file, the field and what is allowed.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise WeightFileError(f"report file {str(path)!r} does not exist")
+        data = parse_report_json(read_report_text(path), f"report file {str(path)!r}")
         try:
-            if path.suffix == ".json":
-                data = json.loads(path.read_text())
-            elif path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as archive:
-                    data = json.loads(archive["report_json"].tobytes().decode())
-            else:
-                raise WeightFileError(f"cannot read a report from {path.name!r}; allowed suffixes: .json, .npz")
             return cls.from_dict(data)
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            if isinstance(exc, WeightFileError):
-                raise
-            raise WeightFileError(f"report file {str(path)!r} is corrupt or not a report: {exc}") from None
+        except ReportFileError as exc:
+            raise ReportFileError(f"report file {str(path)!r} is not a valid report: {exc}") from None
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return str(__version__)
 
 
 def _analyze_layer(
@@ -525,6 +667,6 @@ def predict_d_tilde(
     True
     """
     if isinstance(weights, np.ndarray) or (hasattr(weights, "detach") and hasattr(weights, "shape")):
-        return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde)
+        return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde_)
     options.setdefault("progress", False)
-    return analyze(weights, k, m, rho=rho, seed=seed, **options).prediction()
+    return analyze(weights, k, m, rho=rho, seed=seed, **options).prediction

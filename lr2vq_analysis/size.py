@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ._html import html_block
 from ._validation import InvalidParameterError, check_k, check_m
 from .nn import CompressedModel, _LR2VQLayer
 from .plan import LayerPlan
@@ -151,6 +152,50 @@ class SizeReport:
             f"SizeReport: {self.uncompressed_megabytes:.3f} MiB -> {self.megabytes:.3f} MiB "
             f"({self.ratio:.1f}x), {n_compressed} compressed layer(s)"
         )
+
+    def __repr__(self) -> str:
+        n_compressed = sum(layer.kind == "compressed" for layer in self.layers)
+        return (
+            f"SizeReport(uncompressed_megabytes={self.uncompressed_megabytes:.4g}, megabytes={self.megabytes:.4g}, "
+            f"ratio={self.ratio:.4g}, parts={len(self.layers)}, compressed={n_compressed})"
+        )
+
+    def _repr_html_(self) -> str:
+        """The totals and one row per compressed layer (uncompressed parts summed), for Jupyter."""
+        rows: list[list[Any]] = []
+        for layer in self.layers:
+            if layer.kind == "compressed":
+                rows.append(
+                    [
+                        layer.name,
+                        "×".join(str(s) for s in layer.shape),
+                        layer.k,
+                        layer.m,
+                        layer.d_tilde,
+                        f"{layer.compressed_bits / 8 / 1024:.4g}",
+                        f"{layer.compressed_bits / layer.n_params:.3g}",
+                    ]
+                )
+        dense = [layer for layer in self.layers if layer.kind != "compressed"]
+        if dense:
+            bits = sum(layer.compressed_bits for layer in dense)
+            params = sum(layer.n_params for layer in dense)
+            rows.append(
+                [
+                    f"{len(dense)} uncompressed part(s) (fp32)",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"{bits / 8 / 1024:.4g}",
+                    f"{bits / params:.3g}" if params else "",
+                ]
+            )
+        summary = (
+            f"<b>SizeReport</b>: {self.uncompressed_megabytes:.4g} MiB → <b>{self.megabytes:.4g} MiB</b> "
+            f"(ratio {self.ratio:.1f}×)"
+        )
+        return html_block(summary, ["part", "shape", "k", "m", "d̃", "KiB", "bits/weight"], rows)
 
 
 def _shapes_of(model_or_state_dict: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, LayerPlan] | None]:

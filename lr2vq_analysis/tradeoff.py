@@ -29,6 +29,7 @@ The model (derivation, assumptions, failure modes and measured accuracy: ``docs/
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
+from ._html import html_block, html_text
 from ._threads import single_threaded
 from ._validation import (
     InvalidParameterError,
@@ -332,10 +334,17 @@ class TradeoffModel:
     Attributes
     ----------
     eigenvalues_, lowrank_curve_, clustering_curve_ : numpy.ndarray
+    total_curve_ : numpy.ndarray
+        ``rho · lowrank_curve_ + clustering_curve_``.
+    d_tilde_ : int
+        Predicted d̃: argmin of ``total_curve_``.
     knee_ : int
     probes_ : dict[int, float]
     params_ : dict[str, float]
     n_subvectors_ : int
+
+    Fitted names end with ``_`` (scikit-learn's convention); ``d_tilde``, ``total_curve``, ``knee``,
+    ``probes`` and ``params`` are deprecated aliases that warn.
     """
 
     def __init__(
@@ -395,14 +404,12 @@ class TradeoffModel:
 
     def total(self, d: Any) -> Any:
         """``rho · lowrank(d̃) + clustering(d̃)`` (int → float, array → array)."""
-        return self._lookup(self.total_curve, d)
+        return self._lookup(self.total_curve_, d)
 
     @property
-    def total_curve(self) -> np.ndarray:
-        """Total error for d̃ = 1..m."""
+    def total_curve_(self) -> np.ndarray:
+        """Total error ``rho · lowrank + clustering`` for d̃ = 1..m."""
         return self._rho * self.lowrank_curve_ + self.clustering_curve_
-
-    # -- read-only summaries --------------------------------------------------------------------------
 
     @property
     def rho(self) -> float:
@@ -410,31 +417,28 @@ class TradeoffModel:
         return self._rho
 
     @property
-    def d_tilde(self) -> int:
+    def d_tilde_(self) -> int:
         """Predicted clustering dimensionality: argmin of the total over d̃ = 1..m (smallest on ties).
 
         Totals within 1e-12 of the minimum count as ties (rounding in the eigenvalue tails).
         """
-        total = self.total_curve
+        total = self.total_curve_
         return int(np.argmax(total <= total.min() + 1e-12)) + 1
 
-    @property
-    def knee(self) -> int:
-        """Reverse water-filling knee: number of eigenvalues above the water level of log2(k) bits."""
-        return self.knee_
+    # Deprecated twins of the fitted attributes (scikit-learn's convention: fitted names end with "_").
+    total_curve = property(lambda self: self._deprecated("total_curve"))
+    d_tilde = property(lambda self: self._deprecated("d_tilde"))
+    knee = property(lambda self: self._deprecated("knee"))
+    probes = property(lambda self: self._deprecated("probes"))
+    params = property(lambda self: self._deprecated("params"))
 
-    @property
-    def probes(self) -> dict[int, float]:
-        """Measured clustering error at each probed d̃ (error over all subvectors of the probe's codebook)."""
-        return dict(self.probes_)
-
-    @property
-    def params(self) -> dict[str, float]:
-        """Fitted parameters and probe details."""
-        return dict(self.params_)
+    def _deprecated(self, name: str) -> Any:
+        warnings.warn(f"TradeoffModel.{name} is deprecated; use {name}_", DeprecationWarning, stacklevel=3)
+        value = getattr(self, f"{name}_")
+        return dict(value) if isinstance(value, dict) else value
 
     def with_rho(self, rho: float) -> TradeoffModel:
-        """The same fitted model with another ρ (no refit); d̃ moves, the curves do not."""
+        """The same fitted model with another ρ (no refit); ``d_tilde_`` moves, the curves do not."""
         clone = TradeoffModel.from_dict(self.to_dict())
         clone._rho = check_rho(rho)
         return clone
@@ -480,9 +484,29 @@ class TradeoffModel:
     def __repr__(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""
         return (
-            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, d_tilde={self.d_tilde}, "
-            f"knee={self.knee_}, probes={sorted(self.probes_)})"
+            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, d_tilde_={self.d_tilde_}, "
+            f"knee_={self.knee_}, probes_={sorted(self.probes_)})"
         )
+
+    def _repr_html_(self) -> str:
+        """The curves over d̃ as a table, for Jupyter."""
+        best = self.d_tilde_
+        rows = [
+            [
+                f"{d}{' ★' if d == best else ''}",
+                f"{self.lowrank_curve_[d - 1]:.4g}",
+                f"{self.clustering_curve_[d - 1]:.4g}",
+                f"{self.probes_[d]:.4g}" if d in self.probes_ else "",
+                f"{self.total_curve_[d - 1]:.4g}",
+            ]
+            for d in range(1, self.m + 1)
+        ]
+        summary = (
+            f"<b>TradeoffModel</b>{' of ' + html_text(self.name) if self.name else ''}: k = {self.k}, m = {self.m}, "
+            f"ρ = {self._rho:.3g}, knee = {self.knee_}, <b>d̃ = {best}</b> (errors: fraction of ‖W‖²)"
+        )
+        header = ["d̃", "low-rank", "clustering (model)", "probe", f"total = {self._rho:.3g}·low-rank + clustering"]
+        return html_block(summary, header, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,7 +619,7 @@ def fit_tradeoff(
     >>> import numpy as np
     >>> w = np.random.default_rng(0).laplace(size=(64, 32, 3, 3))
     >>> model = fit_tradeoff(w, k=32, m=9, rho=0.85)
-    >>> 1 <= model.d_tilde <= 9, len(model.probes) <= 3
+    >>> 1 <= model.d_tilde_ <= 9, len(model.probes_) <= 3
     (True, True)
     >>> round(model.lowrank(9), 12), bool(model.clustering(1) < model.clustering(9))
     (0.0, True)

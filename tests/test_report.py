@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError, WeightFileError
+from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError
+from lr2vq_analysis.exceptions import ReportFileError
 from lr2vq_analysis.plan import LayerPlan
 from lr2vq_analysis.report import ModelPrediction, Report, analyze, predict_d_tilde
 from lr2vq_analysis.tradeoff import fit_tradeoff
@@ -49,7 +50,7 @@ def test_global_d_tilde_is_argmin_of_size_weighted_total(report):
     sizes = {"block1.weight": 32 * 8 * 9, "block2.weight": 48 * 32 * 9, "head.weight": 360}
     weighted = sum(sizes[layer.name] * np.asarray(layer.model.total(d)) for layer in report.layers)
     assert report.global_d_tilde == int(np.argmin(weighted)) + 1
-    np.testing.assert_allclose(report.global_total_curve(), weighted / sum(sizes.values()))
+    np.testing.assert_allclose(report.total_curve, weighted / sum(sizes.values()))
 
 
 def test_layer_d_tilde_is_argmin_of_its_total(report):
@@ -99,11 +100,11 @@ def test_save_and_load_errors(report, tmp_path):
     with pytest.raises(InvalidParameterError, match=r"\.json, \.npz"):
         report.save(tmp_path / "report.txt")
     assert not list(tmp_path.iterdir())
-    with pytest.raises(WeightFileError, match="does not exist"):
+    with pytest.raises(ReportFileError, match="does not exist"):
         Report.load(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"format_version": 1, "layers": [')
-    with pytest.raises(WeightFileError, match="corrupt"):
+    with pytest.raises(ReportFileError, match="not valid JSON"):
         Report.load(bad)
 
 
@@ -126,7 +127,7 @@ def test_predict_d_tilde_for_a_layer_and_a_model():
     w = state["block2.weight"]
     d = predict_d_tilde(w, k=16, m=9, seed=3)
     assert isinstance(d, int)
-    assert d == fit_tradeoff(w, 16, 9, seed=3).d_tilde
+    assert d == fit_tradeoff(w, 16, 9, seed=3).d_tilde_
     assert predict_d_tilde(torch.from_numpy(w), k=16, m=9, seed=3) == d
     prediction = predict_d_tilde(state, k=16, m=9)
     assert isinstance(prediction, ModelPrediction)
