@@ -51,6 +51,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ._io import write_atomic
@@ -76,6 +77,10 @@ __all__ = [
     "load_sweep_results",
     "save_report_figures",
     "figure_file_stem",
+    "flat_band",
+    "layer_group",
+    "FLAT_TOLERANCE",
+    "MAX_LAYER_PANELS",
 ]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, by role.
@@ -282,12 +287,24 @@ def save_figure(
     if stem.suffix.lstrip(".").lower() in _SAVE_FORMATS:
         stem = stem.with_suffix("")
     written = []
+    # A constrained layout already fits everything inside the figure; "tight" would draw it twice.
+    laid_out = fig.get_layout_engine() is not None
     for fmt in formats:
         buffer = io.BytesIO()
         # A fixed creation date keeps SVG/PDF output byte-identical between runs.
         metadata: dict[str, Any] | None = {"Date": None} if fmt in ("svg", "pdf") else None
+        # Fast PNG compression: a third of the encoding time for files about 15 % larger.
+        extra: dict[str, Any] = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}
         with plot_style():
-            fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+            fig.savefig(
+                buffer,
+                format=fmt,
+                dpi=dpi,
+                bbox_inches=None if laid_out else "tight",
+                pad_inches=0.05,
+                metadata=metadata,
+                **extra,
+            )
         written.append(write_atomic(stem.parent / f"{stem.name}.{fmt}", buffer.getvalue()))
     return written
 
@@ -295,6 +312,67 @@ def save_figure(
 # --------------------------------------------------------------------------------------------------
 # Trade-off curves of one layer
 # --------------------------------------------------------------------------------------------------
+
+
+#: Default tolerance of the flat band: d̃ whose total error is within this share of the minimum.
+FLAT_TOLERANCE: float = 0.02
+
+#: Above this many layers, report figures summarise the layers by kind instead of one panel (or one
+#: file) per layer.
+MAX_LAYER_PANELS: int = 12
+
+
+def flat_band(total: Sequence[float] | np.ndarray, tolerance: float = FLAT_TOLERANCE) -> tuple[int, int]:
+    """The d̃ range around the minimum of a total-error curve where it stays within ``tolerance`` of it.
+
+    The contiguous run of d̃ (1-based) containing the argmin whose totals are at most
+    ``min · (1 + tolerance)``: how flat the total is at the chosen d̃. A wide band means that nearby
+    d̃ cost almost nothing more; a band of one means the choice matters.
+
+    Examples
+    --------
+    >>> flat_band([0.30, 0.101, 0.100, 0.1015, 0.2], tolerance=0.02)
+    (2, 4)
+    >>> flat_band([0.3, 0.1, 0.3])
+    (2, 2)
+    """
+    values = np.asarray(total, dtype=np.float64)
+    if not 0 <= tolerance < 1:
+        raise InvalidParameterError(f"tolerance={tolerance!r} is invalid; use a number in [0, 1)")
+    best = int(np.argmin(values))
+    limit = values[best] * (1.0 + tolerance) + 1e-15
+    low = best
+    while low > 0 and values[low - 1] <= limit:
+        low -= 1
+    high = best
+    while high < values.size - 1 and values[high + 1] <= limit:
+        high += 1
+    return low + 1, high + 1
+
+
+_DIGITS = re.compile(r"^\d+$")
+
+
+def layer_group(name: str) -> tuple[str, str]:
+    """(block, kind) of a layer name: the prefix up to its first numeric part, and the rest.
+
+    Transformer and ResNet names repeat one set of layer kinds per numbered block; this is how the
+    figures group them. Names without a numeric part form one block ``""``.
+
+    Examples
+    --------
+    >>> layer_group("encoder.layer.3.attention.self.query.weight")
+    ('encoder.layer.3', 'attention.self.query')
+    >>> layer_group("layer1.0.conv2.weight")
+    ('layer1.0', 'conv2')
+    >>> layer_group("conv3.weight")
+    ('', 'conv3')
+    """
+    parts = _short_name(name).split(".")
+    for index, part in enumerate(parts):
+        if _DIGITS.match(part):
+            return ".".join(parts[: index + 1]), ".".join(parts[index + 1 :]) or "(weight)"
+    return "", ".".join(parts)
 
 
 @dataclass(frozen=True)
@@ -311,6 +389,9 @@ class _LayerCurves:
     probes: dict[int, float]
     d_tilde: int
     measured: np.ndarray | None
+    n_subvectors: int | None = None
+    subsample: dict[int, int] | None = None  # probe d̃ → subvectors it was trained on, for subsampled probes
+    estimates: dict[int, float] | None = None  # probe d̃ → its estimate of the error on all subvectors
 
     @classmethod
     def of(cls, layer: LayerReport | TradeoffModel, measured: Sequence[float] | None) -> _LayerCurves:
@@ -329,23 +410,59 @@ class _LayerCurves:
             raise InvalidParameterError(
                 f"layer {name!r}: measured curve has shape {measured_arr.shape}; expected ({m},), one value per d̃"
             )
+        k = int(model.k)
+        probes = {int(p): float(v) for p, v in dict(getattr(model, "probes_", {})).items()}
+        params = dict(getattr(model, "params_", {}))
+        n_sub = getattr(model, "n_subvectors_", None)
+        subsample: dict[int, int] = {}
+        estimates: dict[int, float] = {}
+        for i in range(len(probes)):
+            probe_d = params.get(f"probe{i}_d_tilde")
+            per_centroid = params.get(f"probe{i}_points_per_centroid")
+            if probe_d is None or per_centroid is None or n_sub is None:
+                continue
+            sample = round(per_centroid * k)
+            if sample < n_sub:  # trained on a subsample: its error on all subvectors lies above the curve
+                subsample[int(probe_d)] = sample
+                estimate = params.get(f"probe{i}_estimate")
+                if estimate is not None and math.isfinite(estimate):
+                    estimates[int(probe_d)] = float(estimate)
+        total = np.asarray(model.total(d), dtype=np.float64)
         return cls(
             name=str(name),
-            k=int(model.k),
+            k=k,
             m=m,
             rho=float(model.rho),
             lowrank=np.asarray(model.lowrank(d), dtype=np.float64),
             clustering=np.asarray(model.clustering(d), dtype=np.float64),
-            total=np.asarray(model.total(d), dtype=np.float64),
-            probes={int(p): float(v) for p, v in dict(getattr(model, "probes", {})).items()},
-            d_tilde=int(model.d_tilde),
+            total=total,
+            probes=probes,
+            d_tilde=int(np.argmax(total <= total.min() + 1e-12)) + 1,
             measured=measured_arr,
+            n_subvectors=None if n_sub is None else int(n_sub),
+            subsample=subsample,
+            estimates=estimates,
         )
 
 
-def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: bool) -> None:
+def _flat_label(tolerance: float, band: tuple[int, int] | None = None) -> str:
+    where = "" if band is None else (f" ({_D_TILDE} = {band[0]}–{band[1]})" if band[0] < band[1] else "")
+    return f"total within {tolerance:.0%} of its minimum{where}"
+
+
+def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: bool, tolerance: float) -> None:
     d = np.arange(1, curves.m + 1)
     size = 3.5 if compact else 5.0
+    band = flat_band(curves.total, tolerance)
+    ax.axvspan(
+        band[0] - 0.45,
+        band[1] + 0.45,
+        color=COLORS["sky"],
+        alpha=0.22,
+        linewidth=0,
+        zorder=0,
+        label=_flat_label(tolerance, None if compact else band),
+    )
     ax.plot(d, curves.lowrank, color=COLORS["blue"], marker="o", markersize=size, label="low-rank error")
     ax.plot(d, curves.clustering, color=COLORS["orange"], marker="o", markersize=size, label="clustering error (model)")
     if curves.measured is not None:
@@ -358,19 +475,49 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
             markersize=size + 1,
             label="clustering error (k-means)",
         )
-    if curves.probes:
-        probe_d = sorted(curves.probes)
+    subsample = curves.subsample or {}
+    full = sorted(p for p in curves.probes if p not in subsample)
+    if full:
         ax.plot(
-            probe_d,
-            [curves.probes[p] for p in probe_d],
+            full,
+            [curves.probes[p] for p in full],
             linestyle="none",
             marker="s",
             markersize=size + 3,
             markerfacecolor="none",
             markeredgecolor=COLORS["vermillion"],
             markeredgewidth=1.3,
-            label="k-means probes (calibration)",
+            label="k-means probe on all subvectors (calibration)",
         )
+    sub = sorted(p for p in curves.probes if p in subsample)
+    if sub:
+        sizes = sorted(set(subsample[p] for p in sub))
+        n_text = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
+        of = f" of {curves.n_subvectors:,}" if curves.n_subvectors else ""
+        ax.plot(
+            sub,
+            [curves.probes[p] for p in sub],
+            linestyle="none",
+            marker="D",
+            markersize=size + 2,
+            markerfacecolor="none",
+            markeredgecolor=COLORS["purple"],
+            markeredgewidth=1.3,
+            label=f"probe on subsample (n = {n_text}{of})",
+        )
+        estimated = [p for p in sub if p in (curves.estimates or {})]
+        if estimated and curves.estimates is not None:
+            for p in estimated:
+                ax.plot([p, p], [curves.probes[p], curves.estimates[p]], color=COLORS["purple"], linewidth=0.8)
+            ax.plot(
+                estimated,
+                [curves.estimates[p] for p in estimated],
+                linestyle="none",
+                marker="D",
+                markersize=size - 0.5,
+                color=COLORS["purple"],
+                label="its estimate for all subvectors",
+            )
     ax.plot(
         d,
         curves.total,
@@ -393,19 +540,22 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
         label=rf"predicted {_D_TILDE} = {best}",
     )
     ax.set_xticks(d)
-    ax.set_xlim(0.6, curves.m + 0.4)
+    ax.set_xlim(0.5, curves.m + 0.5)
     top = float(np.nanmax(np.concatenate([curves.lowrank, curves.clustering, curves.total])))
     if curves.measured is not None:
         top = max(top, float(np.nanmax(curves.measured)))
+    if curves.probes:
+        top = max(top, max(curves.probes.values()))
     ax.set_ylim(0.0, top * 1.08 if top > 0 else 1.0)
     if compact:
         ax.set_title(
-            f"{_ellipsize(_short_name(curves.name), 34)}\n" + rf"{_D_TILDE} = {best}, k = {curves.k}", fontsize=7.5
+            f"{_ellipsize(_short_name(curves.name), 40)}\n" + rf"{_D_TILDE} = {best}, k = {curves.k}, m = {curves.m}",
+            fontsize=7.5,
         )
     else:
         ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
-        ax.set_ylabel(_ENERGY)
-        ax.set_title(f"{curves.name}  (k = {curves.k}, m = {curves.m})")
+        ax.set_ylabel(f"relative error ({_ENERGY})")
+        ax.set_title(f"{curves.name}  (k = {curves.k}, m = {curves.m}, ρ = {_format_rho(curves.rho)})")
     if legend:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
@@ -417,12 +567,18 @@ def plot_tradeoff(
     ax: Axes | None = None,
     measured: Sequence[float] | None = None,
     legend: bool = True,
+    tolerance: float = FLAT_TOLERANCE,
 ) -> Figure:
     """Error trade-off of one layer against d̃ = 1..m, with the predicted d̃ marked.
 
     Draws the exact low-rank error, the modelled clustering error with the k-means probes that
-    calibrated it (squares), the measured clustering error at every d̃ when available (crosses),
-    and the total ρ·low-rank + clustering whose minimum (star, dashed line) is the predicted d̃.
+    calibrated it, the measured clustering error at every d̃ when available (crosses), and the
+    total ρ·low-rank + clustering whose minimum (star, dashed line) is the predicted d̃. A shaded
+    band marks the d̃ whose total is within ``tolerance`` of the minimum: how flat the choice is.
+    Probes trained on every subvector are open squares on the curve; probes trained on a subsample
+    (large layers) are open diamonds labelled with the subsample size: their codebook saw fewer
+    points, so their error on all subvectors lies *above* the curve by design, not by
+    miscalibration; a filled diamond marks what each one predicts for k-means on all subvectors.
     All errors are fractions of the layer's ‖W‖².
 
     Parameters
@@ -437,6 +593,8 @@ def plot_tradeoff(
         ``measured_curve`` (``analyze(..., measure_full_curve=True)``).
     legend : bool, default True
         Draw the legend (outside the axes, on the right).
+    tolerance : float, default FLAT_TOLERANCE
+        Width of the flat band, as a share of the minimum total (see :func:`flat_band`).
 
     Returns
     -------
@@ -449,13 +607,40 @@ def plot_tradeoff(
     """
     curves = _LayerCurves.of(layer, measured)
     figure, ax = _figure_and_axes(ax, (7.0, 3.4))
-    _draw_tradeoff(ax, curves, legend=legend, compact=False)
+    _draw_tradeoff(ax, curves, legend=legend, compact=False, tolerance=tolerance)
     return figure
 
 
+def _block_colors(blocks: Sequence[str]) -> dict[str, Any]:
+    """One colour per block along a colour-blind-safe sequential map (cividis), in model order."""
+    unique = list(dict.fromkeys(blocks))
+    cmap = matplotlib.colormaps["cividis"]
+    return {block: cmap(0.05 + 0.85 * i / max(1, len(unique) - 1)) for i, block in enumerate(unique)}
+
+
+def _grid_shape(n: int, ncols: int) -> tuple[int, int]:
+    ncols = min(ncols, n)
+    return math.ceil(n / ncols), ncols
+
+
 @_styled
-def plot_tradeoff_grid(report: Report, *, ncols: int = 4, max_layers: int | None = None) -> Figure:
-    """Small multiples: the trade-off plot of every layer of a report, sharing one legend.
+def plot_tradeoff_grid(
+    report: Report,
+    *,
+    ncols: int = 4,
+    max_layers: int | None = None,
+    layers: Sequence[str] | None = None,
+    max_panels: int = MAX_LAYER_PANELS,
+    tolerance: float = FLAT_TOLERANCE,
+) -> Figure:
+    """Small multiples of the layers' trade-offs: one panel per layer, or one per layer kind when there are many.
+
+    Up to ``max_panels`` layers get a panel each (the plot of :func:`plot_tradeoff`, sharing one
+    legend). Above it the figure is a summary: one panel per layer kind (``attention.self.query``,
+    ``intermediate.dense``, ...: see :func:`layer_group`), each with the total-error curve of every
+    layer of that kind, coloured by block in model order, its predicted d̃ starred and a bar under
+    the curve spanning its flat band. For per-layer panels of a large model, pass a page of
+    names, e.g. ``layers=list(report)[12:24]``.
 
     Parameters
     ----------
@@ -464,6 +649,12 @@ def plot_tradeoff_grid(report: Report, *, ncols: int = 4, max_layers: int | None
         Panels per row.
     max_layers : int, optional
         Draw only the first ``max_layers`` layers (model order).
+    layers : sequence of str, optional
+        Draw these layers (names with or without ``.weight``), in this order.
+    max_panels : int, default MAX_LAYER_PANELS
+        Above this many layers, summarise by layer kind.
+    tolerance : float, default FLAT_TOLERANCE
+        Width of the flat band, as a share of the minimum total (see :func:`flat_band`).
 
     Returns
     -------
@@ -471,30 +662,116 @@ def plot_tradeoff_grid(report: Report, *, ncols: int = 4, max_layers: int | None
     """
     if not isinstance(ncols, int) or ncols < 1:
         raise InvalidParameterError(f"ncols={ncols!r} is invalid; use a positive integer")
-    layers = list(report.layers)[: max_layers if max_layers else None]
-    ncols = min(ncols, len(layers))
-    nrows = math.ceil(len(layers) / ncols)
+    chosen = [report[name] for name in layers] if layers is not None else list(report.layers)
+    chosen = chosen[: max_layers if max_layers else None]
+    if not chosen:
+        raise InvalidParameterError("no layer to draw; pass at least one layer name")
+    if len(chosen) > max_panels:
+        return _plot_kind_summary(report, chosen, ncols=ncols, tolerance=tolerance)
+    nrows, ncols = _grid_shape(len(chosen), ncols)
     figure, axes = plt.subplots(
         nrows, ncols, figsize=(2.6 * ncols, 2.1 * nrows + 0.9), layout="constrained", squeeze=False, sharex=True
     )
     for index, ax in enumerate(axes.flat):
-        if index >= len(layers):
+        if index >= len(chosen):
             ax.set_visible(False)
             continue
-        _draw_tradeoff(ax, _LayerCurves.of(layers[index], None), legend=False, compact=True)
+        _draw_tradeoff(ax, _LayerCurves.of(chosen[index], None), legend=False, compact=True, tolerance=tolerance)
         if index % ncols == 0:
             ax.set_ylabel(_ENERGY)
-        if index // ncols == nrows - 1 or index + ncols >= len(layers):
+        if index // ncols == nrows - 1 or index + ncols >= len(chosen):
             ax.set_xlabel(_D_TILDE)
             ax.tick_params(labelbottom=True)
     entries: dict[str, Any] = {}
-    for ax in axes.flat[: len(layers)]:
+    for ax in axes.flat[: len(chosen)]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            # Every panel has its own predicted d̃; the legend entry names the marker, not one value.
-            entries.setdefault(rf"predicted {_D_TILDE}" if label.startswith("predicted") else label, handle)
+            # Every panel has its own predicted d̃ and subsample; the legend names the marker, not one value.
+            if label.startswith("predicted"):
+                label = rf"predicted {_D_TILDE}"
+            elif label.startswith("probe on subsample"):
+                label = "probe on subsample (its error lies above the curve)"
+            entries.setdefault(label, handle)
     figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3))
     figure.suptitle(
-        f"Error trade-off per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)})",
+        f"Error trade-off per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)}; "
+        f"errors as {_ENERGY})",
+        x=0.01,
+        horizontalalignment="left",
+    )
+    return figure
+
+
+def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: int, tolerance: float) -> Figure:
+    groups = [layer_group(layer.name) for layer in layers]
+    colors = _block_colors([block for block, _ in groups])
+    kinds = list(dict.fromkeys(kind for _, kind in groups))
+    nrows, ncols = _grid_shape(len(kinds), ncols)
+    figure, axes = plt.subplots(
+        nrows, ncols, figsize=(2.7 * ncols, 2.2 * nrows + 1.0), layout="constrained", squeeze=False, sharex=True
+    )
+    for index, ax in enumerate(axes.flat):
+        if index >= len(kinds):
+            ax.set_visible(False)
+            continue
+        kind = kinds[index]
+        members = [(layer, block) for layer, (block, k) in zip(layers, groups, strict=True) if k == kind]
+        top = 0.0
+        for layer, block in members:
+            total = np.asarray(layer.total_curve, dtype=np.float64)
+            d = np.arange(1, total.size + 1)
+            color = colors[block]
+            ax.plot(d, total, color=color, linewidth=1.3, label=block or "(no block)")
+            best = int(np.argmin(total)) + 1
+            ax.plot(
+                [best],
+                [total[best - 1]],
+                linestyle="none",
+                marker="*",
+                markersize=9,
+                markerfacecolor=color,
+                markeredgecolor=COLORS["black"],
+                markeredgewidth=0.6,
+                zorder=5,
+            )
+            top = max(top, float(total.max()))
+        for row, (layer, block) in enumerate(members):  # flat bands as bars under the curves
+            low, high = flat_band(layer.total_curve, tolerance)
+            y = -0.04 * top * (row + 1)
+            ax.plot([low - 0.3, high + 0.3], [y, y], color=colors[block], linewidth=2.0, solid_capstyle="butt")
+        ax.set_ylim(-0.04 * top * (len(members) + 1), top * 1.08 if top > 0 else 1.0)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.set_yticks([tick for tick in ax.get_yticks() if 0 <= tick <= top * 1.08])  # bars below 0 carry no scale
+        ks = sorted({layer.k for layer, _ in members})
+        k_text = f"{ks[0]}" if len(ks) == 1 else f"{ks[0]}–{ks[-1]}"
+        ax.set_title(
+            f"{_ellipsize(kind, 30)}\n{len(members)} layer(s), k = {k_text}, m = {members[0][0].m}", fontsize=7.5
+        )
+        ax.set_xticks(np.arange(1, report.m + 1))
+        ax.set_xlim(0.5, report.m + 0.5)
+        if index % ncols == 0:
+            ax.set_ylabel(f"total error ({_ENERGY})")
+        if index // ncols == nrows - 1 or index + ncols >= len(kinds):
+            ax.set_xlabel(_D_TILDE)
+            ax.tick_params(labelbottom=True)
+    handles = [Line2D([], [], color=color, linewidth=1.6) for color in colors.values()]
+    labels = [block or "(no block)" for block in colors]
+    handles += [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="*",
+            markersize=9,
+            markerfacecolor=COLORS["grey"],
+            markeredgecolor=COLORS["black"],
+        ),
+        Line2D([], [], color=COLORS["grey"], linewidth=2.0),
+    ]
+    labels += [rf"predicted {_D_TILDE}", f"bar: {_D_TILDE} with {_flat_label(tolerance)}"]
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+    figure.suptitle(
+        f"Total error by layer kind, {len(layers)} layers (k ≤ {report.k}, m = {report.m}, "
+        f"ρ = {_format_rho(report.rho)})",
         x=0.01,
         horizontalalignment="left",
     )
@@ -506,14 +783,51 @@ def plot_tradeoff_grid(report: Report, *, ncols: int = 4, max_layers: int | None
 # --------------------------------------------------------------------------------------------------
 
 
+def _row_labels(ax: Axes, layers: Sequence[LayerReport]) -> bool:
+    """Y tick labels in model order: the layer kind within its block, block names and separators at the side."""
+    groups = [layer_group(layer.name) for layer in layers]
+    grouped = len({block for block, _ in groups if block}) > 1
+    labels = [
+        kind if grouped and block else _short_name(layer.name)
+        for layer, (block, kind) in zip(layers, groups, strict=True)
+    ]
+    ax.set_yticks(np.arange(len(layers)), [_ellipsize(label, 40) for label in labels])
+    if not grouped:
+        return False
+    start = 0
+    for row in range(1, len(layers) + 1):
+        if row == len(layers) or groups[row][0] != groups[start][0]:
+            if row < len(layers):
+                ax.axhline(row - 0.5, color=COLORS["grey"], linewidth=0.6, zorder=0)
+            ax.text(
+                1.01,
+                (start + row - 1) / 2,
+                groups[start][0] or "(other)",
+                transform=ax.get_yaxis_transform(),
+                ha="left",
+                va="center",
+                fontsize=7.5,
+                color=COLORS["black"],
+            )
+            start = row
+    return True
+
+
 @_styled
-def plot_overview(report: Report, *, ax: Axes | None = None) -> Figure:
-    """Predicted d̃ of every layer in model order, with each layer's knee and the global d̃.
+def plot_overview(report: Report, *, ax: Axes | None = None, tolerance: float = FLAT_TOLERANCE) -> Figure:
+    """Predicted d̃ of every layer in model order, with each layer's knee, flat band and the global d̃.
+
+    Rows follow the report's (model) order; names with numbered blocks (``encoder.layer.3.…``) are
+    grouped, each block labelled at the right and separated by a line. The bar behind each d̃
+    spans the d̃ whose total is within ``tolerance`` of the layer's minimum; the shaded column does
+    the same for the model's size-weighted total around the global d̃.
 
     Parameters
     ----------
     report : Report
     ax : matplotlib.axes.Axes, optional
+    tolerance : float, default FLAT_TOLERANCE
+        Width of the flat bands, as a share of the minimum total (see :func:`flat_band`).
 
     Returns
     -------
@@ -522,12 +836,30 @@ def plot_overview(report: Report, *, ax: Axes | None = None) -> Figure:
     layers = list(report.layers)
     n = len(layers)
     owned = ax is None
-    figure, ax = _figure_and_axes(ax, (5.6, 1.4 + 0.26 * n))
+    figure, ax = _figure_and_axes(ax, (5.6, 1.4 + 0.22 * n))
     y = np.arange(n)
     d_tilde = np.array([layer.d_tilde for layer in layers])
     knee = np.array([layer.knee for layer in layers])
-    for row in y:
-        ax.plot([1, report.m], [row, row], color="#EEEEEE", linewidth=0.8, zorder=0)
+    global_band = flat_band(report.total_curve, tolerance)
+    ax.axvspan(
+        global_band[0] - 0.45,
+        global_band[1] + 0.45,
+        color=COLORS["sky"],
+        alpha=0.22,
+        linewidth=0,
+        zorder=0,
+        label=f"model total within {tolerance:.0%} of its minimum",
+    )
+    bands = np.array([flat_band(layer.total_curve, tolerance) for layer in layers], dtype=np.float64)
+    ax.hlines(
+        y,
+        bands[:, 0] - 0.3,
+        bands[:, 1] + 0.3,
+        color=COLORS["blue"],
+        alpha=0.35,
+        linewidth=5,
+        label=rf"layer's {_D_TILDE} within {tolerance:.0%}",
+    )
     ax.plot(
         knee,
         y,
@@ -549,14 +881,14 @@ def plot_overview(report: Report, *, ax: Axes | None = None) -> Figure:
         linewidth=1.2,
         label=rf"global {_D_TILDE} = {report.global_d_tilde}",
     )
-    ax.set_yticks(y, [_short_name(layer.name) for layer in layers])
+    _row_labels(ax, layers)
     ax.set_ylim(n - 0.5, -0.5)  # model order from top to bottom
     ax.set_xticks(np.arange(1, report.m + 1))
     ax.set_xlim(0.5, report.m + 0.5)
     ax.grid(False)
     ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
     ax.set_title(rf"Predicted {_D_TILDE} per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)})")
-    _figure_legend(figure, ax, owned, ncols=3)
+    _figure_legend(figure, ax, owned, ncols=2)
     return figure
 
 
@@ -593,7 +925,7 @@ def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None 
         )
     values = np.clip(values, floor, None)
     owned = ax is None
-    figure, ax = _figure_and_axes(ax, (5.6, 1.5 + 0.26 * n))
+    figure, ax = _figure_and_axes(ax, (5.6, 1.5 + 0.22 * n))
     image = ax.imshow(
         values,
         aspect="auto",
@@ -601,24 +933,29 @@ def plot_spectra(report: Report, *, ax: Axes | None = None, floor: float | None 
         extent=(0.5, report.m + 0.5, n - 0.5, -0.5),
         interpolation="nearest",
     )
-    for row, layer in enumerate(layers):
-        x = layer.d_tilde + 0.5
-        ax.plot([x, x], [row - 0.45, row + 0.45], color=COLORS["vermillion"], linewidth=2.4, solid_capstyle="butt")
+    rows = np.arange(n)
+    cuts = np.array([layer.d_tilde for layer in layers]) + 0.5
+    ax.vlines(cuts, rows - 0.45, rows + 0.45, color=COLORS["vermillion"], linewidth=2.4, capstyle="butt")
     ax.plot([], [], color=COLORS["vermillion"], linewidth=2.4, label=rf"cut at predicted {_D_TILDE}")
-    ax.set_yticks(np.arange(n), [_short_name(layer.name) for layer in layers])
+    grouped = _row_labels(ax, layers)
     ax.set_xticks(np.arange(1, report.m + 1))
     ax.set_xlim(0.5, report.m + 0.7)  # room for a cut at d̃ = m
     ax.set_xlabel("principal component (decreasing eigenvalue)")
     ax.grid(False)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    colorbar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02, aspect=max(20, 3 * n))
+    # Block names sit at the right of grouped rows: the colour bar then goes below.
+    if grouped:
+        colorbar = figure.colorbar(image, ax=ax, location="bottom", fraction=0.04, pad=0.06, aspect=40)
+    else:
+        colorbar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02, aspect=max(20, 3 * n))
     colorbar.set_label(f"eigenvalue ({_ENERGY})")
     # Few, plainly written ticks (0.15, not 1.5×10⁻¹); a range under a decade gets linear steps.
     locator = MaxNLocator(nbins=6) if top / floor < 10 else LogLocator(base=10, subs=(1.0, 2.0, 5.0))
-    colorbar.ax.yaxis.set_major_locator(locator)
-    colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
-    colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
+    scale_axis = colorbar.ax.xaxis if grouped else colorbar.ax.yaxis
+    scale_axis.set_major_locator(locator)
+    scale_axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    scale_axis.set_minor_formatter(NullFormatter())
     ax.set_title(f"Subvector spectra (m = {report.m})")
     _figure_legend(figure, ax, owned, ncols=1)
     return figure
@@ -1197,21 +1534,24 @@ def figure_file_stem(layer_name: str) -> str:
 def save_report_figures(
     report: Report,
     out_dir: str | os.PathLike[str],
-    formats: Sequence[str] = ("png", "svg"),
+    formats: Sequence[str] = ("png",),
     *,
-    per_layer: bool = True,
+    per_layer: bool | None = None,
     progress: bool = False,
 ) -> dict[str, list[Path]]:
-    """Draw and save every figure of a report: overview, spectra, all-layer grid and one plot per layer.
+    """Draw and save a report's figures: overview, spectra, trade-off grid and (small models) one per layer.
 
     Parameters
     ----------
     report : Report
     out_dir : str or path
         Folder for the figures (created if needed).
-    formats : sequence of {"png", "svg", "pdf"}, default ("png", "svg")
-    per_layer : bool, default True
-        Also write one trade-off figure per layer (``tradeoff_<layer>.*``).
+    formats : sequence of {"png", "svg", "pdf"}, default ("png",)
+        Vector formats cost several times the PNG's time: ask for them when you need them.
+    per_layer : bool, optional
+        Also write one trade-off figure per layer (``tradeoff_<layer>.*``). By default only when the
+        report has at most :data:`MAX_LAYER_PANELS` layers (above it the grid summarises the layers
+        by kind, and :func:`plot_tradeoff` draws any one layer on demand).
     progress : bool, default False
         Show a progress bar.
 
@@ -1221,7 +1561,7 @@ def save_report_figures(
         ``{figure name: [paths]}``: ``"overview"``, ``"spectra"``, ``"tradeoff_grid"`` and, per layer,
         the layer name.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     out = Path(out_dir)
     jobs: list[tuple[str, str, Callable[[], Figure]]] = [
@@ -1229,6 +1569,8 @@ def save_report_figures(
         ("spectra", "spectra", lambda: plot_spectra(report)),
         ("tradeoff_grid", "tradeoff_grid", lambda: plot_tradeoff_grid(report)),
     ]
+    if per_layer is None:
+        per_layer = len(report.layers) <= MAX_LAYER_PANELS
     if per_layer:
         for layer in report.layers:
             jobs.append((layer.name, figure_file_stem(layer.name), functools.partial(plot_tradeoff, layer)))

@@ -20,6 +20,8 @@ from lr2vq_analysis.plots import (
     COLORS,
     SWEEP_COLUMNS,
     figure_file_stem,
+    flat_band,
+    layer_group,
     load_sweep_results,
     plot_accuracy_vs_d_tilde,
     plot_overview,
@@ -84,8 +86,11 @@ def test_tradeoff_plot_draws_curves_probes_total_and_prediction(report):
     lowrank = line_by_label(ax, "low-rank error")
     np.testing.assert_array_equal(lowrank.get_xdata(), d)
     np.testing.assert_allclose(lowrank.get_ydata(), brute_force_lowrank(make_state()["block2.weight"], M), atol=1e-6)
-    probes = line_by_label(ax, "k-means probes")
-    assert dict(zip(probes.get_xdata(), probes.get_ydata(), strict=True)) == pytest.approx(layer.probes)
+    drawn = {}
+    for line in ax.get_lines():  # probes on all subvectors and on subsamples, each with its own marker
+        if line.get_label().startswith(("k-means probe on all", "probe on subsample")):
+            drawn.update(zip(line.get_xdata(), line.get_ydata(), strict=True))
+    assert drawn == pytest.approx(layer.probes)
     measured = line_by_label(ax, "clustering error (k-means")
     np.testing.assert_allclose(measured.get_ydata(), layer.measured_curve)
     total = line_by_label(ax, "total")
@@ -94,6 +99,7 @@ def test_tradeoff_plot_draws_curves_probes_total_and_prediction(report):
     title = ax.get_title(loc="left")
     assert "block2.weight" in title and f"k = {layer.k}" in title and f"m = {M}" in title
     assert "W" in ax.get_ylabel() and "fraction" in ax.get_ylabel()
+    assert f"ρ = {layer.rho:.3g}" in title
     legend_texts = [text.get_text() for text in ax.get_legend().get_texts()]
     assert any(text.startswith("total = 0.") for text in legend_texts)
     assert ax.get_ylim()[0] == 0.0
@@ -173,7 +179,7 @@ def test_spectra_heatmap_shows_normalised_eigenvalues(report):
         np.testing.assert_allclose(data[row], np.clip(reference, image.norm.vmin, None), rtol=1e-6)
         np.testing.assert_allclose(data[row].sum(), 1.0, rtol=1e-6)  # no eigenvalue here is below the floor
     assert image.norm.vmin == pytest.approx(data.min()) and image.norm.vmax == pytest.approx(data.max())
-    assert "W" in fig.axes[-1].get_ylabel()  # the colour bar says what the colours mean
+    assert "W" in fig.axes[-1].get_ylabel() + fig.axes[-1].get_xlabel()  # the colour bar says what colours mean
     with pytest.raises(InvalidParameterError, match="floor"):
         plot_spectra(report, floor=2.0)
 
@@ -295,7 +301,7 @@ def test_save_figure_writes_png_at_300_dpi_and_vector_formats(tmp_path):
 
 
 def test_save_report_figures_writes_every_figure(report, tmp_path):
-    written = save_report_figures(report, tmp_path, formats=("png",))
+    written = save_report_figures(report, tmp_path)  # PNG only by default: vector formats when asked
     assert set(written) == {"overview", "spectra", "tradeoff_grid", *(layer.name for layer in report.layers)}
     for layer in report.layers:
         assert (tmp_path / f"{figure_file_stem(layer.name)}.png").is_file()
@@ -313,3 +319,127 @@ def test_plots_import_and_draw_without_a_display(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().lower() == "agg"
     assert (tmp_path / "f.png").is_file()
+
+
+# -- transformer scale -------------------------------------------------------------------------------
+
+
+def transformer_state(blocks: int = 4) -> dict[str, np.ndarray]:
+    """A fake encoder: 4 kinds of linear per block, in real model order (query, key, value, output)."""
+    rng = np.random.default_rng(0)
+    scale = np.linspace(1.0, 0.3, 8)
+    return {
+        f"encoder.layer.{b}.{kind}.weight": (rng.normal(size=(24, 64)).reshape(24, 8, 8) * scale).reshape(24, 64)
+        for b in range(blocks)
+        for kind in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+    }
+
+
+@pytest.fixture(scope="module")
+def big_report():
+    return analyze(transformer_state(), k=8, m=8, progress=False)
+
+
+def test_flat_band_matches_a_brute_force_scan():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        total = rng.uniform(0.1, 1.0, size=rng.integers(1, 12))
+        tolerance = float(rng.choice([0.0, 0.02, 0.2, 0.5]))
+        best = int(np.argmin(total))
+        inside = total <= total[best] * (1 + tolerance) + 1e-15
+        low = best
+        while low - 1 >= 0 and inside[low - 1]:
+            low -= 1
+        high = best
+        while high + 1 < total.size and inside[high + 1]:
+            high += 1
+        assert flat_band(total, tolerance) == (low + 1, high + 1)
+    with pytest.raises(InvalidParameterError, match="tolerance"):
+        flat_band([1.0, 2.0], tolerance=1.5)
+
+
+def test_layer_group_splits_block_and_kind():
+    assert layer_group("encoder.layer.11.attention.self.query.weight") == ("encoder.layer.11", "attention.self.query")
+    assert layer_group("features.3.weight") == ("features.3", "(weight)")
+    assert layer_group("fc.weight") == ("", "fc")
+
+
+def test_tradeoff_plot_shades_the_flat_band(report):
+    layer = report["block2.weight"]
+    ax = plot_tradeoff(layer, tolerance=0.5).axes[0]
+    total = layer.rho * layer.lowrank_curve + layer.clustering_curve
+    inside = np.flatnonzero(total <= total.min() * 1.5)
+    band = [patch for patch in ax.patches if patch.get_label().startswith("total within 50%")]
+    assert len(band) == 1
+    x0, x1 = band[0].get_x(), band[0].get_x() + band[0].get_width()
+    assert all(x0 < d + 1 < x1 for d in inside if abs(d - np.argmin(total)) <= 1)  # contiguous neighbours inside
+    assert x0 < layer.d_tilde < x1
+
+
+def test_probes_on_subsamples_are_drawn_apart_and_say_their_sample_size():
+    rng = np.random.default_rng(0)
+    weight = rng.laplace(size=(256, 72))  # 2048 subvectors of 9, k = 16 → 128 per centroid > 16
+    report = analyze({"fc.weight": weight}, k=16, m=9, progress=False)
+    ax = plot_tradeoff(report["fc"]).axes[0]
+    sub = line_by_label(ax, "probe on subsample")
+    assert sub.get_label() == "probe on subsample (n = 256 of 2,048)"  # 16 per centroid × k = 16, of 256·72/9
+    assert sub.get_marker() != "s"  # not the marker of a probe on all subvectors
+    np.testing.assert_allclose(sorted(sub.get_xdata()), sorted(report["fc"].probes))
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("k-means probe on all")]
+    estimates = line_by_label(ax, "its estimate")
+    params = report["fc"].model.params_
+    expected = {int(params[f"probe{i}_d_tilde"]): params[f"probe{i}_estimate"] for i in range(len(report["fc"].probes))}
+    assert dict(zip(estimates.get_xdata(), estimates.get_ydata(), strict=True)) == pytest.approx(expected)
+
+
+def test_grid_summarises_by_layer_kind_above_the_panel_limit(big_report):
+    assert len(big_report) == 16 > 12
+    fig = plot_tradeoff_grid(big_report)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    kinds = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+    assert [ax.get_title(loc="left").split("\n")[0] for ax in visible] == kinds  # model order, not alphabetical
+    for ax, kind in zip(visible, kinds, strict=True):
+        curves = [line for line in ax.get_lines() if line.get_label().startswith("encoder.layer.")]
+        assert [line.get_label() for line in curves] == [f"encoder.layer.{b}" for b in range(4)]
+        for b, line in enumerate(curves):
+            np.testing.assert_allclose(line.get_ydata(), big_report[f"encoder.layer.{b}.{kind}"].total_curve)
+        assert "k = 8, m = 8" in ax.get_title(loc="left")
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width * height < 1.5e6  # a few panels, not 16
+    paged = plot_tradeoff_grid(big_report, layers=list(big_report)[4:8])
+    assert [ax.get_title(loc="left").split("\n")[0] for ax in paged.axes if ax.get_visible()] == [
+        name.removesuffix(".weight") for name in list(big_report)[4:8]
+    ]
+
+
+def test_overview_groups_rows_by_block_in_model_order(big_report):
+    ax = plot_overview(big_report).axes[0]
+    labels = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert labels == [layer_group(name)[1] for name in big_report]
+    blocks = [text.get_text() for text in ax.texts]
+    assert blocks == [f"encoder.layer.{b}" for b in range(4)]
+    bands = next(c for c in ax.collections if c.get_label().startswith("layer's"))
+    expected = [flat_band(layer.total_curve) for layer in big_report.values()]
+    segments = bands.get_segments()
+    assert [(round(seg[0][0] + 0.3), round(seg[1][0] - 0.3)) for seg in segments] == expected
+
+
+def test_every_figure_uses_the_package_style_and_palette(report, big_report):
+    palette = {value.lower() for value in COLORS.values()}
+    for fig in (plot_tradeoff(report.layers[0]), plot_overview(big_report), plot_tradeoff_grid(report)):
+        for ax in fig.axes:
+            assert not ax.spines["top"].get_visible()
+            for line in ax.get_lines():
+                assert matplotlib.colors.to_hex(line.get_color()) in palette
+
+
+def test_report_figures_skip_per_layer_files_above_the_limit(big_report, report, tmp_path):
+    written = save_report_figures(big_report, tmp_path / "big")
+    assert set(written) == {"overview", "spectra", "tradeoff_grid"}
+    assert all(path.suffix == ".png" for paths in written.values() for path in paths)
+    forced = save_report_figures(big_report, tmp_path / "forced", per_layer=True, formats=("png",))
+    assert len(forced) == 3 + 16
+    small = save_report_figures(report, tmp_path / "small")
+    assert len(small) == 3 + len(report)
+    with Image.open(written["tradeoff_grid"][0]) as image:
+        assert image.size[0] * image.size[1] < 12e6  # not a 37-panel poster
