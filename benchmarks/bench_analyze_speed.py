@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         dims = np.arange(1, M + 1)
         total = args.rho * model.lowrank(dims) + measured
         best = int(np.argmin(total)) + 1
-        regret = float(total[model.d_tilde - 1] / total[best - 1] - 1)
+        regret = float(total[model.d_tilde_ - 1] / total[best - 1] - 1)
         tolerance = np.maximum(0.1 * measured, 0.005)
         accuracy = float(np.max(np.abs(model.clustering(dims) - measured) / tolerance))
         ratio = timings["sweep"] / timings["model"]
         print(
             f"{name[:48]:48s} {model.n_subvectors_:6d} {timings['model']:8.3f} {timings['sweep']:8.2f} "
-            f"{ratio:6.1f} {model.d_tilde:3d} {best:4d} {100 * regret:6.2f}%",
+            f"{ratio:6.1f} {model.d_tilde_:3d} {best:4d} {100 * regret:6.2f}%",
             flush=True,
         )
         rows.append(
@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 "model_seconds": f"{timings['model']:.4f}",
                 "sweep_seconds": f"{timings['sweep']:.4f}",
                 "speedup": f"{ratio:.2f}",
-                "d_tilde_model": model.d_tilde,
+                "d_tilde_model": model.d_tilde_,
                 "d_tilde_sweep": best,
-                "total_at_model_d_tilde": f"{total[model.d_tilde - 1]:.6g}",
+                "total_at_model_d_tilde": f"{total[model.d_tilde_ - 1]:.6g}",
                 "best_total": f"{total[best - 1]:.6g}",
                 "regret": f"{regret:.6g}",
-                "probes": " ".join(str(d) for d in sorted(model.probes)),
+                "probes": " ".join(str(d) for d in sorted(model.probes_)),
                 "max_error_over_tolerance": f"{accuracy:.4f}",
                 "torch_threads": torch.get_num_threads(),
                 "repeats": args.repeats,

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         relative = 100 * (modelled / np.maximum(measured, 1e-12) - 1)
         per_k = model.n_subvectors_ / k
         total = DEFAULT_RHO * model.lowrank_curve_ + measured
-        regret = float(total[model.d_tilde - 1] / np.min(total) - 1)
+        regret = float(total[model.d_tilde_ - 1] / np.min(total) - 1)
         regrets.append(regret)
         print(
             f"{source:18s} {name[:48]:48s} {k:4d} {per_k:5.0f}  {ratio[worst]:11.2f}  {worst + 1:7d}  "
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                     "rel_error": f"{relative[d - 1] / 100:.6g}",
                     "tolerance": f"{tolerance[d - 1]:.6g}",
                     "error_over_tolerance": f"{ratio[d - 1]:.4f}",
-                    "probed": int(d in model.probes),
-                    "knee": model.knee,
-                    "d_tilde_model": model.d_tilde,
+                    "probed": int(d in model.probes_),
+                    "knee": model.knee_,
+                    "d_tilde_model": model.d_tilde_,
                     "d_tilde_measured": int(np.argmin(total)) + 1,
                     "regret": f"{regret:.6g}",
                     "fit_seconds": f"{fit_seconds:.4f}",

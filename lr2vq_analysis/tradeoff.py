@@ -484,8 +484,8 @@ class TradeoffModel:
     def __repr__(self) -> str:
         label = f"name={self.name!r}, " if self.name else ""
         return (
-            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, d_tilde_={self.d_tilde_}, "
-            f"knee_={self.knee_}, probes_={sorted(self.probes_)})"
+            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, d_tilde={self.d_tilde_}, "
+            f"knee={self.knee_}, probes={sorted(self.probes_)})"
         )
 
     def _repr_html_(self) -> str:
