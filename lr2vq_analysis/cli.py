@@ -164,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--formats",
         type=_formats,
-        default=["png", "svg"],
+        default=["png"],
         metavar="LIST",
-        help="figure formats, comma-separated from png, svg, pdf (default: png,svg)",
+        help="figure formats, comma-separated from png, svg, pdf (default: png)",
     )
-    analyze.add_argument("--no-layer-figures", action="store_true", help="skip the one-figure-per-layer plots")
+    analyze.add_argument(
+        "--no-layer-figures",
+        action="store_true",
+        help="skip the one-figure-per-layer plots (written by default up to 12 layers)",
+    )
     analyze.set_defaults(handler=_cmd_analyze)
 
     plot = commands.add_parser(
@@ -183,10 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help=f"output folder (default: the '{FIGURE_DIR}' folder beside the report)"
     )
     plot.add_argument("--rho", type=_rho, metavar="R", help="redraw with this ρ (d̃ moves; no refit)")
+    plot.add_argument("--formats", type=_formats, default=["png"], metavar="LIST", help="figure formats (default: png)")
     plot.add_argument(
-        "--formats", type=_formats, default=["png", "svg"], metavar="LIST", help="figure formats (default: png,svg)"
+        "--no-layer-figures",
+        action="store_true",
+        help="skip the one-figure-per-layer plots (written by default up to 12 layers)",
     )
-    plot.add_argument("--no-layer-figures", action="store_true", help="skip the one-figure-per-layer plots")
     plot.set_defaults(handler=_cmd_plot)
 
     compress = commands.add_parser(
@@ -486,7 +492,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     write_atomic(out / "curves.csv", report.curves_frame().to_csv(index=False).encode())
     sizes = _size_table(report, load_state_dict(args.source))
     figures = save_report_figures(
-        report, out / FIGURE_DIR, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet
+        report,
+        out / FIGURE_DIR,
+        args.formats,
+        per_layer=False if args.no_layer_figures else None,
+        progress=not args.quiet,
     )
     command = "lr2vq " + shlex.join(args.argv)
     markdown = write_markdown_report(report, out, sizes=sizes, figures=figures, command=command)
@@ -516,7 +526,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         report = report.with_rho(args.rho)
     out = Path(args.out) if args.out else Path(args.report).parent / FIGURE_DIR
     figures = save_report_figures(
-        report, out, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet
+        report, out, args.formats, per_layer=False if args.no_layer_figures else None, progress=not args.quiet
     )
     _say(
         args,
