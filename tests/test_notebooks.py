@@ -55,7 +55,54 @@ def test_notebook_executes(path, kernel_env, tmp_path):
     )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
+            assert "IProgress" not in text and "TqdmWarning" not in text, f"progress-bar warning in:\n{cell.source}"
+    for cell in notebook.cells:
         draws = cell.cell_type == "code" and ("fig = plot" in cell.source or "plt.subplots" in cell.source)
         if draws and "if spec is None" not in cell.source:  # the MiniLM cell draws only when it is installed
             images = [output for output in cell.outputs if "image/png" in output.get("data", {})]
             assert images, f"this cell draws a figure but shows none inline:\n{cell.source}"
+
+
+def _widget_cell(notebook):
+    return next(cell for cell in notebook.cells if "ipywidgets" in cell.source and cell.cell_type == "code")
+
+
+def test_notebook_01_has_controls_for_k_m_and_rho(kernel_env, tmp_path):
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+    cell = _widget_cell(notebook)
+    for control in ('"k"', '"m"', '"rho"'):
+        assert control in cell.source
+    notebook.cells = [notebook.cells[1], cell]  # the imports and the controls
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    views = [o for o in cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 2  # the row of controls and the output they drive
+
+
+def test_notebook_01_falls_back_to_static_figures_without_ipywidgets(kernel_env, tmp_path):
+    hidden = tmp_path / "hide"
+    (hidden / "ipywidgets").mkdir(parents=True)
+    (hidden / "ipywidgets" / "__init__.py").write_text('raise ImportError("ipywidgets hidden for this test")')
+    spec = Path(os.environ["JUPYTER_PATH"]) / "kernels" / KERNEL / "kernel.json"
+    saved = spec.read_text()
+    kernel = json.loads(saved)
+    kernel["env"] = {"PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
+    spec.write_text(json.dumps(kernel))
+    try:
+        notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+        cell = _widget_cell(notebook)
+        notebook.cells = [notebook.cells[1], cell]
+        client = nbclient.NotebookClient(
+            notebook, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(tmp_path)}}
+        )
+        client.execute()
+    finally:
+        spec.write_text(saved)
+    text = "".join(output.get("text", "") for output in cell.outputs)
+    assert "ipywidgets is not installed" in text
+    assert text.count("global d̃ =") == 3
+    assert len([o for o in cell.outputs if "image/png" in o.get("data", {})]) == 3
