@@ -516,3 +516,14 @@ def test_repr_html_of_a_size_report_has_hand_computed_totals():
     assert f"ratio {36928 * 32 / bits:.1f}×" in text
     assert f"{(4096 * 8 + 256 * 4 * 16 + 4 * 9 * 16) / 8 / 1024:.4g}" in text
     assert len(repr(sizes)) < 200
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '{"format_version": 1, "k": "x"}', "[" * 50_000])
+def test_lr2vq_plot_refuses_a_bad_report_in_one_line(tmp_path, capsys, text):
+    from lr2vq_analysis.cli import main
+
+    path = tmp_path / "report.json"
+    path.write_text(text)
+    assert main(["plot", str(path), "--out", str(tmp_path / "figures")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "report.json" in err and "Traceback" not in err
