@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._validation import InvalidParameterError, check_count, check_seed
+from ._validation import InvalidParameterError, check_count, check_param, check_seed
 
 __all__ = [
     "TEST_SPLIT_SEED",
@@ -41,13 +41,7 @@ _PIXEL_MAX = 16.0
 
 
 def _check_fraction(value: Any, name: str) -> float:
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be a number in (0, 1)") from None
-    if not 0.0 < fraction < 1.0:
-        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be a number in (0, 1)")
-    return fraction
+    return float(check_param(name, value))
 
 
 def _to_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
