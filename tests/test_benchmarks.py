@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_figures
 import calibrate_rho
 import sweep_frontier
 
@@ -89,3 +90,10 @@ def test_calibrate_rho_counts_plateau_and_hits_by_hand(tmp_path):
 def test_calibrate_rho_without_summaries_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="sweep_frontier"):
         calibrate_rho.main(["--results", str(tmp_path)])
+
+
+def test_quick_figure_benchmark_times_analysis_and_figures(capsys):
+    times = bench_figures.main(["--quick"])  # correctness only: no timing is asserted
+    assert set(times) == {"analysis", "figures_png", "figures_png_svg"}
+    out = capsys.readouterr().out
+    assert "15 layers" in out and "figures_png: 3 files" in out and "figures_png_svg: 6 files" in out
