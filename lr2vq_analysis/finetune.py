@@ -64,7 +64,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from ._io import write_atomic
-from ._validation import InvalidParameterError, LR2VQError, check_count, check_seed
+from ._validation import InvalidParameterError, LR2VQError, check_count, check_param, check_seed
 from .exceptions import CheckpointError, NonFiniteError, ResumeMismatchError
 
 __all__ = [
@@ -80,8 +80,6 @@ __all__ = [
 #: Compressed-layer state each stage needs (``None``: no requirement).
 STAGE_STATES: dict[str, str | None] = {"lowrank": "lowrank", "codebook": "quantized", "dkm": "dkm", "dense": None}
 _LAYER_STATES = frozenset({"lowrank", "quantized", "dkm"})
-_DISTILL_KINDS = ("kl", "mse")
-_NONFINITE_POLICIES = ("raise", "skip")
 _CHECKPOINT_FORMAT = "lr2vq-finetune-checkpoint"
 _CHECKPOINT_VERSION = 2
 #: ``num_threads="auto"`` runs models with fewer parameters than this on one CPU thread (see TrainingConfig).
@@ -98,17 +96,6 @@ class StageError(LR2VQError, RuntimeError):
 
 # --------------------------------------------------------------------------------------------------
 # configuration objects
-
-
-def _check_number(value: Any, name: str, *, low: float = 0.0, low_open: bool = True, high: float = math.inf) -> float:
-    """A finite real in (low, high] (or [low, high] when ``low_open`` is False)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be a number in {bound}")
-    return float(value)
 
 
 def _check_threads(value: Any, name: str = "num_threads") -> ThreadSetting:
@@ -175,13 +162,9 @@ class TrainingConfig:
             raise InvalidParameterError(
                 f"give steps or epochs, not both (got steps={self.steps}, epochs={self.epochs})"
             )
-        lr = _check_number(self.lr, "lr")
-        if not (isinstance(self.lr_min, (int, float)) and 0.0 <= self.lr_min <= lr):
-            raise InvalidParameterError(
-                f"lr={self.lr!r}, lr_min={self.lr_min!r} are invalid; need lr > 0 and 0 <= lr_min <= lr"
-            )
-        if self.grad_clip is not None:
-            _check_number(self.grad_clip, "grad_clip")
+        lr = check_param("lr", self.lr)
+        check_param("lr_min", self.lr_min, high=lr)
+        check_param("grad_clip", self.grad_clip)
         if not callable(self.scheduler) and self.scheduler not in ("cosine", "constant"):
             raise InvalidParameterError(
                 f"scheduler={self.scheduler!r} is invalid; use 'cosine', 'constant' "
@@ -191,10 +174,7 @@ class TrainingConfig:
             raise InvalidParameterError(
                 f"optimizer={self.optimizer!r} is invalid; give a callable (params) -> Optimizer"
             )
-        if self.on_nonfinite not in _NONFINITE_POLICIES:
-            raise InvalidParameterError(
-                f"on_nonfinite={self.on_nonfinite!r} is invalid; allowed values are {list(_NONFINITE_POLICIES)}"
-            )
+        check_param("on_nonfinite", self.on_nonfinite)
         _check_threads(self.num_threads)
 
     def __repr__(self) -> str:  # only what differs from the defaults
@@ -226,10 +206,9 @@ class DistillationConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in _DISTILL_KINDS:
-            raise InvalidParameterError(f"distill={self.kind!r} is invalid; allowed values are {list(_DISTILL_KINDS)}")
-        object.__setattr__(self, "weight", _check_number(self.weight, "distill_weight", low_open=False, high=1.0))
-        object.__setattr__(self, "temperature", _check_number(self.temperature, "temperature"))
+        check_param("distill", self.kind)
+        object.__setattr__(self, "weight", check_param("distill_weight", self.weight))
+        object.__setattr__(self, "temperature", check_param("temperature", self.temperature))
 
 
 @dataclass(frozen=True)

@@ -731,7 +731,7 @@ def test_compressed_layers_method_is_preferred():
         (lambda: TrainingConfig(epochs=1.5), "epochs=1.5 is invalid"),
         (lambda: TrainingConfig(lr=-1.0), "lr=-1.0"),
         (lambda: TrainingConfig(lr=float("nan")), "lr=nan"),
-        (lambda: TrainingConfig(lr=1e-3, lr_min=1e-2), "lr_min <= lr"),
+        (lambda: TrainingConfig(lr=1e-3, lr_min=1e-2), "lr_min=0.01 is invalid"),
         (lambda: TrainingConfig(grad_clip=0.0), "grad_clip=0.0 is invalid"),
         (lambda: TrainingConfig(scheduler="linear"), "scheduler='linear' is invalid"),
         (lambda: TrainingConfig(optimizer="adam"), "optimizer='adam' is invalid"),
