@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -223,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_non_negative_int,
         metavar="N",
-        help="fine-tuning steps per stage, bundled model only (default: the demo's setting; 0: none)",
+        help="fine-tuning steps in all, half of them low-rank; bundled model only (default: the demo's; 0: none)",
     )
     compress.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
     compress.set_defaults(handler=_cmd_compress)
@@ -245,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_non_negative_int,
         metavar="N",
-        help="fine-tuning steps per stage (default: the demo's setting, fewer with --quick)",
+        help="fine-tuning steps in all, half of them low-rank (default: 600, 80 with --quick)",
     )
     demo.add_argument("--quick", action="store_true", help="few fine-tuning steps: a smoke test in seconds")
     demo.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
@@ -723,18 +722,6 @@ def _check_reload(cmodel: Any, reloaded: Any) -> None:
             raise LR2VQError(f"layer {name!r}: the reloaded weight differs from the compressed one")
 
 
-def _move_model_file(result: Any, out: Path) -> None:
-    """Put the demo's model file at ``out`` and keep its summary.json pointing at it."""
-    from .pipeline import SUMMARY_FILE
-
-    model = Path(result.files["model"])
-    if model.resolve() != out.resolve():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(model), str(out))
-        result.files["model"] = out
-        write_atomic(model.parent / SUMMARY_FILE, json.dumps(result.to_dict(), indent=2).encode())
-
-
 def _compress_bundled(args: argparse.Namespace, plan: Mapping[str, LayerPlan], out: Path) -> int:
     from .pipeline import compress_digits_demo
 
@@ -742,9 +729,8 @@ def _compress_bundled(args: argparse.Namespace, plan: Mapping[str, LayerPlan], o
         raise _UsageError(f"fine-tuning from the command line is available for {DEFAULT_MODEL!r} only")
     _say(args, f"compressing {args.source} with {len(plan)} planned layer(s), fine-tuning on its data set")
     result = compress_digits_demo(
-        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, progress=not args.quiet
+        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, model_path=out, progress=not args.quiet
     )
-    _move_model_file(result, out)
     _say(args, f"\naccuracy {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after (test split)")
     _say(args, f"size: {_describe_size(result.size)}")
     _say(args, f"wrote {out}; details in {out.parent / 'summary.json'}")

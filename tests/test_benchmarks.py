@@ -97,3 +97,21 @@ def test_quick_figure_benchmark_times_analysis_and_figures(capsys):
     assert set(times) == {"analysis", "figures_png", "figures_png_svg"}
     out = capsys.readouterr().out
     assert "15 layers" in out and "figures_png: 3 files" in out and "figures_png_svg: 6 files" in out
+
+
+def test_finetune_thread_table_runs_and_restores_the_setting():
+    import bench_finetune_step
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one user thread: every setting runs one thread, so this is quick (correctness only, no timing)
+        table = bench_finetune_step.thread_cliff(1, steps=2, rounds=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert set(table["setting"]) == set(bench_finetune_step.THREAD_SETTINGS)
+    assert set(table["path"]) == {"finetune, 2 low-rank steps", "recalibrate_batchnorm"}
+    assert (table["seconds"] > 0).all() and (
+        table.loc[table["setting"] == "1 thread", "ratio_vs_1_thread"] == 1.0
+    ).all()
