@@ -405,19 +405,33 @@ def _flat_label(tolerance: float, band: tuple[int, int] | None = None) -> str:
     return f"total within {tolerance:.0%} of its minimum{where}"
 
 
+def _shade_band(ax: Axes, band: tuple[int, int], label: str) -> None:
+    """The flat band of d̃, shaded behind everything."""
+    ax.axvspan(band[0] - 0.45, band[1] + 0.45, color=COLORS["sky"], alpha=0.22, linewidth=0, zorder=0, label=label)
+
+
+def _open_markers(
+    ax: Axes, xs: Sequence[int], values: dict[int, float], marker: str, size: float, color: str, label: str
+) -> None:
+    """Unfilled markers at (x, values[x]): the probes."""
+    ax.plot(
+        xs,
+        [values[x] for x in xs],
+        linestyle="none",
+        marker=marker,
+        markersize=size,
+        markerfacecolor="none",
+        markeredgecolor=color,
+        markeredgewidth=1.3,
+        label=label,
+    )
+
+
 def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: bool, tolerance: float) -> None:
     d = np.arange(1, curves.m + 1)
     size = 3.5 if compact else 5.0
     band = flat_band(curves.total, tolerance)
-    ax.axvspan(
-        band[0] - 0.45,
-        band[1] + 0.45,
-        color=COLORS["sky"],
-        alpha=0.22,
-        linewidth=0,
-        zorder=0,
-        label=_flat_label(tolerance, None if compact else band),
-    )
+    _shade_band(ax, band, _flat_label(tolerance, None if compact else band))
     ax.plot(d, curves.lowrank, color=COLORS["blue"], marker="o", markersize=size, label="low-rank error")
     ax.plot(d, curves.clustering, color=COLORS["orange"], marker="o", markersize=size, label="clustering error (model)")
     if curves.measured is not None:
@@ -433,33 +447,13 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
     subsample = curves.subsample or {}
     full = sorted(p for p in curves.probes if p not in subsample)
     if full:
-        ax.plot(
-            full,
-            [curves.probes[p] for p in full],
-            linestyle="none",
-            marker="s",
-            markersize=size + 3,
-            markerfacecolor="none",
-            markeredgecolor=COLORS["vermillion"],
-            markeredgewidth=1.3,
-            label="k-means probe on all subvectors (calibration)",
-        )
+        _open_markers(ax, full, curves.probes, "s", size + 3, COLORS["vermillion"], "k-means probe on all subvectors")
     sub = sorted(p for p in curves.probes if p in subsample)
     if sub:
         sizes = sorted(set(subsample[p] for p in sub))
         n_text = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
         of = f" of {curves.n_subvectors:,}" if curves.n_subvectors else ""
-        ax.plot(
-            sub,
-            [curves.probes[p] for p in sub],
-            linestyle="none",
-            marker="D",
-            markersize=size + 2,
-            markerfacecolor="none",
-            markeredgecolor=COLORS["purple"],
-            markeredgewidth=1.3,
-            label=f"probe on subsample (n = {n_text}{of})",
-        )
+        _open_markers(ax, sub, curves.probes, "D", size + 2, COLORS["purple"], f"probe on subsample (n = {n_text}{of})")
         estimated = [p for p in sub if p in (curves.estimates or {})]
         if estimated and curves.estimates is not None:
             for p in estimated:
@@ -573,9 +567,27 @@ def _block_colors(blocks: Sequence[str]) -> dict[str, Any]:
     return {block: cmap(0.05 + 0.85 * i / max(1, len(unique) - 1)) for i, block in enumerate(unique)}
 
 
-def _grid_shape(n: int, ncols: int) -> tuple[int, int]:
+def _panel_grid(n: int, ncols: int, size: tuple[float, float, float]) -> tuple[Figure, list[Axes]]:
+    """A figure of n panels, ``ncols`` per row (fewer when n is smaller); size = (width, height, legend room)."""
     ncols = min(ncols, n)
-    return math.ceil(n / ncols), ncols
+    nrows = math.ceil(n / ncols)
+    width, height, extra = size
+    figure, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols, height * nrows + extra), layout="constrained", squeeze=False, sharex=True
+    )
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return figure, list(axes.flat[:n])
+
+
+def _label_panel(ax: Axes, index: int, n: int, ncols: int, ylabel: str) -> None:
+    """Y label on the first column, x label and ticks on the lowest panel of each column."""
+    ncols = min(ncols, n)
+    if index % ncols == 0:
+        ax.set_ylabel(ylabel)
+    if index + ncols >= n:
+        ax.set_xlabel(_D_TILDE)
+        ax.tick_params(labelbottom=True)
 
 
 @_styled
@@ -623,22 +635,12 @@ def plot_tradeoff_grid(
         raise InvalidParameterError("no layer to draw; pass at least one layer name")
     if len(chosen) > max_panels:
         return _plot_kind_summary(report, chosen, ncols=ncols, tolerance=tolerance)
-    nrows, ncols = _grid_shape(len(chosen), ncols)
-    figure, axes = plt.subplots(
-        nrows, ncols, figsize=(2.6 * ncols, 2.1 * nrows + 0.9), layout="constrained", squeeze=False, sharex=True
-    )
-    for index, ax in enumerate(axes.flat):
-        if index >= len(chosen):
-            ax.set_visible(False)
-            continue
+    figure, panels = _panel_grid(len(chosen), ncols, (2.6, 2.1, 0.9))
+    for index, ax in enumerate(panels):
         _draw_tradeoff(ax, _LayerCurves.of(chosen[index], None), legend=False, compact=True, tolerance=tolerance)
-        if index % ncols == 0:
-            ax.set_ylabel(_ENERGY)
-        if index // ncols == nrows - 1 or index + ncols >= len(chosen):
-            ax.set_xlabel(_D_TILDE)
-            ax.tick_params(labelbottom=True)
+        _label_panel(ax, index, len(chosen), ncols, _ENERGY)
     entries: dict[str, Any] = {}
-    for ax in axes.flat[: len(chosen)]:
+    for ax in panels:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             # Every panel has its own predicted d̃ and subsample; the legend names the marker, not one value.
             if label.startswith("predicted"):
@@ -660,14 +662,8 @@ def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: 
     groups = [layer_group(layer.name) for layer in layers]
     colors = _block_colors([block for block, _ in groups])
     kinds = list(dict.fromkeys(kind for _, kind in groups))
-    nrows, ncols = _grid_shape(len(kinds), ncols)
-    figure, axes = plt.subplots(
-        nrows, ncols, figsize=(2.7 * ncols, 2.2 * nrows + 1.0), layout="constrained", squeeze=False, sharex=True
-    )
-    for index, ax in enumerate(axes.flat):
-        if index >= len(kinds):
-            ax.set_visible(False)
-            continue
+    figure, panels = _panel_grid(len(kinds), ncols, (2.7, 2.2, 1.0))
+    for index, ax in enumerate(panels):
         kind = kinds[index]
         members = [(layer, block) for layer, (block, k) in zip(layers, groups, strict=True) if k == kind]
         top = 0.0
@@ -703,11 +699,7 @@ def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: 
         )
         ax.set_xticks(np.arange(1, report.m + 1))
         ax.set_xlim(0.5, report.m + 0.5)
-        if index % ncols == 0:
-            ax.set_ylabel(f"total error ({_ENERGY})")
-        if index // ncols == nrows - 1 or index + ncols >= len(kinds):
-            ax.set_xlabel(_D_TILDE)
-            ax.tick_params(labelbottom=True)
+        _label_panel(ax, index, len(kinds), ncols, f"total error ({_ENERGY})")
     handles = [Line2D([], [], color=color, linewidth=1.6) for color in colors.values()]
     labels = [block or "(no block)" for block in colors]
     handles += [
@@ -795,16 +787,7 @@ def plot_overview(report: Report, *, ax: Axes | None = None, tolerance: float = 
     y = np.arange(n)
     d_tilde = np.array([layer.d_tilde for layer in layers])
     knee = np.array([layer.knee for layer in layers])
-    global_band = flat_band(report.total_curve, tolerance)
-    ax.axvspan(
-        global_band[0] - 0.45,
-        global_band[1] + 0.45,
-        color=COLORS["sky"],
-        alpha=0.22,
-        linewidth=0,
-        zorder=0,
-        label=f"model total within {tolerance:.0%} of its minimum",
-    )
+    _shade_band(ax, flat_band(report.total_curve, tolerance), f"model total within {tolerance:.0%} of its minimum")
     bands = np.array([flat_band(layer.total_curve, tolerance) for layer in layers], dtype=np.float64)
     ax.hlines(
         y,
