@@ -25,6 +25,7 @@ __all__ = [
     "check_rho",
     "check_seed",
     "check_count",
+    "check_real",
     "check_finite",
     "check_weight_rank",
     "as_float_array",
@@ -108,6 +109,16 @@ def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
     if not _is_int(value) or value < minimum:
         raise InvalidParameterError(f"{name}={value!r} is invalid; it must be an integer >= {minimum}")
     return int(value)
+
+
+def check_real(value: Any, name: str, *, minimum: float = -math.inf, strict: bool = False) -> float:
+    """Check a finite real number (not a bool) that is >= ``minimum`` (> ``minimum`` when ``strict``)."""
+    bound = f"> {minimum}" if strict else f">= {minimum}"
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    number = float(value) if ok else math.nan
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be a finite number {bound}")
+    return number
 
 
 def as_float_array(weight: Any, *, name: str | None = None) -> np.ndarray:

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError
+from lr2vq_analysis.exceptions import InvalidParameterError, InvalidWeightsError, StateError
 from lr2vq_analysis.nn import (
     CompressedModel,
+    DKMConfig,
     LR2VQConv1d,
     LR2VQConv2d,
     LR2VQLinear,
@@ -137,7 +138,7 @@ def test_dkm_soft_assignment_follows_the_weights_and_hardens():
     dense = _dense(lambda: nn.Linear(32, 16))
     for d_tilde in (2, 4):  # LR²VQ's Z and vanilla DKM (PQ)
         cmodel = compress(
-            nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4, d_tilde=d_tilde)}, method="dkm", tau=1e-6
+            nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4, d_tilde=d_tilde)}, method="dkm", dkm=DKMConfig(tau=1e-6)
         )
         layer = cmodel.compressed_layers()["0.weight"]
         assert layer.state == "dkm"
@@ -165,7 +166,7 @@ def test_dkm_soft_assignment_follows_the_weights_and_hardens():
 def test_dkm_with_large_temperature_averages_everything():
     # Uniform attention: one soft update moves every centroid to the mean subvector, and every row becomes it.
     dense = _dense(lambda: nn.Linear(32, 16))
-    cmodel = compress(nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4)}, method="dkm", tau=1e6, max_iter=1)
+    cmodel = compress(nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4)}, method="dkm", dkm=DKMConfig(tau=1e6, soft_iter=1))
     layer = cmodel.compressed_layers()["0.weight"].eval()
     mean_subvector = dense.weight.detach().reshape(-1, 4).mean(0)
     rows = layer.weight.detach().reshape(-1, 4)
@@ -280,19 +281,26 @@ def test_bad_method_and_options():
     with pytest.raises(InvalidParameterError, match=r"method='pq'.*\('lr2vq', 'dkm'\)"):
         compress(_toy_model(), plan, method="pq")
     with pytest.raises(InvalidParameterError, match=r"only accepted with method='dkm'"):
-        compress(_toy_model(), plan, tau=0.1)
-    with pytest.raises(InvalidParameterError, match=r"tau=-1"):
-        compress(_toy_model(), plan, method="dkm", tau=-1)
+        compress(_toy_model(), plan, dkm=DKMConfig(tau=0.1))
+    with pytest.raises(InvalidParameterError, match=r"expected a DKMConfig"):
+        compress(_toy_model(), plan, method="dkm", dkm={"tau": 0.1})  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match=r"seed"):
         compress(_toy_model(), plan, seed=-1)
 
 
 def test_state_transitions_are_checked():
     cmodel = compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}).quantize()
-    with pytest.raises(InvalidParameterError, match=r"cannot quantize in state 'quantized'"):
+    with pytest.raises(StateError, match=r"'8\.weight'.*cannot quantize in state 'quantized'.*'dkm', 'lowrank'"):
         cmodel.quantize()
-    with pytest.raises(InvalidParameterError, match=r"cannot start DKM in state 'quantized'"):
+    with pytest.raises(StateError, match=r"cannot start dkm in state 'quantized'.*\('lowrank',\)"):
         cmodel.start_dkm()
+    layer = cmodel.compressed_layers()["8.weight"]
+    layer.init_from_weight(torch.randn(10, 16))  # back to the low-rank state from any state
+    assert layer.state == "lowrank" and layer.codes is None and layer.codebook is None
+    with pytest.raises(StateError, match=r"cannot read codes in state 'lowrank'"):
+        layer.hard_codes()
+    # A state error is neither a usage error (CLI exit 2) nor an InvalidParameterError.
+    assert not issubclass(StateError, InvalidParameterError)
 
 
 def test_grouped_conv_layer_constructor_is_rejected():
