@@ -252,6 +252,22 @@ def round_to_fp16_grid(tensor: Tensor, *, name: str | None = None) -> Tensor:
     return from_fp16(to_fp16(tensor, exponent), exponent, tensor)
 
 
+def _unit_exponent(tensor: Tensor) -> int:
+    """e with max|tensor| in [0.5, 1)·2**e: dividing by 2**e brings a tensor to unit scale exactly.
+
+    Clustering and assignment run at unit scale, so that they do not depend on the weights' magnitude
+    (at 1e-20 or 1e20 float32 squared distances would underflow or overflow).
+    """
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    exponent = math.frexp(peak)[1] if math.isfinite(peak) and peak > 0 else 0
+    return max(-120, min(120, exponent))  # 2**±120 is a normal float32
+
+
+def _ldexp(tensor: Tensor, exponent: int) -> Tensor:
+    """``tensor · 2**exponent``, exact (barring underflow), in the tensor's dtype."""
+    return tensor.detach() * torch.tensor(2.0**exponent, dtype=tensor.dtype) if exponent else tensor.detach()
+
+
 def _check_groups(name: str, module: nn.Module) -> None:
     """Grouped and depthwise convolutions are not compressible: explain why and what happens to them."""
     groups = getattr(module, "groups", 1)
@@ -399,9 +415,12 @@ class _LR2VQLayer(nn.Module):
         self.state = target
         return self
 
-    def _initial_centroids(self, z: Tensor, seed: int, kmeans_options: Mapping[str, int | float]) -> Tensor:
-        result = kmeans(z, self.plan.k, seed=check_seed(seed), name=self.layer_name, **kmeans_options)  # type: ignore[arg-type]
-        return result.centroids.to(z.dtype)
+    def _initial_centroids(self, z: Tensor, seed: int, kmeans_options: Mapping[str, Any]) -> Tensor:
+        exponent = _unit_exponent(z)
+        result = kmeans(
+            _ldexp(z, -exponent), self.plan.k, seed=check_seed(seed), name=self.layer_name, **kmeans_options
+        )
+        return _ldexp(result.centroids.to(z.dtype), exponent)
 
     @torch.no_grad()
     def quantize(self: _Layer, seed: int = 0, **kmeans_options: int | float) -> _Layer:
@@ -438,7 +457,8 @@ class _LR2VQLayer(nn.Module):
         else:
             centroids = self._initial_centroids(z, seed, kmeans_options)
         codebook = round_to_fp16_grid(centroids, name=self.layer_name)
-        codes, _ = assign(z, codebook)
+        exponent = _unit_exponent(z)  # assign at unit scale, where float32 squared distances cannot overflow
+        codes, _ = assign(_ldexp(z, -exponent), _ldexp(codebook, -exponent))
         projection = None if self.P is None else round_to_fp16_grid(self.P.detach(), name=self.layer_name)
         return self.set_quantized(codes, codebook, projection)
 
@@ -586,7 +606,8 @@ class _LR2VQLayer(nn.Module):
             assert self.codes is not None
             return self.codes
         assert self.Z is not None and self.dkm_centroids is not None
-        return assign(self.Z.detach(), self.dkm_centroids)[0]
+        exponent = _unit_exponent(self.Z)
+        return assign(_ldexp(self.Z.detach(), -exponent), _ldexp(self.dkm_centroids, -exponent))[0]
 
     def compressed_bits(self) -> dict[str, float]:
         """Bits of the compressed weight (codes, codebook, projection) by the package's accounting; bias excluded."""
@@ -722,16 +743,17 @@ class _LR2VQConv(_LR2VQLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dense = self._dense_type(
+        factory: Callable[..., nn.Conv1d | nn.Conv2d] = self._dense_type  # torch types its arguments per dimension
+        dense = factory(
             in_channels,
             out_channels,
-            kernel_size,  # type: ignore[arg-type]  # torch's own signature is per dimension
-            stride=stride,  # type: ignore[arg-type]
-            padding=padding,  # type: ignore[arg-type]
-            dilation=dilation,  # type: ignore[arg-type]
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
             groups=groups,
             bias=bias,
-            padding_mode=padding_mode,  # type: ignore[arg-type]  # torch checks the value
+            padding_mode=padding_mode,
             device=device,
             dtype=dtype,
         )
