@@ -526,3 +526,25 @@ def test_non_regular_file_is_refused(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CompressedFileError, match="not a regular file"):
         load_compressed(fifo, _toy_model())
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e8])
+def test_cli_compress_reports_success_only_for_a_usable_file(tmp_path, capsys, scale):
+    # Before the fp16 scale, 1e8 gave an all-Inf file and 1e-9 an all-zero one, both reported as success.
+    from safetensors.torch import save_file
+
+    from lr2vq_analysis.cli import main
+
+    model = _scaled_linear(scale)
+    weights = tmp_path / "model.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(weights))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"0.weight": {"k": 8, "m": 4, "d_tilde": 2}}))
+    out = tmp_path / "model.lr2vq"
+    code = main(["compress", str(weights), "--plan", str(plan), "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    loaded = load_compressed(out, _scaled_linear(1.0, seed=1))
+    weight = loaded.module[0].weight.detach().double()
+    original = model[0].weight.detach().double()
+    assert torch.isfinite(weight).all() and weight.abs().min() > 0
+    assert float((weight - original).norm() / original.norm()) < 0.9  # an approximation at the right scale
