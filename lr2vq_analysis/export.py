@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from ._io import write_atomic
@@ -107,6 +106,7 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def code_bits(k: int) -> int:
@@ -568,18 +568,80 @@ def _parse_manifest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Ten
     return _Manifest(layers, folded, dense)
 
 
+def _read_payload(path: Path) -> bytearray:
+    """The file's bytes, read once into one writable buffer (the tensors become views of it)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CompressedFileError(f"{str(path)!r} is not a regular file; give the path of a .lr2vq file")
+            payload = bytearray(info.st_size)
+            read = handle.readinto(payload)
+    except CompressedFileError:
+        raise
+    except OSError as exc:
+        raise CompressedFileError(f"cannot read {str(path)!r}: {exc}") from None
+    if read != len(payload):
+        raise CompressedFileError(f"{str(path)!r} changed size while it was read; read it again")
+    return payload
+
+
+def _tensor_views(
+    payload: bytearray, header: Mapping[str, object], start: int, refuse: _Refuse
+) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors header describes, as views of ``payload`` (no copy), checked like safetensors does."""
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise refuse(f"tensor {name!r} has a malformed header entry")
+        dtype, shape, offsets = _DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+        if dtype is None:
+            raise refuse(f"tensor {name!r} has the unsupported dtype {entry['dtype']!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise refuse(f"tensor {name!r} has the shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets):
+            raise refuse(f"tensor {name!r} has the data offsets {offsets!r}")
+        size = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != size:
+            raise refuse(f"tensor {name!r} occupies {offsets[1] - offsets[0]} bytes; its dtype and shape need {size}")
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort(key=lambda entry: (entry[0], entry[1]))
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            raise refuse(f"tensor {name!r} overlaps another or leaves a gap (offset {begin}, expected {position})")
+        position = end
+    if start + position != len(payload):
+        raise CompressedFileError(
+            f"{str(refuse.path)!r} is truncated or padded: {len(payload)} bytes, "
+            f"the header describes {start + position}"
+        )
+    tensors = {}
+    for begin, end, name, dtype, shape in entries:
+        offset, count = start + begin, math.prod(shape)
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif offset % dtype.itemsize:  # unaligned (a foreign writer): copy this one tensor
+            tensors[name] = torch.frombuffer(bytearray(payload[offset : start + end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return tensors
+
+
 def _read(path: str | os.PathLike[str]) -> tuple[_Manifest, dict[str, torch.Tensor]]:
-    """Read and verify a file: its checked manifest and tensors, or CompressedFileError naming what is wrong."""
+    """Read and verify a file: its checked manifest and tensors, or CompressedFileError naming what is wrong.
+
+    The file is read once into memory; the tensors are views of that buffer, so reading needs about the
+    file's size.
+    """
     path = Path(path)
     refuse = _Refuse(path)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise CompressedFileError(f"{str(path)!r} is not a regular file; give the path of a .lr2vq file")
-        payload = path.read_bytes()
-    except OSError as exc:
-        if isinstance(exc, CompressedFileError):
-            raise
-        raise CompressedFileError(f"cannot read {str(path)!r}: {exc}") from None
+    payload = _read_payload(path)
     if len(payload) < 8:
         raise CompressedFileError(f"{str(path)!r} is truncated or not an LR²VQ file ({len(payload)} bytes)")
     (header_length,) = struct.unpack("<Q", payload[:8])
@@ -588,10 +650,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[_Manifest, dict[str, torch.Tens
     try:
         header = json.loads(payload[8 : 8 + header_length])
         metadata = header["__metadata__"]
-        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise refuse(f"unreadable header ({type(exc).__name__}: {exc})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+    if not isinstance(header, dict) or not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         found = metadata.get("format") if isinstance(metadata, dict) else None
         raise CompressedFileError(f"{str(path)!r} is not an LR²VQ file (format {found!r})")
     if metadata.get("version") not in [str(version) for version in _READABLE_VERSIONS]:
@@ -602,16 +663,7 @@ def _read(path: str | os.PathLike[str]) -> tuple[_Manifest, dict[str, torch.Tens
     _keys(metadata, _METADATA_KEYS, "the metadata", refuse)
     if not all(isinstance(value, str) for value in metadata.values()):
         raise refuse("a metadata field is not a string")
-    if len(payload) != 8 + header_length + data_end:
-        raise CompressedFileError(
-            f"{str(path)!r} is truncated or padded: {len(payload)} bytes, "
-            f"the header describes {8 + header_length + data_end}"
-        )
-    try:
-        tensors = load_safetensors(payload)
-    except Exception as exc:  # safetensors raises its own error types
-        raise refuse(f"{exc}") from None
-    del payload  # the tensors are copies: keep one version of the data in memory
+    tensors = _tensor_views(payload, header, 8 + header_length, refuse)
     if _checksum(metadata["manifest"], tensors) != metadata["checksum"]:
         raise CompressedFileError(f"{str(path)!r} is corrupt: its checksum does not match its contents")
     return _parse_manifest(metadata, tensors, refuse), tensors
@@ -620,8 +672,8 @@ def _read(path: str | os.PathLike[str]) -> tuple[_Manifest, dict[str, torch.Tens
 def load_compressed(path: str | os.PathLike[str], skeleton: nn.Module) -> CompressedModel:
     """Rebuild a compressed model from a file written by :func:`save_compressed`.
 
-    Memory: the file's bytes once while reading, then its tensors plus one copy of the skeleton
-    without the planned layers' dense weights (they are never allocated).
+    Memory: the file's bytes once (the tensors are views of them) plus one copy of the skeleton without
+    the planned layers' dense weights (they are never allocated); nothing is factorised or clustered.
 
     Parameters
     ----------

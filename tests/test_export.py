@@ -548,3 +548,36 @@ def test_cli_compress_reports_success_only_for_a_usable_file(tmp_path, capsys, s
     original = model[0].weight.detach().double()
     assert torch.isfinite(weight).all() and weight.abs().min() > 0
     assert float((weight - original).norm() / original.norm()) < 0.9  # an approximation at the right scale
+
+
+def _edit_header(path, edit):
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+
+
+def _first_tensor(header):
+    return min((key for key in header if key != "__metadata__"), key=lambda key: header[key]["data_offsets"][0])
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda h: h[_first_tensor(h)].update(dtype="C64"), "unsupported dtype"),
+        (lambda h: h[_first_tensor(h)].update(shape=[-1]), "shape"),
+        (lambda h: h[_first_tensor(h)].update(shape=[1.5]), "shape"),
+        (lambda h: h[_first_tensor(h)].update(data_offsets=[0]), "data offsets"),
+        (lambda h: h[_first_tensor(h)].update(data_offsets=[8, 8 + h[_first_tensor(h)]["data_offsets"][1]]), "gap"),
+        (lambda h: h[_first_tensor(h)].update(shape=[3]), "occupies"),
+        (lambda h: h[_first_tensor(h)].pop("dtype"), "malformed"),
+        (lambda h: h.update(extra={"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}), "overlaps"),
+    ],
+)
+def test_malformed_tensor_headers_are_refused(saved, edit, match):
+    _edit_header(saved, edit)
+    with pytest.raises(CompressedFileError, match=match):
+        load_compressed(saved, _toy_model())

@@ -138,7 +138,10 @@ def test_dkm_soft_assignment_follows_the_weights_and_hardens():
     dense = _dense(lambda: nn.Linear(32, 16))
     for d_tilde in (2, 4):  # LR²VQ's Z and vanilla DKM (PQ)
         cmodel = compress(
-            nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4, d_tilde=d_tilde)}, method="dkm", dkm=DKMConfig(tau=1e-6)
+            nn.Sequential(dense),
+            {"0.weight": LayerPlan(k=8, m=4, d_tilde=d_tilde)},
+            method="dkm",
+            dkm=DKMConfig(tau=1e-6),
         )
         layer = cmodel.compressed_layers()["0.weight"]
         assert layer.state == "dkm"
@@ -166,7 +169,9 @@ def test_dkm_soft_assignment_follows_the_weights_and_hardens():
 def test_dkm_with_large_temperature_averages_everything():
     # Uniform attention: one soft update moves every centroid to the mean subvector, and every row becomes it.
     dense = _dense(lambda: nn.Linear(32, 16))
-    cmodel = compress(nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4)}, method="dkm", dkm=DKMConfig(tau=1e6, soft_iter=1))
+    cmodel = compress(
+        nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4)}, method="dkm", dkm=DKMConfig(tau=1e6, soft_iter=1)
+    )
     layer = cmodel.compressed_layers()["0.weight"].eval()
     mean_subvector = dense.weight.detach().reshape(-1, 4).mean(0)
     rows = layer.weight.detach().reshape(-1, 4)
