@@ -211,6 +211,7 @@ def check_reconstruction(cmodel: CompressedModel) -> None:
     Parameters
     ----------
     cmodel : CompressedModel
+        The model to check, in any state.
 
     Raises
     ------

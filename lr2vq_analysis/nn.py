@@ -37,6 +37,7 @@ would mix unrelated filters, so such layers are left uncompressed (naming one in
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ __all__ = [
 class LayerState(str, Enum):
     """The representation a compressed layer computes its weight with (compares equal to its string value).
 
+    Parameters
+    ----------
+    value : {"lowrank", "quantized", "dkm"}
+        ``LayerState("dkm")`` is ``LayerState.DKM``.
+
     Examples
     --------
     >>> LayerState.QUANTIZED == "quantized", str(LayerState.DKM)
@@ -84,6 +90,8 @@ class LayerState(str, Enum):
     LOWRANK = "lowrank"
     QUANTIZED = "quantized"
     DKM = "dkm"
+
+    __signature__ = inspect.Signature([inspect.Parameter("value", inspect.Parameter.POSITIONAL_ONLY)])
 
     def __str__(self) -> str:
         return self.value
@@ -95,11 +103,11 @@ class LayerState(str, Enum):
 #: The states a compressed layer can be in, as strings.
 STATES = tuple(state.value for state in LayerState)
 #: Allowed state changes: method → (states it may be called in, state it leaves the layer in).
-TRANSITIONS: dict[str, tuple[frozenset[LayerState], LayerState]] = {
-    "init_from_weight": (frozenset(LayerState), LayerState.LOWRANK),
-    "start_dkm": (frozenset({LayerState.LOWRANK}), LayerState.DKM),
-    "quantize": (frozenset({LayerState.LOWRANK, LayerState.DKM}), LayerState.QUANTIZED),
-    "set_quantized": (frozenset(LayerState), LayerState.QUANTIZED),
+TRANSITIONS: dict[str, tuple[tuple[LayerState, ...], LayerState]] = {
+    "init_from_weight": (tuple(LayerState), LayerState.LOWRANK),
+    "start_dkm": ((LayerState.LOWRANK,), LayerState.DKM),
+    "quantize": ((LayerState.LOWRANK, LayerState.DKM), LayerState.QUANTIZED),
+    "set_quantized": (tuple(LayerState), LayerState.QUANTIZED),
 }
 #: The methods :func:`compress` accepts.
 METHODS = ("lr2vq", "dkm")
@@ -199,6 +207,17 @@ def fp16_exponent(tensor: Tensor, *, name: str | None = None) -> int:
     e puts the largest magnitude into (2**14, 2**15]·2**e, so every value fits fp16 (max 65504) with
     full precision down to 2**-29 of that largest magnitude. An all-zero tensor gets e = 0.
 
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A codebook or projection.
+    name : str, optional
+        Layer name, used in messages.
+
+    Returns
+    -------
+    int
+
     Raises
     ------
     NonFiniteError
@@ -240,6 +259,22 @@ def round_to_fp16_grid(tensor: Tensor, *, name: str | None = None) -> Tensor:
     """Round to the nearest value the file can store (fp16 times the tensor's power-of-two scale).
 
     Keeps the dtype and device. Rounding twice changes nothing.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A codebook or projection.
+    name : str, optional
+        Layer name, used in messages.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Raises
+    ------
+    NonFiniteError
+        If the tensor holds NaN/Inf (see :func:`fp16_exponent`).
 
     Examples
     --------
@@ -368,7 +403,7 @@ class _LR2VQLayer(nn.Module):
         self._require_state(action, allowed)
         return target
 
-    def _require_state(self, action: str, allowed: frozenset[LayerState]) -> None:
+    def _require_state(self, action: str, allowed: tuple[LayerState, ...]) -> None:
         if self.state not in allowed:
             names = tuple(sorted(state.value for state in allowed))
             raise StateError(
@@ -601,7 +636,7 @@ class _LR2VQLayer(nn.Module):
 
     def hard_codes(self) -> Tensor:
         """Code of every subvector: the stored codes (quantized), or the nearest DKM centroid now (DKM)."""
-        self._require_state("read codes", frozenset({LayerState.QUANTIZED, LayerState.DKM}))
+        self._require_state("read codes", (LayerState.QUANTIZED, LayerState.DKM))
         if self.state is LayerState.QUANTIZED:
             assert self.codes is not None
             return self.codes
