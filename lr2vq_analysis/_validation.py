@@ -43,7 +43,6 @@ __all__ = [
     "check_seed",
     "check_n_jobs",
     "check_count",
-    "check_real",
     "check_finite",
     "check_weight_rank",
     "as_float_array",
@@ -151,6 +150,10 @@ RULES: Mapping[str, tuple[Interval | Options, bool]] = MappingProxyType(
         "val_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "test_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "which": (Options(("layer", "global")), False),
+        # differentiable k-means (nn.DKMConfig)
+        "tau": (Interval("real", 0, closed="neither"), False),
+        "soft_iter": (Interval("int", 1), False),
+        "epsilon": (Interval("real", 0), False),
     }
 )
 
@@ -301,16 +304,6 @@ def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
     if not Interval("int", minimum).accepts(value):
         raise InvalidParameterError(f"{name}={value!r} is invalid; it must be an integer >= {minimum}")
     return int(value)
-
-
-def check_real(value: Any, name: str, *, minimum: float = -math.inf, strict: bool = False) -> float:
-    """Check a finite real number (not a bool) that is >= ``minimum`` (> ``minimum`` when ``strict``)."""
-    bound = f"> {minimum}" if strict else f">= {minimum}"
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan
-    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
-        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be a finite number {bound}")
-    return number
 
 
 def as_float_array(weight: Any, *, name: str | None = None) -> np.ndarray:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_count, check_k, check_m, check_real, check_seed
+from ._validation import check_k, check_m, check_param, check_seed
 from .exceptions import InvalidParameterError, InvalidWeightsError, NonFiniteError, StateError
 from .kmeans import assign, kmeans
 from .plan import LayerPlan
@@ -154,18 +154,26 @@ class DKMConfig:
     kmeans_max_points_per_centroid: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tau", check_real(self.tau, "tau", minimum=0.0, strict=True))
-        object.__setattr__(self, "soft_iter", check_count(self.soft_iter, "soft_iter"))
-        object.__setattr__(self, "epsilon", check_real(self.epsilon, "epsilon", minimum=0.0))
-        for field in ("kmeans_max_iter", "kmeans_max_points_per_centroid"):
-            value = getattr(self, field)
-            if value is not None:
-                object.__setattr__(self, field, check_count(value, field))
+        for field in ("tau", "soft_iter", "epsilon"):
+            object.__setattr__(self, field, check_param(field, getattr(self, field)))
+        # The initial k-means' options follow k-means' own rules.
+        object.__setattr__(self, "kmeans_max_iter", _optional("max_iter", self.kmeans_max_iter, "kmeans_max_iter"))
+        object.__setattr__(
+            self,
+            "kmeans_max_points_per_centroid",
+            check_param(
+                "max_points_per_centroid", self.kmeans_max_points_per_centroid, label="kmeans_max_points_per_centroid"
+            ),
+        )
 
     def kmeans_options(self) -> dict[str, int]:
         """The options of the initial k-means that differ from its defaults."""
         options = {"max_iter": self.kmeans_max_iter, "max_points_per_centroid": self.kmeans_max_points_per_centroid}
         return {key: value for key, value in options.items() if value is not None}
+
+
+def _optional(rule: str, value: object, label: str) -> int | None:
+    return None if value is None else int(check_param(rule, value, label=label))
 
 
 def reconstruct_weight(

@@ -330,3 +330,41 @@ def test_device_follows_the_model():
     x = torch.randn(2, 8, dtype=torch.float64)
     assert layer.quantize()(x).dtype == torch.float64
     assert F.linear(x, layer.weight, layer.bias).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"tau": 0}, r"tau=0 .*> 0"),
+        ({"tau": float("nan")}, r"tau=nan"),
+        ({"tau": True}, r"tau=True"),
+        ({"soft_iter": 0}, r"soft_iter=0"),
+        ({"soft_iter": 2.5}, r"soft_iter=2\.5"),
+        ({"epsilon": -1e-3}, r"epsilon=-0\.001"),
+        ({"kmeans_max_iter": 0}, r"kmeans_max_iter=0"),
+        ({"kmeans_max_points_per_centroid": 1}, r"kmeans_max_points_per_centroid=1"),
+    ],
+)
+def test_dkm_config_is_validated_at_construction(options, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        DKMConfig(**options)
+
+
+def test_dkm_iterations_and_initial_kmeans_are_set_separately(monkeypatch):
+    import lr2vq_analysis.nn as nn_module
+
+    calls = []
+    real_kmeans = nn_module.kmeans
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(nn_module, "kmeans", spy)
+    config = DKMConfig(soft_iter=1, kmeans_max_iter=7, kmeans_max_points_per_centroid=5)
+    cmodel = compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm", dkm=config, seed=3)
+    assert [(c["max_iter"], c["max_points_per_centroid"], c["seed"]) for c in calls] == [(7, 5, 3)]
+    assert cmodel.compressed_layers()["8.weight"].dkm_config.soft_iter == 1
+    calls.clear()
+    compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm")  # defaults: k-means' own
+    assert "max_iter" not in calls[0] and "max_points_per_centroid" not in calls[0]
