@@ -319,7 +319,7 @@ def _advice(exc: BaseException, command: str) -> str:
     if isinstance(exc, ReportFileError):
         return "check the path; reports are written by 'lr2vq analyze'"
     if isinstance(exc, WeightFileError):
-        return f"check the file, or use a model name {list(MODELS)}"
+        return f"check the file, or use a model name ({', '.join(MODELS)})"
     if isinstance(exc, InvalidWeightsError):
         return "choose other layers (--include, --exclude) or another --m"
     if isinstance(exc, NonFiniteError):
@@ -331,6 +331,7 @@ def _advice(exc: BaseException, command: str) -> str:
     return "rerun with LR2VQ_DEBUG=1 for the traceback and report it"
 
 
+_LONG_PATH = re.compile(r"(?<=['\"])/[^'\"]{40,}(?=['\"])")
 #: A message that already ends with what to do (the library's messages often do).
 _ADVISED = re.compile(r"[;:]\s*(choose|give|pass|use|run|reinstall|check|install|create|see|fine-tune)\b[^;]*$")
 
@@ -341,14 +342,17 @@ def _error_line(exc: BaseException, command: str) -> str:
     message = cli_wording(" ".join(str(exc).split()) or type(exc).__name__)
     if not isinstance(exc, (LR2VQError, OSError)):
         message = f"unexpected {type(exc).__name__}: {message}"
+    message = _LONG_PATH.sub(lambda match: f"…/{Path(match.group(0)).name}", message)  # the user knows the path
     own = _ADVISED.search(message)
     if own:  # keep the message's own advice, cut what comes before it if needed
         message, advice = message[: own.start()], message[own.start() + 1 :].strip()
     else:
         advice = _advice(exc, command)
     room = MAX_ERROR_LENGTH - len(prefix) - len(advice) - 2
-    if len(message) > room:
-        message = message[: max(room - 1, 20)].rstrip() + "…"
+    if len(message) > room:  # keep the start (what failed) and the end (the value, what is allowed)
+        room = max(room, 40)
+        head = room * 2 // 5
+        message = message[:head].rstrip() + " … " + message[len(message) - (room - head - 3) :].lstrip()
     return f"{prefix}{message.rstrip('.;')}; {advice}"
 
 

@@ -169,7 +169,7 @@ def test_plot_with_rho_never_rewrites_the_original_report(analyzed, capsys):
         (["analyze", "{weights}", "--out", "{weights}"], 1, "is a file"),
         (["compress", "{weights}", "--plan", "{badplan}"], 2, "plan entry"),
         (["compress", "{weights}", "--plan", "{nullplan}"], 2, "plan entry"),
-        (["compress", "{weights}", "--plan", "{listplan}"], 1, "neither a report"),
+        (["compress", "{weights}", "--plan", "{listplan}"], 1, "a JSON object"),
         (["plot", "{weights}"], 1, "report"),
         (["analyze", "{weights}", "--m", "0"], 2, "positive integer"),
         (["analyze", "{weights}", "--rho", "1.5"], 2, "outside (0, 1]"),
