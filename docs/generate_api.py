@@ -22,6 +22,7 @@ MODULES = [
     ("lr2vq_analysis.report_folder", "Report folders and plan files"),
     ("lr2vq_analysis.nn", "Compressed layers"),
     ("lr2vq_analysis.finetune", "Fine-tuning"),
+    ("lr2vq_analysis.recipe", "The training recipe"),
     ("lr2vq_analysis.size", "Size accounting"),
     ("lr2vq_analysis.export", "Compressed files"),
     ("lr2vq_analysis.skeleton", "Weight files without model code"),

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_non_negative_int,
         metavar="N",
-        help="fine-tuning steps per stage, bundled model only (default: the demo's setting; 0: none)",
+        help="fine-tuning steps in all, half of them low-rank; bundled model only (default: the demo's; 0: none)",
     )
     compress.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
     compress.set_defaults(handler=_cmd_compress)
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_non_negative_int,
         metavar="N",
-        help="fine-tuning steps per stage (default: the demo's setting, fewer with --quick)",
+        help="fine-tuning steps in all, half of them low-rank (default: 600, 80 with --quick)",
     )
     demo.add_argument("--quick", action="store_true", help="few fine-tuning steps: a smoke test in seconds")
     demo.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
@@ -487,21 +487,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _compress_bundled(args: argparse.Namespace, plan: dict, out: Path) -> int:
-    import json
-    import shutil
-
-    from ._io import write_atomic
     from .pipeline import SUMMARY_FILE, compress_digits_demo
 
     _say(args, f"compressing {args.source} with {len(plan)} planned layer(s), fine-tuning on its data set")
     result = compress_digits_demo(
-        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, progress=not args.quiet
+        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, model_path=out, progress=not args.quiet
     )
-    model = Path(result.files["model"])
-    if model.resolve() != out.resolve():  # the demo names its file; put it at --out, the summary following
-        shutil.move(str(model), str(out))
-        result.files["model"] = out
-        write_atomic(model.parent / SUMMARY_FILE, json.dumps(result.to_dict(), indent=2).encode())
     _say(args, f"\naccuracy {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after (test split)")
     _say(args, f"size: {_describe_size(result.size)}")
     _say(args, f"wrote {out}; details in {out.parent / SUMMARY_FILE}")

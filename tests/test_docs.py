@@ -30,6 +30,7 @@ PUBLIC_MODULES = [
     "lr2vq_analysis.skeleton",
     "lr2vq_analysis.nn",
     "lr2vq_analysis.finetune",
+    "lr2vq_analysis.recipe",
     "lr2vq_analysis.size",
     "lr2vq_analysis.export",
     "lr2vq_analysis.datasets",
