@@ -154,6 +154,14 @@ RULES: Mapping[str, tuple[Interval | Options, bool]] = MappingProxyType(
         "tau": (Interval("real", 0, closed="neither"), False),
         "soft_iter": (Interval("int", 1), False),
         "epsilon": (Interval("real", 0), False),
+        # fine-tuning (finetune.TrainingConfig, DistillationConfig)
+        "lr": (Interval("real", 0, closed="right"), False),
+        "lr_min": (Interval("real", 0), False),
+        "grad_clip": (Interval("real", 0, closed="right"), True),
+        "on_nonfinite": (Options(("raise", "skip")), False),
+        "distill": (Options(("kl", "mse")), False),
+        "distill_weight": (Interval("real", 0, 1), False),
+        "temperature": (Interval("real", 0, closed="right"), False),
     }
 )
 

@@ -79,7 +79,6 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "check_reconstruction",
-    "check_reload",
 ]
 
 FORMAT_NAME = "lr2vq-compressed"
@@ -206,7 +205,7 @@ def check_reconstruction(cmodel: CompressedModel) -> None:
     """Check that a compressed model computes with finite values and no compressed layer is all zeros.
 
     :func:`save_compressed` runs it on the weights it is about to store; run it on a reloaded model
-    before reporting that the file is usable (``lr2vq compress`` does).
+    before reporting that the file is usable (:func:`~lr2vq_analysis.skeleton.check_reload` does).
 
     Parameters
     ----------
@@ -241,35 +240,6 @@ def check_reconstruction(cmodel: CompressedModel) -> None:
         for name, tensor in cmodel.module.state_dict().items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteError(f"tensor {name!r} of the model holds NaN/Inf; the model cannot be used")
-
-
-def check_reload(cmodel: CompressedModel, reloaded: CompressedModel) -> None:
-    """Check that a model read back from its file computes what the saved one does, with usable weights.
-
-    Run it before telling a user that a file is good: every compressed layer's weight must equal the
-    saved model's bit for bit, and :func:`check_reconstruction` must pass on the reloaded model.
-
-    Parameters
-    ----------
-    cmodel : CompressedModel
-        The model that was saved.
-    reloaded : CompressedModel
-        The result of :func:`load_compressed` on its file.
-
-    Raises
-    ------
-    CompressedFileError
-        If a layer is missing from the reloaded model or its weight differs.
-    NonFiniteError, InvalidWeightsError
-        As :func:`check_reconstruction`.
-    """
-    reloaded_layers = reloaded.compressed_layers()
-    with torch.no_grad():
-        for key, layer in cmodel.compressed_layers().items():
-            again = reloaded_layers.get(key)
-            if again is None or not torch.equal(layer.weight, again.weight):
-                raise CompressedFileError(f"layer {key!r}: the reloaded weight differs from the saved one")
-    check_reconstruction(reloaded)
 
 
 def _stored_layer(key: str, layer: _LR2VQLayer) -> tuple[dict[str, torch.Tensor], dict[str, object]]:

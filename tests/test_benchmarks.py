@@ -89,3 +89,21 @@ def test_calibrate_rho_counts_plateau_and_hits_by_hand(tmp_path):
 def test_calibrate_rho_without_summaries_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="sweep_frontier"):
         calibrate_rho.main(["--results", str(tmp_path)])
+
+
+def test_finetune_thread_table_runs_and_restores_the_setting():
+    import bench_finetune_step
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one user thread: every setting runs one thread, so this is quick (correctness only, no timing)
+        table = bench_finetune_step.thread_cliff(1, steps=2, rounds=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert set(table["setting"]) == set(bench_finetune_step.THREAD_SETTINGS)
+    assert set(table["path"]) == {"finetune, 2 low-rank steps", "recalibrate_batchnorm"}
+    assert (table["seconds"] > 0).all() and (
+        table.loc[table["setting"] == "1 thread", "ratio_vs_1_thread"] == 1.0
+    ).all()
