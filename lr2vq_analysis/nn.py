@@ -83,8 +83,8 @@ class LayerState(str, Enum):
 
     Examples
     --------
-    >>> LayerState.QUANTIZED == "quantized", str(LayerState.DKM)
-    (True, 'dkm')
+    >>> LayerState.QUANTIZED == "quantized", LayerState("dkm") is LayerState.DKM, LayerState.DKM
+    (True, True, 'dkm')
     """
 
     LOWRANK = "lowrank"
@@ -95,6 +95,9 @@ class LayerState(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    def __repr__(self) -> str:  # prints as the string it equals, in dicts and doctests alike
+        return repr(self.value)
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
@@ -848,7 +851,7 @@ class LR2VQConv2d(_LR2VQConv):
     >>> dense = torch.nn.Conv2d(4, 8, 3, padding=1)
     >>> layer = LR2VQConv2d.from_dense(dense, LayerPlan(k=8, m=9, d_tilde=3))
     >>> layer.state, tuple(layer.Z.shape), tuple(layer.P.shape)
-    (<LayerState.LOWRANK: 'lowrank'>, (32, 3), (3, 9))
+    ('lowrank', (32, 3), (3, 9))
     >>> layer = layer.quantize(seed=0)
     >>> layer
     LR2VQConv2d(4, 8, kernel_size=(3, 3), ..., k=8, m=9, d_tilde=3, state=quantized, bits=...)
@@ -1083,13 +1086,13 @@ def compress(
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     >>> cmodel = compress(model, {"0.weight": LayerPlan(k=16, m=4, d_tilde=2)})
     >>> list(cmodel.compressed_layers()), cmodel.state
-    (['0.weight'], <LayerState.LOWRANK: 'lowrank'>)
+    (['0.weight'], 'lowrank')
     >>> cmodel.quantize(seed=0).state == "quantized"
     True
     >>> cmodel(torch.randn(5, 16)).shape
     torch.Size([5, 4])
     >>> compress(model, {"0.weight": LayerPlan(k=16, m=4)}, method="dkm", dkm=DKMConfig(tau=1e-3)).state
-    <LayerState.DKM: 'dkm'>
+    'dkm'
     """
     check_seed(seed)
     if method not in METHODS:
