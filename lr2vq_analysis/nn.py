@@ -274,13 +274,14 @@ def round_to_fp16_grid(tensor: Tensor, *, name: str | None = None) -> Tensor:
     Parameters
     ----------
     tensor : torch.Tensor
-        A codebook or projection.
+        The codebook or projection to round.
     name : str, optional
-        Layer name, used in messages.
+        Layer named in the error message.
 
     Returns
     -------
     torch.Tensor
+        The rounded copy.
 
     Raises
     ------
