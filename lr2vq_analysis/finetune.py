@@ -671,12 +671,31 @@ def _data_fingerprint(loader: Iterable[Any]) -> str:
         if not isinstance(dataset, IterableDataset) and isinstance(dataset, Sized):
             n = len(dataset)
             described["length"] = n
-            with contextlib.suppress(Exception):  # an exotic dataset: length and type only
+            with contextlib.suppress(Exception), _seeded_generators():  # random augmentation draws the same
                 described["items"] = [dataset[i] for i in sorted({0, n // 2, n - 1}) if n]
     elif isinstance(loader, Sized):
         with contextlib.suppress(TypeError):
             described["length"] = len(loader)
     return _hexdigest(described, sample=256)[:16]
+
+
+@contextlib.contextmanager
+def _seeded_generators() -> Iterator[None]:
+    """torch's, numpy's and Python's global generators seeded with 0 inside, restored afterwards."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002  (the global one)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)  # noqa: NPY002
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
 
 
 def _check_writable(path: Path) -> None:

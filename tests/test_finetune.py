@@ -886,3 +886,31 @@ def test_dkm_stage_trains_soft_assignments():
     finetune(cmodel, DataLoader(_data(), batch_size=32), stage="dkm", steps=5, progress=False)
     assert not torch.equal(cmodel.compressed_layers()["0.weight"].Z, z)
     assert cmodel.quantize().state == "quantized"
+
+
+class _AugmentedDataset(torch.utils.data.Dataset):
+    """Random augmentation from the global generators (as torchvision transforms do)."""
+
+    def __init__(self) -> None:
+        self.data = _data()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return x + 0.01 * torch.randn(x.shape) + 0.01 * float(np.random.rand()), y  # noqa: NPY002
+
+
+def test_resume_accepts_a_dataset_with_random_augmentation(tmp_path):
+    loader = DataLoader(_AugmentedDataset(), batch_size=16, shuffle=True)
+    path = tmp_path / "run.ckpt"
+    model = _mlp()
+    handle = _crash_at_call(model, 4)
+    with pytest.raises(_Crash):
+        finetune(model, loader, steps=6, checkpoint=CheckpointConfig(path, every=2), progress=False)
+    handle.remove()
+    torch.manual_seed(11)  # another global random state than the interrupted run's
+    np.random.seed(11)  # noqa: NPY002
+    resumed = finetune(_mlp(), loader, steps=6, checkpoint=CheckpointConfig(path, every=2), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
