@@ -29,6 +29,8 @@ __all__ = [
     "check_weight_rank",
     "as_float_array",
     "layer_label",
+    "check_real",
+    "check_choice",
 ]
 
 
@@ -147,3 +149,22 @@ def check_finite(weight: np.ndarray, *, name: str | None = None) -> np.ndarray:
     if not np.any(weight):
         raise InvalidWeightsError(f"{layer_label(name)}weight is all zeros; its relative errors are undefined")
     return weight
+
+
+def check_real(value: Any, name: str, *, minimum: float = 0.0) -> float:
+    """Check a finite real number that must be at least ``minimum`` (a tolerance, a rate, ...)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < minimum:
+        raise InvalidParameterError(f"{name}={value!r} is invalid; it must be a finite number >= {minimum:g}")
+    return number
+
+
+def check_choice(value: Any, name: str, allowed: Iterable[Any]) -> Any:
+    """Check that ``value`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise InvalidParameterError(f"{name}={value!r} is invalid; allowed values are {', '.join(map(repr, allowed))}")
+    return value
