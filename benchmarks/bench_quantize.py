@@ -1,0 +1,81 @@
+"""Time and error of ``quantize()`` with the capped k-means defaults against k-means run to convergence.
+
+all-MiniLM-L6-v2's 36 encoder Linear layers (m = 8, k = 256) are compressed once per d̃ (8: PQ, 4: LR²VQ);
+copies are then quantized with the package's defaults (:data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`,
+at most 25 Lloyd iterations) and with ``KMeansConfig()`` (scikit-learn's rule: up to 300 iterations,
+tol 1e-4), alternating, in one run, at torch's current thread setting. Reported: seconds, and the
+relative error of the encoder's output after quantization (before any fine-tuning).
+
+Usage::
+
+    python benchmarks/bench_quantize.py                # ~3 min on 2 shared cores
+    python benchmarks/bench_quantize.py --quick        # the digits CNN only (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_compress import _output, digits_cnn, minilm_encoder, plans
+
+from lr2vq_analysis.kmeans import KMeansConfig
+from lr2vq_analysis.nn import compress, compressible_layers
+
+SETTINGS: dict[str, dict[str, Any]] = {"capped (default)": {}, "converged": {"config": KMeansConfig()}}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the digits CNN only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        model, _, inputs, _ = digits_cnn()
+        keys = [key for key in compressible_layers(model) if key.startswith(("conv2", "conv3", "conv4"))]
+        m, name = 9, "digits-cnn"
+    else:
+        model, _, inputs, _ = minilm_encoder()
+        keys = [key for key in compressible_layers(model) if key.startswith("encoder.layer.")]
+        m, name = 8, "all-MiniLM-L6-v2"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, load {os.getloadavg()}"
+    )
+    reference = _output(model, inputs)
+    rows = []
+    for label, plan in plans(model, m, keys).items():
+        compressed = compress(model, plan)
+        order = list(SETTINGS) if len(rows) % 4 == 0 else list(SETTINGS)[::-1]
+        for setting in order:
+            cmodel = copy.deepcopy(compressed)
+            start = time.perf_counter()
+            cmodel.quantize(seed=0, **SETTINGS[setting])
+            seconds = time.perf_counter() - start
+            error = float((_output(cmodel, inputs) - reference).norm() / reference.norm())
+            rows.append(
+                {
+                    "model": name,
+                    "plan": label,
+                    "layers": len(plan),
+                    "kmeans": setting,
+                    "seconds": seconds,
+                    "output_rel_error": error,
+                }
+            )
+            print(
+                f"{name} {label:<12} {len(plan)} layers  {setting:<17} {seconds:7.2f} s  output rel. error {error:.4f}",
+                flush=True,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
