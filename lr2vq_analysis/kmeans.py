@@ -46,10 +46,8 @@ from ._threads import single_threaded
 from ._validation import (
     InvalidParameterError,
     InvalidWeightsError,
-    check_choice,
-    check_count,
     check_k,
-    check_real,
+    check_param,
     check_seed,
     layer_label,
 )
@@ -163,7 +161,7 @@ class KMeansConfig:
     >>> KMeansConfig(tol=-1)
     Traceback (most recent call last):
     ...
-    lr2vq_analysis.exceptions.InvalidParameterError: tol=-1 is invalid; it must be a finite number >= 0
+    lr2vq_analysis.exceptions.InvalidParameterError: tol=-1 is invalid; tol must be a number >= 0
     """
 
     max_iter: int = 300
@@ -176,15 +174,11 @@ class KMeansConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the validated values in place
-        set_(self, "max_iter", check_count(self.max_iter, "max_iter"))
-        set_(self, "tol", check_real(self.tol, "tol"))
-        for option in ("max_points_per_centroid", "init_points_per_centroid", "chunk_size"):
-            value = getattr(self, option)
-            if value is not None:
-                set_(self, option, check_count(value, option))
+        for option in ("max_iter", "tol", "max_points_per_centroid", "init_points_per_centroid", "chunk_size"):
+            set_(self, option, check_param(option, getattr(self, option)))
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise InvalidParameterError(f"dtype={self.dtype!r} is invalid; dtype must be a floating torch dtype")
-        check_choice(self.backend, "backend", ("auto", "torch", "faiss"))
+        check_param("backend", self.backend)
         if self.backend == "faiss" and _faiss_module() is None:
             raise InvalidParameterError("backend='faiss' needs faiss (pip install faiss-cpu); use backend='auto'")
 
@@ -716,7 +710,7 @@ def assign(
         )
     if x.device != centroids.device:
         raise InvalidParameterError(f"x is on {x.device} but centroids are on {centroids.device}")
-    chunk = None if chunk_size is None else check_count(chunk_size, "chunk_size")
+    chunk = check_param("chunk_size", chunk_size)
     dtype = torch.promote_types(torch.promote_types(x.dtype, centroids.dtype), torch.float32)
     with torch.no_grad(), single_threaded(x.device):
         centre = centroids.to(dtype).mean(0)

@@ -407,7 +407,7 @@ def test_random_state_is_sklearns_name_for_seed():
     assert a.n_features_in_ == 4
     with pytest.raises(InvalidParameterError, match="disagree"):
         KMeans(k, seed=1, random_state=2).fit(x)
-    with pytest.raises(InvalidParameterError, match="random_state=.*int seed"):
+    with pytest.raises(InvalidParameterError, match=r"random_state=.*int seed"):
         KMeans(k, random_state=np.random.RandomState(0)).fit(x)
 
 
