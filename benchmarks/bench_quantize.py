@@ -10,6 +10,11 @@ Usage::
 
     python benchmarks/bench_quantize.py                # ~3 min on 2 shared cores
     python benchmarks/bench_quantize.py --quick        # the digits CNN only (seconds)
+    python benchmarks/bench_quantize.py --digits-finetune --seeds 2   # fine-tuned accuracy, capped vs converged
+
+``--digits-finetune`` runs the digits demo (:func:`~lr2vq_analysis.pipeline.compress_digits_demo`, quick
+setting: 40 steps per stage) once with each k-means setting per seed and reports the test accuracy after
+quantizing and after the codebook stage.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,16 +34,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_compress import _output, digits_cnn, minilm_encoder, plans
 
-from lr2vq_analysis.kmeans import KMeansConfig
+from lr2vq_analysis import nn as lr2vq_nn
+from lr2vq_analysis.kmeans import QUANTIZE_KMEANS, KMeansConfig
 from lr2vq_analysis.nn import compress, compressible_layers
 
 SETTINGS: dict[str, dict[str, Any]] = {"capped (default)": {}, "converged": {"config": KMeansConfig()}}
 
 
+def digits_finetune(seeds: int) -> list[dict[str, Any]]:
+    """The digits demo with capped and with converged k-means: test accuracy after quantize and at the end."""
+    from lr2vq_analysis.pipeline import compress_digits_demo
+
+    rows = []
+    for seed in range(seeds):
+        for setting, config in (("capped (default)", QUANTIZE_KMEANS), ("converged", KMeansConfig())):
+            lr2vq_nn.QUANTIZE_KMEANS = config  # the default quantize() passes to kmeans()
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    result = compress_digits_demo(quick=True, seed=seed, progress=False, out_dir=folder)
+            finally:
+                lr2vq_nn.QUANTIZE_KMEANS = QUANTIZE_KMEANS
+            scores = result.to_dict()["accuracy"]
+            rows.append({"seed": seed, "kmeans": setting, **scores})
+            print(f"seed {seed} {setting:<17} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the digits CNN only")
+    parser.add_argument("--digits-finetune", action="store_true", help="fine-tuned digits accuracy instead of times")
+    parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.digits_finetune:
+        return digits_finetune(args.seeds)
     if args.quick:
         model, _, inputs, _ = digits_cnn()
         keys = [key for key in compressible_layers(model) if key.startswith(("conv2", "conv3", "conv4"))]
