@@ -24,8 +24,11 @@ Implementation notes (measurements in ``docs/kmeans.md``):
   centroids instead (O(n log k)).
 - Data are centred first (the GEMM expansion loses precision far from the origin) and processed in
   float32 by default; centroid sums and inertia are accumulated in float64.
-- On CPU the O(n·k) steps run in numpy where it is faster than torch (argmin, bincount), and the
-  calling thread runs single-threaded (see :func:`~lr2vq_analysis._threads.single_threaded`).
+- On CPU the O(n·k) steps run in numpy where it is faster than torch (GEMM through numpy's BLAS,
+  argmin, bincount), or in faiss's fused search where faiss is importable and measured faster
+  (``KMeansConfig.backend``), and the call runs single-threaded, torch's threads included (see
+  :func:`~lr2vq_analysis._threads.single_threaded`).
+- The k-means++ start runs on a seeded subsample of at most ``max(32·k, 4096)`` points for d ≥ 2.
 - All random draws come from a CPU ``torch.Generator`` seeded with ``seed``, so a seed fixes the result
   on any device (up to floating-point differences between devices).
 - With ``max_points_per_centroid`` (faiss's knob), at most ``k · max_points_per_centroid`` randomly
