@@ -108,3 +108,21 @@ def test_quick_threads_benchmark_measures_every_path_at_both_settings():
     rows = bench_threads.main(["--quick", "--threads", "2"])
     assert [row["path"] for row in rows] == list(bench_threads.paths(quick=True))
     assert all(row["user_s"] > 0 and row["one_s"] > 0 for row in rows)
+
+
+def test_finetune_thread_table_runs_and_restores_the_setting():
+    import bench_finetune_step
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one user thread: every setting runs one thread, so this is quick (correctness only, no timing)
+        table = bench_finetune_step.thread_cliff(1, steps=2, rounds=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert set(table["setting"]) == set(bench_finetune_step.THREAD_SETTINGS)
+    assert set(table["path"]) == {"finetune, 2 low-rank steps", "recalibrate_batchnorm"}
+    assert (table["seconds"] > 0).all() and (
+        table.loc[table["setting"] == "1 thread", "ratio_vs_1_thread"] == 1.0
+    ).all()
