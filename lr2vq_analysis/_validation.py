@@ -146,6 +146,8 @@ RULES: Mapping[str, tuple[Interval | Options, bool]] = MappingProxyType(
         "max_iter": (Interval("int", 1), False),
         "tol": (Interval("real", 0), False),
         "chunk_size": (Interval("int", 1), True),
+        "init_points_per_centroid": (Interval("int", 1), True),
+        "backend": (Options(("auto", "torch", "faiss")), False),
         "min_size": (Interval("int", 0), False),
         "val_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "test_fraction": (Interval("real", 0, 1, closed="neither"), False),

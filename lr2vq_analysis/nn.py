@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ._validation import check_k, check_m, check_param, check_seed
 from .exceptions import InvalidParameterError, InvalidWeightsError, NonFiniteError, StateError
-from .kmeans import assign, kmeans
+from .kmeans import QUANTIZE_KMEANS, KMeansConfig, assign, kmeans
 from .plan import LayerPlan
 from .spectrum import compute_spectrum
 from .subvectors import n_subvectors, row_length, to_subvectors
@@ -128,8 +128,8 @@ _DenseLayer = nn.Linear | nn.Conv1d | nn.Conv2d
 class DKMConfig:
     """Options of differentiable k-means (``compress(..., method="dkm", dkm=DKMConfig(...))``).
 
-    Validated at construction. The k-means that gives DKM its initial centroids has its own fields, so
-    that DKM's per-step iterations and the initial clustering are set separately.
+    Validated at construction. The k-means that gives DKM its initial centroids has its own options
+    object, so that DKM's per-step iterations and the initial clustering are set separately.
 
     Parameters
     ----------
@@ -139,44 +139,29 @@ class DKMConfig:
         Soft (differentiable) k-means updates of the centroids per training forward pass.
     epsilon : float, default 1e-4
         The soft updates stop once no centroid coordinate moves by more than this.
-    kmeans_max_iter : int, optional
-        Lloyd iterations of the initial k-means (default: :func:`~lr2vq_analysis.kmeans.kmeans`'s).
-    kmeans_max_points_per_centroid : int, optional
-        Subsample the points of the initial k-means to this many per centroid (default: all points).
+    kmeans : KMeansConfig, optional
+        Options of the initial k-means (default :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`, the same
+        as :meth:`~_LR2VQLayer.quantize` uses).
 
     Examples
     --------
-    >>> DKMConfig(tau=1e-3, kmeans_max_iter=50)
-    DKMConfig(tau=0.001, soft_iter=3, epsilon=0.0001, kmeans_max_iter=50, kmeans_max_points_per_centroid=None)
+    >>> from lr2vq_analysis.kmeans import KMeansConfig
+    >>> DKMConfig(tau=1e-3, kmeans=KMeansConfig(max_iter=50)).kmeans.max_iter
+    50
     """
 
     tau: float = 1e-4
     soft_iter: int = 3
     epsilon: float = 1e-4
-    kmeans_max_iter: int | None = None
-    kmeans_max_points_per_centroid: int | None = None
+    kmeans: KMeansConfig | None = None
 
     def __post_init__(self) -> None:
         for field in ("tau", "soft_iter", "epsilon"):
             object.__setattr__(self, field, check_param(field, getattr(self, field)))
-        # The initial k-means' options follow k-means' own rules.
-        object.__setattr__(self, "kmeans_max_iter", _optional("max_iter", self.kmeans_max_iter, "kmeans_max_iter"))
-        object.__setattr__(
-            self,
-            "kmeans_max_points_per_centroid",
-            check_param(
-                "max_points_per_centroid", self.kmeans_max_points_per_centroid, label="kmeans_max_points_per_centroid"
-            ),
-        )
-
-    def kmeans_options(self) -> dict[str, int]:
-        """The options of the initial k-means that differ from its defaults."""
-        options = {"max_iter": self.kmeans_max_iter, "max_points_per_centroid": self.kmeans_max_points_per_centroid}
-        return {key: value for key, value in options.items() if value is not None}
-
-
-def _optional(rule: str, value: object, label: str) -> int | None:
-    return None if value is None else int(check_param(rule, value, label=label))
+        if self.kmeans is not None and not isinstance(self.kmeans, KMeansConfig):
+            raise InvalidParameterError(
+                f"kmeans={self.kmeans!r} is invalid; kmeans must be a KMeansConfig(max_iter=..., ...) or None"
+            )
 
 
 def reconstruct_weight(
@@ -463,14 +448,16 @@ class _LR2VQLayer(nn.Module):
         return self
 
     def _initial_centroids(self, z: Tensor, seed: int, kmeans_options: Mapping[str, Any]) -> Tensor:
+        options = dict(kmeans_options)
+        config = options.pop("config", None) or QUANTIZE_KMEANS  # capped iterations: see docs/kmeans.md
         exponent = _unit_exponent(z)
         result = kmeans(
-            _ldexp(z, -exponent), self.plan.k, seed=check_seed(seed), name=self.layer_name, **kmeans_options
+            _ldexp(z, -exponent), self.plan.k, seed=check_seed(seed), name=self.layer_name, config=config, **options
         )
         return _ldexp(result.centroids.to(z.dtype), exponent)
 
     @torch.no_grad()
-    def quantize(self: _Layer, seed: int = 0, **kmeans_options: int | float) -> _Layer:
+    def quantize(self: _Layer, seed: int = 0, **kmeans_options: int | float | KMeansConfig) -> _Layer:
         """Replace Z by codes into a k × d̃ codebook; the layer moves to the ``"quantized"`` state.
 
         From ``"lowrank"`` the codebook is the k-means of Z (:func:`~lr2vq_analysis.kmeans.kmeans`);
@@ -483,7 +470,8 @@ class _LR2VQLayer(nn.Module):
         seed : int, default 0
             Seed of the k-means initialisation.
         **kmeans_options
-            Passed to :func:`~lr2vq_analysis.kmeans.kmeans` (``max_iter``, ``tol``, ``max_points_per_centroid``).
+            Passed to :func:`~lr2vq_analysis.kmeans.kmeans` (``config``, default
+            :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`; or ``max_iter``, ``tol``, ``max_points_per_centroid``).
 
         Returns
         -------
@@ -587,7 +575,7 @@ class _LR2VQLayer(nn.Module):
         target = self._transition("start_dkm")
         config = _check_dkm_config(config)
         assert self.Z is not None
-        self.dkm_centroids = self._initial_centroids(self.Z.detach(), seed, config.kmeans_options())
+        self.dkm_centroids = self._initial_centroids(self.Z.detach(), seed, {"config": config.kmeans})
         self.dkm_config = config
         self.state = target
         return self
@@ -988,7 +976,7 @@ class CompressedModel(nn.Module):
         states = {layer.state for layer in self._layers()}
         return states.pop() if len(states) == 1 else "mixed"
 
-    def quantize(self, seed: int = 0, **kmeans_options: int | float) -> CompressedModel:
+    def quantize(self, seed: int = 0, **kmeans_options: int | float | KMeansConfig) -> CompressedModel:
         """Quantize every compressed layer (see :meth:`LR2VQLinear.quantize`); return self.
 
         Every layer's k-means uses the same ``seed``; ``kmeans_options`` go to

@@ -322,3 +322,26 @@ def test_compress_the_bundled_model_with_fine_tuning(tmp_path, capsys):
     assert list(cmodel.compressed_layers()) == ["conv3.weight"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["files"]["model"] == str(out)  # the summary follows the file to --out
+
+
+def test_mnist1d_cnn_is_analysed_and_compressed_by_name(tmp_path, capsys):
+    from lr2vq_analysis.registry import build_model, load_model
+
+    out = tmp_path / "report"
+    code, _, err = run(
+        capsys, "analyze", "mnist1d-cnn", "--k", "16", "--m", "3", "--out", str(out), "-q", "--no-layer-figures"
+    )
+    assert code == 0, err
+    report = Report.load(out / "report.json")
+    assert [layer.name for layer in report.layers] == ["conv2.weight", "conv3.weight", "conv4.weight"]
+    assert report.source == "mnist1d-cnn"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"conv3.weight": {"k": 16, "m": 3, "d_tilde": 2}}))
+    model_file = tmp_path / "mnist1d.lr2vq"
+    code, _, err = run(capsys, "compress", "mnist1d-cnn", "--plan", str(plan), "--out", str(model_file), "-q")
+    assert code == 0, err
+    cmodel = load_compressed(model_file, build_model("mnist1d-cnn"))  # the real architecture, not a skeleton
+    assert list(cmodel.compressed_layers()) == ["conv3.weight"]
+    pretrained = load_model("mnist1d-cnn")
+    torch.testing.assert_close(cmodel.module.conv2.weight, pretrained.conv2.weight)  # untouched layer
+    assert torch.unique(cmodel.compressed_layers()["conv3.weight"].weight.detach().reshape(-1, 3), dim=0).shape[0] <= 16

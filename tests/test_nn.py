@@ -341,8 +341,7 @@ def test_device_follows_the_model():
         ({"soft_iter": 0}, r"soft_iter=0"),
         ({"soft_iter": 2.5}, r"soft_iter=2\.5"),
         ({"epsilon": -1e-3}, r"epsilon=-0\.001"),
-        ({"kmeans_max_iter": 0}, r"kmeans_max_iter=0"),
-        ({"kmeans_max_points_per_centroid": 1}, r"kmeans_max_points_per_centroid=1"),
+        ({"kmeans": {"max_iter": 5}}, r"kmeans=.*KMeansConfig"),
     ],
 )
 def test_dkm_config_is_validated_at_construction(options, match):
@@ -352,6 +351,7 @@ def test_dkm_config_is_validated_at_construction(options, match):
 
 def test_dkm_iterations_and_initial_kmeans_are_set_separately(monkeypatch):
     import lr2vq_analysis.nn as nn_module
+    from lr2vq_analysis.kmeans import QUANTIZE_KMEANS, KMeansConfig
 
     calls = []
     real_kmeans = nn_module.kmeans
@@ -361,10 +361,11 @@ def test_dkm_iterations_and_initial_kmeans_are_set_separately(monkeypatch):
         return real_kmeans(*args, **kwargs)
 
     monkeypatch.setattr(nn_module, "kmeans", spy)
-    config = DKMConfig(soft_iter=1, kmeans_max_iter=7, kmeans_max_points_per_centroid=5)
+    initial = KMeansConfig(max_iter=7, max_points_per_centroid=5)
+    config = DKMConfig(soft_iter=1, kmeans=initial)
     cmodel = compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm", dkm=config, seed=3)
-    assert [(c["max_iter"], c["max_points_per_centroid"], c["seed"]) for c in calls] == [(7, 5, 3)]
+    assert [(c["config"], c["seed"]) for c in calls] == [(initial, 3)]
     assert cmodel.compressed_layers()["8.weight"].dkm_config.soft_iter == 1
     calls.clear()
-    compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm")  # defaults: k-means' own
-    assert "max_iter" not in calls[0] and "max_points_per_centroid" not in calls[0]
+    compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm")  # default: quantize's k-means
+    assert calls[0]["config"] == QUANTIZE_KMEANS
