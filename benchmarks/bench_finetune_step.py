@@ -30,6 +30,7 @@ Usage::
     python benchmarks/bench_finetune_step.py --quick    # MiniLM batch 4 × 64 tokens, 3 rounds
     python benchmarks/bench_finetune_step.py --threads 2 --csv out.csv
     python benchmarks/bench_finetune_step.py --cliff-only --quick
+    python benchmarks/bench_finetune_step.py --cliff-minilm       # MiniLM, 1 vs the user's threads
 
 Writes ``benchmarks/results/finetune_step.csv`` and ``finetune_threads.csv`` by default. The machine these
 numbers come from may be shared with other jobs; compare the rows of one run, not runs.
@@ -192,6 +193,36 @@ def thread_cliff(user_threads: int, *, steps: int, rounds: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def minilm_cliff(user_threads: int, *, rounds: int) -> dict[int, list[float]]:
+    """Seconds of one low-rank step of all-MiniLM-L6-v2 (LR²VQ d̃ = 4) at 1 and at ``user_threads``, one core busy."""
+    model, _, _, _ = minilm_encoder()
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(1000, 30000, (4, 64), generator=generator),
+        "attention_mask": torch.ones(4, 64, dtype=torch.long),
+    }
+    with torch.no_grad():
+        target = main_output(model.eval()(**inputs))
+    keys = [key for key in compressible_layers(model) if key.startswith("encoder.layer.")]
+    plan = next(plan for label, plan in plans(model, 8, keys).items() if label.startswith("LR"))
+    step = _step_function(compress(model, plan), inputs, lambda out: F.mse_loss(out, target))
+    seconds: dict[int, list[float]] = {1: [], user_threads: []}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for round_index in range(rounds + 1):  # round 0 warms up
+            for threads in [1, user_threads] if round_index % 2 == 0 else [user_threads, 1]:
+                torch.set_num_threads(threads)
+                began = time.perf_counter()
+                step()
+                if round_index:
+                    seconds[threads].append(time.perf_counter() - began)
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(user_threads)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small MiniLM batch, 3 rounds")
@@ -206,8 +237,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help=f"the user's thread setting of the cliff table (default: torch's, {torch.get_num_threads()})",
     )
     parser.add_argument("--cliff-only", action="store_true", help="only the thread-cliff table")
+    parser.add_argument("--cliff-minilm", action="store_true", help="only MiniLM's 1 vs user threads step times")
     parser.add_argument("--threads-csv", type=Path, default=THREAD_RESULTS, help="output CSV of the cliff table")
     args = parser.parse_args(argv)
+    if args.cliff_minilm:
+        seconds = minilm_cliff(args.user_threads, rounds=args.rounds or 3)
+        ratios = [round(a / b, 2) for a, b in zip(seconds[args.user_threads], seconds[1], strict=True)]
+        print(f"all-MiniLM-L6-v2 low-rank step, one core busy: {seconds} s; ratio {ratios}")
+        return pd.DataFrame({"threads": list(seconds), "seconds": [statistics.median(v) for v in seconds.values()]})
     steps = 10 if args.quick else 50
     cliff = thread_cliff(args.user_threads, steps=steps, rounds=2 if args.quick else 5)
     print(

@@ -50,7 +50,9 @@ import hashlib
 import io
 import math
 import os
+import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field, fields, replace
@@ -131,8 +133,11 @@ class TrainingConfig:
     num_threads : int, "auto" or None, default "auto"
         torch CPU threads during the run (restored afterwards; ignored on GPUs). ``"auto"``: one
         thread for models with fewer than :data:`AUTO_THREADS_MAX_PARAMETERS` parameters, whose small
-        operations gain nothing from more threads and lose 5–10× to OpenMP spin-waiting on a busy
-        machine (docs/performance.md), else the current setting. None: the current setting.
+        operations gain nothing from more threads; for larger ones, the current setting capped at the
+        cores that no other process is using when the run starts (Linux; elsewhere the current
+        setting). More threads than free cores lose 4–12× to OpenMP spin-waiting (docs/performance.md).
+        The thread count can change floating-point rounding: give an int for runs that must be
+        bit-identical across machines and loads. None: the current setting.
 
     Examples
     --------
@@ -671,12 +676,31 @@ def _data_fingerprint(loader: Iterable[Any]) -> str:
         if not isinstance(dataset, IterableDataset) and isinstance(dataset, Sized):
             n = len(dataset)
             described["length"] = n
-            with contextlib.suppress(Exception):  # an exotic dataset: length and type only
+            with contextlib.suppress(Exception), _seeded_generators():  # random augmentation draws the same
                 described["items"] = [dataset[i] for i in sorted({0, n // 2, n - 1}) if n]
     elif isinstance(loader, Sized):
         with contextlib.suppress(TypeError):
             described["length"] = len(loader)
     return _hexdigest(described, sample=256)[:16]
+
+
+@contextlib.contextmanager
+def _seeded_generators() -> Iterator[None]:
+    """torch's, numpy's and Python's global generators seeded with 0 inside, restored afterwards."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002  (the global one)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)  # noqa: NPY002
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
 
 
 def _check_writable(path: Path) -> None:
@@ -830,14 +854,34 @@ def _optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 # threads
 
 
+def _other_runnable_threads() -> float | None:
+    """Threads of other processes runnable right now (Linux ``/proc/loadavg``; median of 5 reads), or None."""
+    samples = []
+    try:
+        for read in range(5):
+            if read:
+                time.sleep(0.005)
+            with open("/proc/loadavg", encoding="ascii") as handle:
+                running = int(handle.read().split()[3].split("/")[0])
+            samples.append(running - 1)  # the reading thread is one of them
+    except (OSError, ValueError, IndexError):
+        return None
+    return float(statistics.median(samples))
+
+
 def _resolve_threads(setting: ThreadSetting, model: nn.Module, device: torch.device) -> int | None:
     """The torch thread count a run uses on ``device`` (None: leave the current setting)."""
     if device.type != "cpu" or setting is None:
         return None
-    if setting == "auto":
-        size = sum(tensor.numel() for tensor in model.parameters())
-        return 1 if size < AUTO_THREADS_MAX_PARAMETERS else None
-    return int(setting)
+    if setting != "auto":
+        return int(setting)
+    if sum(tensor.numel() for tensor in model.parameters()) < AUTO_THREADS_MAX_PARAMETERS:
+        return 1
+    others = _other_runnable_threads()
+    if others is None:
+        return None
+    free = max(1, int((os.cpu_count() or 1) - others))  # cores no other process is using now
+    return free if free < torch.get_num_threads() else None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_figures
+import bench_kmeans
+import bench_threads
 import calibrate_rho
 import sweep_frontier
 
@@ -97,6 +99,23 @@ def test_quick_figure_benchmark_times_analysis_and_figures(capsys):
     assert set(times) == {"analysis", "figures_png", "figures_png_svg"}
     out = capsys.readouterr().out
     assert "15 layers" in out and "figures_png: 3 files" in out and "figures_png_svg: 6 files" in out
+
+
+def test_quick_kmeans_benchmark_runs_every_engine_to_comparable_distortion(tmp_path):
+    table = bench_kmeans.main(["--quick", "--out", str(tmp_path / "kmeans.csv")])
+    assert (tmp_path / "kmeans.csv").is_file()
+    engines = {"ours", "sklearn"} | ({"faiss"} if bench_kmeans.faiss is not None else set())
+    assert set(table["engine"]) == engines
+    # Same data, k-means++ start and 25 iterations: distortions agree within seed-to-seed noise (d >= 4).
+    for _, case in table[table["d"] >= 4].groupby("case"):
+        by_engine = case.groupby("engine")["inertia"].mean()
+        assert (by_engine / by_engine["sklearn"]).between(0.95, 1.05).all()
+
+
+def test_quick_threads_benchmark_measures_every_path_at_both_settings():
+    rows = bench_threads.main(["--quick", "--threads", "2"])
+    assert [row["path"] for row in rows] == list(bench_threads.paths(quick=True))
+    assert all(row["user_s"] > 0 and row["one_s"] > 0 for row in rows)
 
 
 def test_finetune_thread_table_runs_and_restores_the_setting():

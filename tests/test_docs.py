@@ -26,6 +26,8 @@ PUBLIC_MODULES = [
     "lr2vq_analysis.tradeoff",
     "lr2vq_analysis.plan",
     "lr2vq_analysis.report",
+    "lr2vq_analysis.report_folder",
+    "lr2vq_analysis.skeleton",
     "lr2vq_analysis.nn",
     "lr2vq_analysis.finetune",
     "lr2vq_analysis.recipe",

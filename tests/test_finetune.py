@@ -4,6 +4,7 @@ distillation formula, per-batch statistics for batch norm, and an uninterrupted 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 
@@ -876,13 +877,60 @@ def test_codebook_stage_keeps_codes_and_resumes_exactly(tmp_path):
 
 
 def test_dkm_stage_trains_soft_assignments():
-    from lr2vq_analysis.nn import compress
+    from lr2vq_analysis.nn import DKMConfig, compress
     from lr2vq_analysis.plan import LayerPlan
 
-    cmodel = compress(_mlp(), {"0.weight": LayerPlan(k=8, m=3)}, method="dkm", tau=0.05)
+    cmodel = compress(_mlp(), {"0.weight": LayerPlan(k=8, m=3)}, method="dkm", dkm=DKMConfig(tau=0.05))
     z = cmodel.compressed_layers()["0.weight"].Z.detach().clone()
     with pytest.raises(StageError, match=r"'0\.weight' is 'dkm'"):
         finetune(cmodel, DataLoader(_data(), batch_size=32), stage="lowrank", steps=1, progress=False)
     finetune(cmodel, DataLoader(_data(), batch_size=32), stage="dkm", steps=5, progress=False)
     assert not torch.equal(cmodel.compressed_layers()["0.weight"].Z, z)
     assert cmodel.quantize().state == "quantized"
+
+
+class _AugmentedDataset(torch.utils.data.Dataset):
+    """Random augmentation from the global generators (as torchvision transforms do)."""
+
+    def __init__(self) -> None:
+        self.data = _data()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return x + 0.01 * torch.randn(x.shape) + 0.01 * float(np.random.rand()), y  # noqa: NPY002
+
+
+def test_resume_accepts_a_dataset_with_random_augmentation(tmp_path):
+    loader = DataLoader(_AugmentedDataset(), batch_size=16, shuffle=True)
+    path = tmp_path / "run.ckpt"
+    model = _mlp()
+    handle = _crash_at_call(model, 4)
+    with pytest.raises(_Crash):
+        finetune(model, loader, steps=6, checkpoint=CheckpointConfig(path, every=2), progress=False)
+    handle.remove()
+    torch.manual_seed(11)  # another global random state than the interrupted run's
+    np.random.seed(11)  # noqa: NPY002
+    resumed = finetune(_mlp(), loader, steps=6, checkpoint=CheckpointConfig(path, every=2), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+
+
+def test_auto_threads_of_a_large_model_are_capped_at_the_free_cores(monkeypatch):
+    finetune_module = importlib.import_module("lr2vq_analysis.finetune")  # the module, not the function
+    monkeypatch.setattr(finetune_module, "AUTO_THREADS_MAX_PARAMETERS", 10)  # _mlp() counts as large
+    monkeypatch.setattr(finetune_module.os, "cpu_count", lambda: 4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        cpu = torch.device("cpu")
+        for others, expected in [(0.0, None), (1.0, 3), (3.0, 1), (9.0, 1), (None, None)]:
+            monkeypatch.setattr(finetune_module, "_other_runnable_threads", lambda value=others: value)
+            assert finetune_module._resolve_threads("auto", _mlp(), cpu) == expected, others
+        assert finetune_module._resolve_threads(3, _mlp(), cpu) == 3
+        assert finetune_module._resolve_threads("auto", _mlp(), torch.device("meta")) is None
+    finally:
+        torch.set_num_threads(previous)
+    reading = finetune_module._other_runnable_threads()  # the real reader: a count, or None off Linux
+    assert reading is None or reading >= 0

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import recipe
 from .._io import write_atomic
-from .._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_seed
+from .._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_n_jobs, check_seed
 from ..datasets import accuracy, load_digits_splits, make_loaders, mean_over_samples
 from ..finetune import TrainingConfig, finetune, recalibrate_batchnorm
 from ..nn import CompressedModel
@@ -521,7 +521,7 @@ def run_sweep(
     task_obj = _task(task)
     budget = task_obj.budget if budget is None else budget
     metric = task_obj.metric
-    n_jobs = check_count(n_jobs, "n_jobs")
+    n_jobs = check_n_jobs(n_jobs)
     path = Path(out)
     rows: list[dict[str, Any]] = [
         {str(key): value for key, value in row.items()} for row in _read_rows(path).to_dict("records")
