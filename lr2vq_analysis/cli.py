@@ -200,12 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on its data set (--steps).",
     )
     compress.add_argument("source", metavar="SOURCE", help="weight file or bundled model name (e.g. digits-cnn)")
-    compress.add_argument(
+    planned = compress.add_mutually_exclusive_group(required=True)
+    planned.add_argument(
         "--plan",
-        required=True,
         metavar="REPORT",
-        help="report.json from 'lr2vq analyze', or a JSON file {layer: {k, m, d_tilde}}",
+        help="report.json from 'lr2vq analyze', plan.json from 'lr2vq plan', or a JSON file {layer: {k, m, d_tilde}}",
     )
+    planned.add_argument("--specs", metavar="SPECS", help="specs preset or JSON file instead of a plan: PQ (d̃ = m)")
     compress.add_argument(
         "--which",
         choices=("layer", "global"),
@@ -221,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
     compress.set_defaults(handler=_cmd_compress)
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="choose (k, m, d̃) per layer for a size target",
+        description="Analyse every layer at candidate k and m and allocate them to minimise the predicted model "
+        "error within --size MiB or --ratio ×; write plan.json (for 'lr2vq compress --plan'), report.md and "
+        "a figure of predicted error vs size (docs/planning.md).",
+    )
+    plan.add_argument("source", metavar="SOURCE", help="weight file or bundled model name")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--size", type=float, metavar="MIB", help="target size in MiB")
+    target.add_argument("--ratio", type=float, metavar="X", help="target ratio against the source as stored")
+    plan.add_argument("--specs", default="pqf-small", metavar="SPECS", help="preset or JSON file (default: pqf-small)")
+    plan.add_argument("--rho", type=_rho, metavar="R", help="share of the low-rank error training does not recover")
+    plan.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the k-means probes")
+    plan.add_argument("--jobs", type=_jobs, default=1, metavar="N", help="layers analysed in parallel (-1: all cores)")
+    plan.add_argument("--out", default="lr2vq-plan", metavar="DIR", help="output folder (default: lr2vq-plan)")
+    plan.set_defaults(handler=_cmd_plan)
 
     demo = commands.add_parser(
         "demo",
@@ -251,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=_positive_int, default=256, help="number of centroids (default: 256)")
     parser.add_argument("--m", type=_positive_int, default=9, help="subvector size (default: 9)")
+    parser.add_argument(
+        "--specs",
+        metavar="SPECS",
+        help="k and m per layer kind / name: a preset (pqf-small, pqf-large, ...) or a JSON file; replaces --k, --m",
+    )
     parser.add_argument(
         "--rho",
         type=_rho,
@@ -471,6 +496,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         args.source,
         k=args.k,
         m=args.m,
+        specs=args.specs,
         include=args.include,
         exclude=args.exclude,
         min_size=args.min_size,
@@ -567,6 +593,10 @@ def read_plan(path: str | os.PathLike[str], which: str = "layer") -> dict[str, L
         raise WeightFileError(f"plan file {str(path)!r} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "layers" in data and "format_version" in data:
         return Report.load(path).plan(which)
+    if isinstance(data, dict) and str(data.get("format", "")).startswith("lr2vq-plan"):
+        from .planner import Plan
+
+        return Plan.from_dict(data).layer_plans()  # plan.json from 'lr2vq plan'
     if not isinstance(data, dict) or not data or not all(isinstance(entry, dict) for entry in data.values()):
         raise WeightFileError(
             f"plan file {str(path)!r} is neither a report from 'lr2vq analyze' nor a JSON object "
@@ -668,7 +698,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .size import size_report
     from .weights import BUNDLED_MODELS, load_state_dict
 
-    plan = read_plan(args.plan, args.which)
+    if args.specs:
+        from .specs import as_specs
+
+        plan = as_specs(args.specs).plan(args.source)
+    else:
+        plan = read_plan(args.plan, args.which)
     bundled = args.source in BUNDLED_MODELS and not os.path.exists(args.source)
     out = Path(args.out) if args.out else Path(Path(args.source).stem.replace("-", "_") + ".lr2vq")
     if bundled:
@@ -744,6 +779,21 @@ def _compress_bundled(args: argparse.Namespace, plan: Mapping[str, LayerPlan], o
 # --------------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------------
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import plan_for_size, write_plan_folder
+
+    options = {} if args.rho is None else {"rho": args.rho}
+    _say(args, f"analysing {args.source} at the candidate k and m (specs {args.specs}) ...")
+    plan = plan_for_size(
+        args.source, args.size, ratio=args.ratio, specs=args.specs, seed=args.seed, n_jobs=args.jobs, **options
+    )
+    paths = write_plan_folder(plan, args.out, command="lr2vq " + shlex.join(args.argv))
+    _say(args, plan.summary())
+    _say(args, f"wrote {paths['plan']}, {paths['report'].name} and {paths['figure'].name}")
+    _say(args, f"compress with: lr2vq compress {args.source} --plan {paths['plan']}")
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

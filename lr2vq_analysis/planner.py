@@ -267,13 +267,9 @@ class Plan(Mapping[str, LayerPlan]):
         """The plain ``{weight key: LayerPlan}`` that :func:`~lr2vq_analysis.nn.compress` takes."""
         return dict(self._layers)
 
-    def _shape_state(self) -> dict[str, torch.Tensor]:
-        dtypes = {16: torch.float16, 32: torch.float32, 64: torch.float64, 8: torch.float8_e4m3fn}
-        return {key: torch.empty((), dtype=dtypes[bits]).expand(shape) for key, (shape, bits) in self._shapes.items()}
-
     def size_report(self) -> SizeReport:
         """The size of the planned model by :func:`~lr2vq_analysis.size.size_report`'s rules."""
-        return size_report(self._shape_state(), self._layers)
+        return size_report(_placeholder_state(self._shapes), self._layers)
 
     @property
     def megabytes(self) -> float:
@@ -362,7 +358,7 @@ class Plan(Mapping[str, LayerPlan]):
                     )
                     for u in data["uniform"]
                 ],
-                frontier=[tuple(point) for point in data["frontier"]],  # type: ignore[misc]
+                frontier=[(float(point[0]), float(point[1])) for point in data["frontier"]],
                 shapes={key: (tuple(v["shape"]), int(v["bits"])) for key, v in data["shapes"].items()},
                 notes=dict(data.get("notes", {})),
                 specs=CompressionSpecs.from_dict(data["specs"]),
@@ -464,6 +460,16 @@ def _m_candidates(m0: int, shape: tuple[int, ...], extra: Sequence[int] | None) 
     for m in values:
         if m not in out and length % m == 0 and n_subvectors(shape, m) >= 8:
             out.append(m)
+    return out
+
+
+def _placeholder_state(shapes: Mapping[str, tuple[tuple[int, ...], int]]) -> dict[str, torch.Tensor]:
+    """Zero-memory tensors of the given shapes and widths (size_report reads shapes and dtypes only)."""
+    dtypes = {8: torch.float8_e4m3fn, 16: torch.float16, 32: torch.float32, 64: torch.float64}
+    out = {}
+    for key, (shape, bits) in shapes.items():
+        dtype = torch.int64 if key.endswith("num_batches_tracked") else dtypes[bits]
+        out[key] = torch.empty((), dtype=dtype).expand(shape)
     return out
 
 
@@ -679,18 +685,14 @@ def plan_for_size(
     start = time.perf_counter()
 
     weights_by_layer = _sensitivities(layers, calibration)
-    analysed = {layer.name for layer in layers}
-    fixed_state = {key: value for key, value in state_shapes.items() if key not in analysed}
-    fixed_bits = sum(
-        math.prod(shape) * min(bits, _FP32) for key, (shape, bits) in fixed_state.items() if not _is_bn_stat(key)
-    )
-    fixed_bits += _bn_bits(fixed_state)
+    base = size_report(_placeholder_state(state_shapes))  # nothing compressed: the size_report rules
+    dense = {layer.name: layer.compressed_bits for layer in base.layers}
+    fixed_bits = base.compressed_bits - sum(dense.get(layer.name, 0.0) for layer in layers)
     options = []
     for layer in layers:
-        dense = math.prod(layer.shape) * min(state_shapes.get(layer.name, (layer.shape, _FP32))[1], _FP32)
-        options.append(_options(layer, weights_by_layer[layer.name], d_mode, float(dense)))
-    source_bits = sum(math.prod(shape) * bits for key, (shape, bits) in state_shapes.items() if not _is_bn_stat(key))
-    source_bits += _bn_bits(state_shapes, source=True)
+        layer_dense = dense.get(layer.name, float(math.prod(layer.shape) * _FP32))
+        options.append(_options(layer, weights_by_layer[layer.name], d_mode, layer_dense))
+    source_bits = base.source_bits
     smallest = fixed_bits + sum(min(o.bits for o in opts) for opts in options)
     largest = fixed_bits + sum(opts[0].bits for opts in options)  # every analysed layer uncompressed
     if size_mib is not None:
@@ -748,19 +750,6 @@ def plan_for_size(
     )
 
 
-def _is_bn_stat(key: str) -> bool:
-    return key.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _bn_bits(shapes: Mapping[str, tuple[tuple[int, ...], int]], *, source: bool = False) -> float:
-    """Folded batch norms: two vectors per running_mean (size_report's rule)."""
-    total = 0.0
-    for key, (shape, bits) in shapes.items():
-        if key.endswith("running_mean"):
-            total += 2.0 * int(shape[0]) * (bits if source else min(bits, _FP32))
-    return total
-
-
 def _uniform_plans(
     layers: Sequence[_Layer],
     options: Sequence[Sequence[Option]],
@@ -777,10 +766,8 @@ def _uniform_plans(
             plan: dict[str, LayerPlan] = {}
             bits, error = fixed_bits, 0.0
             for layer, opts in zip(layers, options, strict=True):
-                m = layer.m_values[min(rule, len(layer.m_values) - 1)] if layer.m_values else None
-                model = None
-                if m is not None:
-                    model = layer.models.get((effective_k(k, layer.shape, m) if specs.cap_k else k, m))
+                m = layer.m_values[min(rule, len(layer.m_values) - 1)] if layer.m_values else 0
+                model = layer.models.get((effective_k(k, layer.shape, m) if specs.cap_k else k, m)) if m else None
                 if model is None:
                     bits += opts[0].bits
                     continue
@@ -812,8 +799,13 @@ def plot_plan(plan: Plan, ax: Any = None) -> Any:
     for rule, marker in (("small", "o"), ("large", "s")):
         points = [(u.megabytes, u.predicted_error, u.label) for u in plan.uniform if u.label.endswith(rule)]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker, color="C1" if rule == "small" else "C2",
-                    label=f"uniform plans, m {rule} (k = 16…256)")
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker,
+                color="C1" if rule == "small" else "C2",
+                label=f"uniform plans, m {rule} (k = 16…256)",
+            )
     ax.axvline(bits_to_mib(plan.target_bits), color="0.5", ls="--", label=f"target {plan.target}")
     ax.plot([plan.megabytes], [plan.predicted_error], "*", color="C3", ms=14, label="chosen plan")
     ax.set_xscale("log")
@@ -863,7 +855,8 @@ def write_plan_folder(plan: Plan, out: str | os.PathLike[str], *, command: str =
     ]
     for u in plan.uniform:
         lines.append(
-            f"| {u.label} | {u.megabytes:.4f} | {u.predicted_error:.5f} | {'yes' if u.bits <= plan.target_bits else 'no'} |"
+            f"| {u.label} | {u.megabytes:.4f} | {u.predicted_error:.5f} | "
+            f"{'yes' if u.bits <= plan.target_bits else 'no'} |"
         )
     lines += ["", "## Layers", "", "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     for row in frame.itertuples(index=False):

@@ -399,8 +399,6 @@ def size_report(
             bits = float(n_params * _FP32)
             dense = float(n_params * min(widths[key], _FP32))
             layers.append(
-                LayerSize(
-                    key, "uncompressed", shape, n_params, bits, dense_bits=dense, source_dtype_bits=widths[key]
-                )
+                LayerSize(key, "uncompressed", shape, n_params, bits, dense_bits=dense, source_dtype_bits=widths[key])
             )
     return SizeReport(tuple(layers))

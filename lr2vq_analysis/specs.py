@@ -376,31 +376,58 @@ class CompressionSpecs:
             if values:
                 settings.update(values)
                 rules.append(label)
-        base = {"name": name, "kind": kind, "rules": tuple(rules), "d_tilde": None}
+
+        def skipped(reason: str) -> ResolvedSpec:
+            return ResolvedSpec(name, kind, None, None, None, None, skip_reason=reason, rules=tuple(rules))
+
         if settings["skip"]:
-            return ResolvedSpec(**base, k=None, m=None, requested_k=None, skip_reason=f"skipped by the specs ({rules[-1]})")
+            return skipped(f"skipped by the specs ({rules[-1]})")
         m = settings["m"]
         if m is None:
-            reason = (
+            return skipped(
                 f"no m is set for {_KIND_TEXT[kind]} {name!r} (kind {kind!r}): give a global m, "
                 f"kinds[{kind!r}] or a name rule"
             )
-            return ResolvedSpec(**base, k=None, m=None, requested_k=None, skip_reason=reason)
         length = row_length(shape)
         if length % m:
-            reason = f"row length {length} is not divisible by m={m} ({rules[-1]} sets m)"
-            return ResolvedSpec(**base, k=None, m=None, requested_k=None, skip_reason=reason)
+            return skipped(f"row length {length} is not divisible by m={m} ({rules[-1]} sets m)")
         n = n_subvectors(shape, m)
         if self.cap_k and n < _MIN_SUBVECTORS:
-            reason = f"only {n} subvectors of size m={m}; too few to cluster"
-            return ResolvedSpec(**base, k=None, m=None, requested_k=None, skip_reason=reason)
+            return skipped(f"only {n} subvectors of size m={m}; too few to cluster")
         requested = int(settings["k"])
         k = effective_k(requested, shape, m) if self.cap_k else check_k(requested, n, name=name)
         d_tilde = settings["d_tilde"]
         if d_tilde is not None:
             d_tilde = check_d_tilde(d_tilde, m, name=name)
-        base["d_tilde"] = d_tilde
-        return ResolvedSpec(**base, k=k, m=m, requested_k=requested)
+        return ResolvedSpec(name, kind, k, m, d_tilde, requested, rules=tuple(rules))
+
+    def resolve_all(self, source: Any, *, keep_first_conv: bool = False) -> dict[str, ResolvedSpec]:
+        """Resolve every layer that :func:`~lr2vq_analysis.weights.load_weights` selects from ``source``.
+
+        Layers the loader skips (the input convolution, embeddings, ...) are not included.
+        """
+        from .weights import load_weights
+
+        weights = load_weights(source, keep_first_conv=keep_first_conv)
+        return {
+            name: self.resolve(name, info.shape, groups=getattr(info, "groups", None))
+            for name, info in weights.info.items()
+        }
+
+    def plan(self, source: Any, *, keep_first_conv: bool = False) -> dict[str, LayerPlan]:
+        """``{weight key: LayerPlan}`` for a model without analysis: d̃ from the specs, else m (plain PQ).
+
+        Examples
+        --------
+        >>> from lr2vq_analysis.models.resnet import resnet18
+        >>> from lr2vq_analysis.size import size_report
+        >>> model = resnet18()
+        >>> report = size_report(model, CompressionSpecs.from_preset("pqf-small-resnet18").plan(model))
+        >>> round(report.megabytes, 2), round(report.ratio)  # PQF's published ResNet-18 "small blocks"
+        (1.54, 29)
+        """
+        resolved = self.resolve_all(source, keep_first_conv=keep_first_conv)
+        return {name: spec.plan() for name, spec in resolved.items() if spec.skip_reason is None}
 
     @property
     def is_uniform(self) -> bool:
@@ -448,7 +475,8 @@ class CompressionSpecs:
 
     def __repr__(self) -> str:
         if self.preset:
-            return f"CompressionSpecs(preset={self.preset!r}, k={self.k}, kinds={len(self.kinds)}, names={len(self.names)})"
+            rules = f"kinds={len(self.kinds)}, names={len(self.names)}"
+            return f"CompressionSpecs(preset={self.preset!r}, k={self.k}, {rules})"
         parts = [f"k={self.k}", f"m={self.m}"]
         if self.d_tilde is not None:
             parts.append(f"d_tilde={self.d_tilde}")
