@@ -222,6 +222,9 @@ class Plan(Mapping[str, LayerPlan]):
         Per-layer notes (k capped, left uncompressed, skipped and why).
     specs : CompressionSpecs
     source : str
+    analysis_ : object or None
+        The per-layer trade-off fits, kept in memory (not saved): ``plan_for_size(plan, other_target)``
+        re-plans from them without any k-means.
     """
 
     def __init__(
@@ -239,8 +242,10 @@ class Plan(Mapping[str, LayerPlan]):
         specs: CompressionSpecs,
         source: str = "",
         timings: Mapping[str, float] | None = None,
+        analysis: Any = None,
     ) -> None:
         self._layers = dict(layers)
+        self.analysis_ = analysis
         self.target_bits = float(target_bits)
         self.target = target
         self.layer_errors = dict(layer_errors)
@@ -418,6 +423,18 @@ class Plan(Mapping[str, LayerPlan]):
 
 
 @dataclass
+class _Analysis:
+    """What plan_for_size analysed, kept on the Plan so that another target costs no k-means."""
+
+    layers: list[_Layer]
+    state_shapes: dict[str, tuple[tuple[int, ...], int]]
+    notes: dict[str, str]
+    source: str
+    specs: CompressionSpecs
+    k_values: tuple[int, ...]
+
+
+@dataclass
 class _Layer:
     name: str
     kind: str
@@ -579,9 +596,11 @@ def plan_for_size(
 
     Parameters
     ----------
-    source_or_report : str, path, torch.nn.Module, mapping, Report or sequence of Report
+    source_or_report : str, path, torch.nn.Module, mapping, Report, sequence of Report, or Plan
         The model (see :func:`~lr2vq_analysis.weights.load_weights`): its layers are analysed at every
-        candidate (k, m). Or saved analyses: each :class:`~lr2vq_analysis.report.Report` contributes its
+        candidate (k, m). A Plan returned by this function re-plans from its analyses (no k-means; ``specs``,
+        ``candidates['k']`` and ``rho`` are then those of the first call).
+        Or saved analyses: each :class:`~lr2vq_analysis.report.Report` contributes its
         (k, m) per layer as a candidate, and no k-means runs (the report's source is read for the sizes
         of the other tensors when it is a readable file).
     size_mib : float, optional
@@ -645,12 +664,20 @@ def plan_for_size(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     reports: list[Any] = []
-    if isinstance(source_or_report, Report):
+    if isinstance(source_or_report, Plan):
+        if source_or_report.analysis_ is None:
+            raise InvalidParameterError("a loaded Plan holds no analyses to re-plan from; pass the model or reports")
+        analysis = source_or_report.analysis_
+        layers, state_shapes, source, specs = analysis.layers, analysis.state_shapes, analysis.source, analysis.specs
+        k_values, notes = analysis.k_values, dict(analysis.notes)
+    elif isinstance(source_or_report, Report):
         reports = [source_or_report]
     elif isinstance(source_or_report, Sequence) and source_or_report and isinstance(source_or_report[0], Report):
         reports = list(source_or_report)
-    notes: dict[str, str] = {}
-    if reports:
+    if isinstance(source_or_report, Plan):
+        pass
+    elif reports:
+        notes = {}
         layers, source = _layers_from_reports(reports)
         try:
             state_shapes = _state_shapes(load_state_dict(source))
@@ -661,7 +688,7 @@ def plan_for_size(
         weights = load_weights(source_or_report, keep_first_conv=keep_first_conv)
         source = weights.source
         state_shapes = _state_shapes(load_state_dict(source_or_report))
-        notes.update(weights.skipped)
+        notes = dict(weights.skipped)
         layers = []
         for name, array in weights.items():
             info = weights.info[name]
@@ -682,6 +709,7 @@ def plan_for_size(
         jobs = [delayed(_fit_layer)(layer, k_values, rho, seed, specs.cap_k, probe_options) for layer in layers]
         layers = list(Parallel(n_jobs=n_jobs, prefer="threads")(jobs))
     timings["analysis_s"] = time.perf_counter() - start
+    analysis = _Analysis(layers, state_shapes, dict(notes), str(source), specs, tuple(k_values))
     start = time.perf_counter()
 
     weights_by_layer = _sensitivities(layers, calibration)
@@ -747,6 +775,7 @@ def plan_for_size(
         specs=specs,
         source=str(source),
         timings=timings,
+        analysis=analysis,
     )
 
 

@@ -188,3 +188,13 @@ def test_batch_norms_and_biases_are_counted_as_size_report_counts_them():
     assert counted.compressed_bits == plan.size_report().compressed_bits
     assert counted.compressed_bits <= counted.uncompressed_bits / 6
     assert "0.weight" not in plan and "0.weight" in plan.notes  # the input convolution stays
+
+
+def test_replanning_from_a_plan_reuses_its_analyses(mlp_plan, tmp_path):
+    _, plan = mlp_plan
+    same = plan_for_size(plan, ratio=8)
+    assert same.layer_plans() == plan.layer_plans() and same.predicted_error == plan.predicted_error
+    looser = plan_for_size(plan, ratio=4)
+    assert looser.size_report().ratio >= 4 and looser.predicted_error <= plan.predicted_error
+    with pytest.raises(InvalidParameterError, match="holds no analyses"):
+        plan_for_size(Plan.load(plan.save(tmp_path / "plan.json")), ratio=4)
