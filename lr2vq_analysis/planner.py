@@ -17,11 +17,12 @@ weighting as the report's global d̃), or a data-aware sensitivity passed as ``c
 bit allocation across sources (Shoham & Gersho 1988; Everett 1963): each layer's candidates are reduced
 to their lower convex hull in (bits, error); the steps along all hulls are taken in order of error
 removed per bit (largest first), each step that still fits the budget is taken and a layer whose next
-step does not fit is frozen. Why this one: it needs one sort of at most a few hundred steps per layer
+step does not fit is frozen; the slack left is then spent greedily on single-layer swaps to any candidate
+(on the hull or not) that lower the error. Why this one: it needs one sort of at most a few hundred steps per layer
 (milliseconds, where dynamic programming over bit budgets would need a discretisation of sizes that
 span five orders of magnitude), and it is exactly optimal whenever the budget falls on the global
 convex hull — no allocation of equal or smaller size has a lower predicted error (Everett's theorem) —
-and otherwise within one hull step of it. The returned :class:`Plan` also carries the uniform plans
+and otherwise never worse than the hull solution below the budget (the swaps only lower the error). The returned :class:`Plan` also carries the uniform plans
 (one k and one m rule for every layer, predicted d̃ per layer) so the gain of allocating is visible.
 """
 
@@ -175,6 +176,22 @@ def allocate(layers: Sequence[Sequence[Option]], budget_bits: float) -> tuple[li
     choice = []
     for options, hull, pos in zip(layers, hulls, position, strict=True):
         choice.append(next(j for j, option in enumerate(options) if option is hull[pos]))
+    # The hull steps leave slack when a layer's next step does not fit: spend it on the single-layer
+    # swap (any candidate, on the hull or not) that lowers the error most, until none fits.
+    while True:
+        best = (0.0, -1, -1)
+        for li, options in enumerate(layers):
+            current = options[choice[li]]
+            room = budget_bits - used + current.bits
+            for j, option in enumerate(options):
+                gain = current.error - option.error
+                if option.bits <= room and gain > best[0]:
+                    best = (gain, li, j)
+        if best[1] < 0:
+            break
+        _, li, j = best
+        used += layers[li][j].bits - layers[li][choice[li]].bits
+        choice[li] = j
     return choice, frontier
 
 
