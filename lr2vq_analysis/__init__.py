@@ -13,9 +13,11 @@ from .finetune import FinetuneResult, finetune, recalibrate_batchnorm
 from .kmeans import KMeans, kmeans
 from .nn import CompressedModel, LR2VQConv1d, LR2VQConv2d, LR2VQLinear, compress
 from .plan import LayerPlan, effective_k
+from .planner import Plan, plan_for_size
 from .probes import clustering_error_curve
 from .report import LayerReport, ModelPrediction, Report, analyze, predict_d_tilde
 from .size import SizeReport, size_report
+from .specs import CompressionSpecs
 from .spectrum import Spectrum, compute_spectrum, lowrank_error_curve
 from .subvectors import from_subvectors, to_subvectors
 from .tradeoff import DEFAULT_RHO, TradeoffModel, fit_tradeoff
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_RHO",
     "CompressedModel",
+    "CompressionSpecs",
     "FinetuneResult",
     "InvalidParameterError",
     "InvalidWeightsError",
@@ -37,6 +40,7 @@ __all__ = [
     "LayerPlan",
     "LayerReport",
     "ModelPrediction",
+    "Plan",
     "Report",
     "SizeReport",
     "Spectrum",
@@ -56,6 +60,7 @@ __all__ = [
     "kmeans",
     "load_compressed",
     "load_weights",
+    "plan_for_size",
     "lowrank_error_curve",
     "predict_d_tilde",
     "recalibrate_batchnorm",

@@ -80,7 +80,16 @@ _FP32 = 32
 class Option:
     """One candidate setting of one layer: its compressed size and predicted (weighted) error.
 
-    ``plan`` is None for "leave the layer uncompressed".
+    Parameters
+    ----------
+    bits : float
+        Compressed size of the layer in bits (its dense size for "uncompressed").
+    error : float
+        Predicted error, weighted by the layer's share or sensitivity (the objective's term).
+    plan : LayerPlan or None
+        The setting; None leaves the layer uncompressed.
+    relative_error : float
+        The unweighted relative error ρ·lowrank + clustering.
     """
 
     bits: float
@@ -202,7 +211,19 @@ def allocate(layers: Sequence[Sequence[Option]], budget_bits: float) -> tuple[li
 
 @dataclass(frozen=True)
 class UniformPlan:
-    """One k and one m rule for every layer (predicted d̃ per layer), as compared with the allocation."""
+    """One k and one m rule for every layer (predicted d̃ per layer), as compared with the allocation.
+
+    Parameters
+    ----------
+    label : str
+        E.g. ``"uniform k=256, m=small"`` (m small: the specs' m; large: twice it, PQF's large blocks).
+    plan : dict of str to LayerPlan
+        The plan.
+    bits : float
+        Its total size in bits (size_report's rules).
+    predicted_error : float
+        Its predicted model error (the planner's objective).
+    """
 
     label: str
     plan: dict[str, LayerPlan]
@@ -220,6 +241,11 @@ class Plan(Mapping[str, LayerPlan]):
 
     Pass it wherever a plan is taken: ``compress(model, plan)``, ``size_report(state, plan)``,
     ``lr2vq compress --plan plan.json``. Layers the allocation left uncompressed are not in the mapping.
+    Built by :func:`plan_for_size`; the constructor arguments (layers, target_bits, target,
+    layer_errors, predicted_error, uniform, frontier, notes, specs, source, as the attributes below)
+    are its state, plus ``shapes`` ``{key: (shape, bits per value)}`` of every counted tensor (for
+    :meth:`size_report`), ``timings`` ``{"analysis_s", "allocation_s"}`` and ``analysis`` (kept as
+    ``analysis_``).
 
     Attributes
     ----------
@@ -239,9 +265,13 @@ class Plan(Mapping[str, LayerPlan]):
         Per-layer notes (k capped, left uncompressed, skipped and why).
     specs : CompressionSpecs
     source : str
-    analysis_ : object or None
-        The per-layer trade-off fits, kept in memory (not saved): ``plan_for_size(plan, other_target)``
-        re-plans from them without any k-means.
+    shapes : dict of str to (shape, bits)
+        Every counted tensor's shape and bits per value in the source (for :meth:`size_report`).
+    timings : dict of str to float
+        ``analysis_s`` and ``allocation_s``, seconds.
+    analysis : object or None
+        Kept as ``analysis_``: the per-layer trade-off fits, in memory only (not saved);
+        ``plan_for_size(plan, other_target)`` re-plans from them without any k-means.
     """
 
     def __init__(
@@ -865,6 +895,15 @@ def plot_plan(plan: Plan, ax: Any = None) -> Any:
 
 def write_plan_folder(plan: Plan, out: str | os.PathLike[str], *, command: str = "") -> dict[str, Path]:
     """Write plan.json, report.md (chosen (k, m, d̃) per layer) and plan.png / plan.svg into ``out``.
+
+    Parameters
+    ----------
+    plan : Plan
+        From :func:`plan_for_size`.
+    out : str or path
+        Folder (created).
+    command : str, optional
+        The command line that made the plan, quoted at the top of report.md.
 
     Returns
     -------

@@ -72,8 +72,13 @@ _MIN_SUBVECTORS = 8  # with PQF's cap (k <= n/4) fewer subvectors leave k < 2
 def layer_kind(shape: tuple[int, ...], groups: int | None = None) -> str:
     """The kind of a Linear / Conv1d / Conv2d weight, one of :data:`KINDS`.
 
-    Without ``groups`` (a state_dict does not record it), a 4-D weight with one input channel per
-    group and a spatial kernel larger than 1×1 counts as depthwise.
+    Parameters
+    ----------
+    shape : tuple of int
+        Weight shape, output channels first.
+    groups : int, optional
+        The convolution's ``groups``. Without it (a state_dict does not record it), a 4-D weight with
+        one input channel per group and a spatial kernel larger than 1×1 counts as depthwise.
 
     Examples
     --------
@@ -507,7 +512,12 @@ PRESETS: dict[str, CompressionSpecs] = {
 def as_specs(specs: Any = None, k: int | None = None, m: int | None = None) -> CompressionSpecs:
     """Normalise what callers pass: a CompressionSpecs, a preset name, a JSON path, a dict, or None.
 
-    None gives the global ``k`` and ``m`` (the old arguments) as specs.
+    Parameters
+    ----------
+    specs : CompressionSpecs, str, path, dict or None
+        None gives the global ``k`` and ``m`` (the old arguments) as specs.
+    k, m : int, optional
+        The old global arguments, used when ``specs`` is None.
 
     Examples
     --------

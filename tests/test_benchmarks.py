@@ -89,3 +89,16 @@ def test_calibrate_rho_counts_plateau_and_hits_by_hand(tmp_path):
 def test_calibrate_rho_without_summaries_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="sweep_frontier"):
         calibrate_rho.main(["--results", str(tmp_path)])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quick_planner_benchmark_checks_presets_and_plans_two_targets(tmp_path):
+    import bench_planner
+
+    assert bench_planner.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "planner_quick.json").read_text())
+    assert all(row["match"] for row in results["presets"])  # PQF's published ResNet-18 sizes
+    plans = results["digits"]["plans"]
+    assert [p["target_ratio"] for p in plans] == [8.0, 12.0]
+    assert all(p["ratio_vs_source"] >= p["target_ratio"] for p in plans)
+    assert (tmp_path / "plan_digits_8x" / "plan.json").is_file()
