@@ -17,12 +17,13 @@ weighting as the report's global d̃), or a data-aware sensitivity passed as ``c
 bit allocation across sources (Shoham & Gersho 1988; Everett 1963): each layer's candidates are reduced
 to their lower convex hull in (bits, error); the steps along all hulls are taken in order of error
 removed per bit (largest first), each step that still fits the budget is taken and a layer whose next
-step does not fit is frozen; the slack left is then spent greedily on single-layer swaps to any candidate
-(on the hull or not) that lower the error. Why this one: it needs one sort of at most a few hundred steps per layer
-(milliseconds, where dynamic programming over bit budgets would need a discretisation of sizes that
-span five orders of magnitude), and it is exactly optimal whenever the budget falls on the global
-convex hull — no allocation of equal or smaller size has a lower predicted error (Everett's theorem) —
-and otherwise never worse than the hull solution below the budget (the swaps only lower the error). The returned :class:`Plan` also carries the uniform plans
+step does not fit is frozen; the slack left is then spent greedily on single-layer swaps to any
+candidate (on the hull or not) that lower the error. Why this one: it needs one sort of at most a few
+hundred steps per layer (milliseconds, where dynamic programming over bit budgets would need a
+discretisation of sizes that span five orders of magnitude), and it is exactly optimal whenever the
+budget falls on the global convex hull — no allocation of equal or smaller size has a lower predicted
+error (Everett's theorem) — and otherwise never worse than the hull solution below the budget (the
+swaps only lower the error). The returned :class:`Plan` also carries the uniform plans
 (one k and one m rule for every layer, predicted d̃ per layer) so the gain of allocating is visible.
 """
 
