@@ -45,7 +45,7 @@ from joblib import Parallel, delayed
 
 from ._io import write_atomic
 from ._threads import single_threaded
-from ._validation import check_rho, check_seed
+from ._validation import PROBE_OPTIONS, check_n_jobs, check_options, check_rho, check_seed
 from .exceptions import InvalidParameterError, InvalidWeightsError, ReportFileError, UnreachableTargetError
 from .plan import LayerPlan, effective_k
 from .size import SizeReport, bits_to_mib, size_report
@@ -707,6 +707,8 @@ def plan_for_size(
             raise InvalidParameterError(f"{label}={value!r} is invalid; it must be a positive number")
     rho = check_rho(rho)
     seed = check_seed(seed)
+    n_jobs = check_n_jobs(n_jobs)
+    probe_options = check_options(probe_options, PROBE_OPTIONS, what="probe option")
     specs = as_specs(specs)
     k_values, m_rules, d_mode = _parse_candidates(candidates)
     timings: dict[str, float] = {}

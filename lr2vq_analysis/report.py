@@ -23,11 +23,14 @@ from tqdm.auto import tqdm
 
 from ._io import write_atomic
 from ._validation import (
+    PROBE_OPTIONS,
     InvalidParameterError,
     InvalidWeightsError,
     WeightFileError,
     check_k,
     check_m,
+    check_n_jobs,
+    check_options,
     check_rho,
     check_seed,
 )
@@ -418,8 +421,8 @@ def analyze(
         Subvector size; layers whose row length it does not divide are skipped with the reason.
     specs : CompressionSpecs, preset name, dict or JSON path, optional
         k and m per layer kind and name glob (:mod:`~lr2vq_analysis.specs`), e.g. ``"pqf-small"``;
-        replaces ``k`` and ``m``. Layers the specs skip are listed in ``skipped`` with the reason, and
-        a k lowered by PQF's cap is noted there too (``"<name> (note)"``).
+        replaces ``k`` and ``m``. Layers the specs skip are listed in ``skipped`` with the reason; a k
+        lowered by PQF's cap shows as the layer's ``k``.
     rho : float, default DEFAULT_RHO
         Share of the low-rank error that end-to-end training does not recover, in (0, 1].
     include, exclude : str or list of str, optional
@@ -467,8 +470,8 @@ def analyze(
     m = check_m(m) if layer_specs is None else (layer_specs.m or 0)
     rho = check_rho(rho)
     seed = check_seed(seed)
-    if not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
-        raise InvalidParameterError(f"n_jobs={n_jobs!r} is invalid; use a positive integer or -1 (all cores)")
+    n_jobs = check_n_jobs(n_jobs)
+    probe_options = check_options(probe_options, PROBE_OPTIONS, what="probe option")
     weights = load_weights(
         source,
         m=m if layer_specs is None else None,
