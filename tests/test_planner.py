@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lr2vq_analysis import analyze, compress
-from lr2vq_analysis.cli import read_plan
 from lr2vq_analysis.exceptions import InvalidParameterError, UnreachableTargetError
 from lr2vq_analysis.planner import Option, Plan, allocate, lower_convex_hull, plan_for_size, write_plan_folder
+from lr2vq_analysis.report_folder import read_plan
 from lr2vq_analysis.size import size_report
 
 CANDIDATES = {"k": [4, 16]}

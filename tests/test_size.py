@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from conftest import make_toy_cnn
 from torch import nn
 
 from lr2vq_analysis._validation import InvalidParameterError
@@ -48,18 +48,7 @@ def test_reproduces_pqf_published_sizes(factory, m_3x3, m_1x1, k_fc, megabytes, 
 
 
 def _toy_model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
+    return make_toy_cnn((8, 16), seed=0)  # the shared toy model (conftest)
 
 
 TOY_PLAN = {"3.weight": LayerPlan(k=16, m=9, d_tilde=4), "8.weight": LayerPlan(k=8, m=4)}
@@ -131,6 +120,8 @@ def test_bad_inputs():
 
 def test_bf16_source_ratio_is_stated_against_its_dtype_and_fp32():
     """Hand-computed: a bf16 Linear(64 → 64) with bias, PQ at k = 16, m = 4."""
+    import torch
+
     state = {"fc.weight": torch.zeros(64, 64, dtype=torch.bfloat16), "fc.bias": torch.zeros(64, dtype=torch.bfloat16)}
     report = size_report(state, {"fc.weight": LayerPlan(k=16, m=4)})
     # source: 4160 values · 16 bits; compressed: codes 1024 · 4 + codebook 16·4·16 + bias 64 · 16 (kept in bf16)
