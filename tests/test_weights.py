@@ -54,7 +54,7 @@ MODULE_LAYERS = [
 ]
 MODULE_SKIPPED = {
     "position_ids": "floating-point",
-    "conv1.weight": "first convolution",
+    "conv1.weight": "input stem",
     "conv3.weight": "grouped convolution (groups=4)",
     "embed.weight": "embedding",
 }
@@ -66,7 +66,7 @@ STATE_DICT_LAYERS = [
 ]
 STATE_DICT_SKIPPED = {
     "position_ids": "floating-point",
-    "conv1.weight": "first convolution",
+    "conv1.weight": "input stem",
     "embed.weight": "embedding",
 }
 
@@ -233,7 +233,7 @@ def test_first_conv_is_first_3d_or_4d_weight_in_model_order():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 8, 3), nn.Conv1d(8, 8, 3))
     ws = load_weights(model)
     assert list(ws) == ["0.weight", "2.weight"]
-    assert "first convolution" in ws.skipped["1.weight"]
+    assert "input stem" in ws.skipped["1.weight"]
 
 
 def test_first_conv_with_nan_is_not_checked():
