@@ -361,6 +361,8 @@ def write_markdown_report(
         f"ρ = {report.rho:.3g}; {len(report.layers)} layers analysed, {len(report.skipped)} skipped. "
         f"Written by lr2vq_analysis {__version__}" + (f" (`{command}`)." if command else ".")
     )
+    if report.coverage is not None:
+        lines += ["", f"Coverage: {report.coverage.summary()}."]
     lines += [
         "",
         f"**Global d̃ = {report.global_d_tilde}** (minimum of the size-weighted total error of all layers).",
@@ -455,6 +457,8 @@ def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tup
     _say(args, f"\nglobal d̃ = {report.global_d_tilde}  (k ≤ {report.k}, m = {report.m}, ρ = {report.rho:.3g})")
     for label, size in sizes:
         _say(args, f"  {label:<26} {_describe_size(size)}")
+    if report.coverage is not None:
+        _say(args, f"coverage: {report.coverage.summary()}")
     if report.skipped:
         _say(args, f"skipped {len(report.skipped)} layer(s); reasons in report.md")
 
