@@ -111,6 +111,7 @@ NOT_FLOAT = "not real floating point"
 ALL_ZERO = "all zeros"
 EMPTY = "empty tensor"
 RANK = "rank above 4"
+NPZ_REFUSED = "over the .npz decompression bound"
 VECTORS = "biases and norms (rank 0-1)"
 #: Category of layers that :func:`~lr2vq_analysis.report.analyze` skips for having too few subvectors.
 TOO_FEW_SUBVECTORS = "too few subvectors"
@@ -384,7 +385,6 @@ class _Tensor:
     load: Callable[[], Any]  # torch.Tensor or np.ndarray; may share memory with an in-memory source
     kind: str | None = None  # known from the owning module, else decided from the rank
     reason: tuple[str, str] | None = None  # (category, text): why the source says it is not compressible
-    is_conv: bool = False  # a convolution weight (counts for the stem rule)
 
     @property
     def size(self) -> int:
@@ -631,6 +631,8 @@ def _matches(key: str, pattern: str) -> bool:
 
 def _structural_reason(tensor: _Tensor, include: tuple[str, ...]) -> tuple[str | None, tuple[str, str] | None]:
     """Return (kind, reason): the kind if the tensor is a layer weight at all, else (category, why not)."""
+    if tensor.reason is not None and tensor.reason[0] == NPZ_REFUSED:
+        return None, tensor.reason
     if not tensor.is_float:
         if tensor.dtype.startswith("complex"):
             text = f"dtype {tensor.dtype} holds complex values; only real floating-point weights are analysed"
@@ -671,9 +673,9 @@ def _filter_reason(
     return None
 
 
-def _find_stem(tensors: Sequence[_Tensor], order_inferred: bool) -> str | None:
+def _find_stem(tensors: Sequence[_Tensor], kinds: Sequence[str | None], order_inferred: bool) -> str | None:
     """Key of the input stem, the convolution that reads the image (see the module docstring)."""
-    convs = [t for t in tensors if t.is_conv and t.reason is None and t.size > 0]
+    convs = [t for t, kind in zip(tensors, kinds, strict=True) if kind in ("conv2d", "conv1d") and t.size > 0]
     candidates = [t for t in convs if t.shape[1] <= _STEM_MAX_CHANNELS]
     if order_inferred:
         # Names do not give the order: an RGB conv beats a depthwise (1 channel) or grouped filter.
@@ -716,7 +718,10 @@ def _select(
     skipped: dict[str, str] = {}
     skipped_params: dict[str, int] = {}
     analysed = 0
-    stem = None if keep_first_conv else _find_stem(source.tensors, source.order_inferred)
+    structure = [_structural_reason(t, include) if 2 <= len(t.shape) <= 4 else (None, None) for t in source.tensors]
+    stem = (
+        None if keep_first_conv else _find_stem(source.tensors, [kind for kind, _ in structure], source.order_inferred)
+    )
 
     def skip(tensor: _Tensor, reason: tuple[str, str], *, listed: bool = True) -> None:
         if listed:
@@ -724,7 +729,7 @@ def _select(
         if tensor.counted:
             skipped_params[reason[0]] = skipped_params.get(reason[0], 0) + tensor.size
 
-    for tensor in source.tensors:
+    for tensor, (kind, reason) in zip(source.tensors, structure, strict=True):
         rank = len(tensor.shape)
         if rank < 2:
             skip(tensor, (VECTORS, ""), listed=False)  # biases, norms, scalars: counted, not listed
@@ -732,7 +737,6 @@ def _select(
         if rank > 4:
             skip(tensor, (RANK, f"rank {rank} (shape {tensor.shape}); layers have rank 2 to 4"))
             continue
-        kind, reason = _structural_reason(tensor, include)
         if reason is None and tensor.key == stem:
             channels = tensor.shape[1]
             reason = (
@@ -1071,6 +1075,7 @@ class _NpyMember:
     dtype: np.dtype
     fortran_order: bool
     header_bytes: int
+    refusal: str | None = None  # why the member is not decompressed (over the size bound, pickled objects)
 
 
 class _NpzArchive:
@@ -1093,15 +1098,12 @@ class _NpzArchive:
                 for entry in archive.infolist():
                     if not entry.filename.endswith(".npy"):
                         continue
-                    self._check_size(entry, size)
-                    with archive.open(entry) as stream:
+                    refusal = self._check_size(entry, size)
+                    with archive.open(entry) as stream:  # the header is the first few bytes, whatever the size
                         shape, fortran, dtype = _read_npy_header(stream)
                         header_bytes = stream.tell()
                     if dtype.hasobject:
-                        raise error(
-                            f"'{path}': array {entry.filename[:-4]!r} holds Python objects (pickles); "
-                            "only numeric arrays are read"
-                        )
+                        refusal = "it holds Python objects (pickles); only numeric arrays are read"
                     declared = header_bytes + math.prod(shape) * dtype.itemsize
                     if declared != entry.file_size:
                         raise ValueError(
@@ -1109,7 +1111,7 @@ class _NpzArchive:
                             f"the archive {entry.file_size}"
                         )
                     self.members[entry.filename[:-4]] = _NpyMember(
-                        entry.filename, tuple(shape), dtype, fortran, header_bytes
+                        entry.filename, tuple(shape), dtype, fortran, header_bytes, refusal
                     )
         except error:
             raise
@@ -1121,23 +1123,27 @@ class _NpzArchive:
             return _corrupt(self.path, what, exc)
         return self.error(f"cannot read '{self.path}' as {what} (corrupt or truncated file?): {exc}")
 
-    def _check_size(self, entry: zipfile.ZipInfo, archive_size: int) -> None:
+    @staticmethod
+    def _check_size(entry: zipfile.ZipInfo, archive_size: int) -> str | None:
+        """Why a member must not be decompressed (its declared size), or None."""
         if entry.compress_size > archive_size:
             raise ValueError(
                 f"member {entry.filename!r} declares {entry.compress_size} compressed bytes in a file of {archive_size}"
             )
         limit = max(NPZ_SMALL_MEMBER_BYTES, NPZ_MAX_EXPANSION * entry.compress_size)
-        if entry.file_size > limit:
-            raise self.error(
-                f"'{self.path}': array {entry.filename[:-4]!r} declares {entry.file_size:,} bytes from "
-                f"{entry.compress_size:,} compressed ({entry.file_size / max(entry.compress_size, 1):,.0f}×); refused "
-                f"without decompressing (limit: {NPZ_MAX_EXPANSION}× its compressed size, or "
-                f"{NPZ_SMALL_MEMBER_BYTES // 2**20} MiB)"
-            )
+        if entry.file_size <= limit:
+            return None
+        return (
+            f"it declares {entry.file_size:,} bytes from {entry.compress_size:,} compressed "
+            f"({entry.file_size / max(entry.compress_size, 1):,.0f}×), beyond the bound of {NPZ_MAX_EXPANSION}× its "
+            f"compressed size or {NPZ_SMALL_MEMBER_BYTES // 2**20} MiB; it is not decompressed"
+        )
 
     def read(self, key: str) -> np.ndarray:
         """Decompress one array: exactly its declared bytes, checked against the archive's CRC."""
         entry = self.members[key]
+        if entry.refusal is not None:
+            raise self.error(f"'{self.path}': array {key!r} is refused: {entry.refusal}")
         nbytes = math.prod(entry.shape) * entry.dtype.itemsize
         try:
             with zipfile.ZipFile(self.path) as archive, archive.open(entry.member) as stream:
@@ -1168,7 +1174,10 @@ def _npz_tensors(path: Path) -> list[_Tensor]:
     tensors = []
     for key, entry in archive.members.items():
         is_float = entry.dtype.kind == "f"
-        tensors.append(_name_rule_tensor(key, entry.shape, str(entry.dtype), is_float, _bind(archive.read, key)))
+        tensor = _name_rule_tensor(key, entry.shape, str(entry.dtype), is_float, _bind(archive.read, key))
+        if entry.refusal is not None:
+            tensor.reason = (NPZ_REFUSED, f"not read: {entry.refusal}")
+        tensors.append(tensor)
     return tensors
 
 
@@ -1214,8 +1223,7 @@ def _name_rule_tensor(key: str, shape: tuple[int, ...], dtype: str, is_float: bo
         reason = (NOT_A_LAYER, "name does not end in 'weight'; only layer weights are compressed (include= selects it)")
     elif len(shape) == 2 and _EMBEDDING_NAME.search(key):
         reason = (EMBEDDING, "looks like an embedding table (by its name); embeddings are left uncompressed")
-    is_conv = is_float and len(shape) in (3, 4) and reason is None
-    return _Tensor(key, tuple(int(s) for s in shape), dtype, is_float, load, None, reason, is_conv)
+    return _Tensor(key, tuple(int(s) for s in shape), dtype, is_float, load, None, reason)
 
 
 def _mapping_tensors(mapping: Mapping) -> list[_Tensor]:
@@ -1240,9 +1248,9 @@ def _module_tensors(model: nn.Module) -> list[_Tensor]:
             continue  # an uninitialised lazy parameter has no shape yet
         owner_name, _, attribute = key.rpartition(".")
         owner = owners.get(owner_name)
-        kind, reason, is_conv = None, None, False
+        kind, reason = None, None
         if isinstance(owner, (nn.Conv1d, nn.Conv2d)) and attribute == "weight":
-            kind, is_conv = ("conv2d" if isinstance(owner, nn.Conv2d) else "conv1d"), True
+            kind = "conv2d" if isinstance(owner, nn.Conv2d) else "conv1d"
             if owner.groups != 1:
                 reason = (GROUPED, f"grouped convolution (groups={owner.groups}) is left uncompressed")
         elif isinstance(owner, nn.Linear) and attribute == "weight":
@@ -1259,7 +1267,6 @@ def _module_tensors(model: nn.Module) -> list[_Tensor]:
             )
         dtype = _TORCH_DTYPE_NAMES.get(value.dtype, str(value.dtype).removeprefix("torch."))
         tensors.append(
-            _Tensor(key, tuple(value.shape), dtype, value.is_floating_point(), _constant(value),
-                    kind, reason, is_conv)
-        )  # fmt: skip
+            _Tensor(key, tuple(value.shape), dtype, value.is_floating_point(), _constant(value), kind, reason)
+        )
     return tensors
