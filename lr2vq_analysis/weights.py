@@ -1163,9 +1163,9 @@ class _NpzArchive:
 def _read_npy_header(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(stream)  # type: ignore[no-any-return]
+        return np.lib.format.read_array_header_1_0(stream)
     if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(stream)  # type: ignore[no-any-return]
+        return np.lib.format.read_array_header_2_0(stream)
     raise ValueError(f".npy format version {version} is not supported (1.0 and 2.0 are)")
 
 
