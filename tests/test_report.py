@@ -175,33 +175,15 @@ def test_layers_too_small_to_cluster_move_to_their_reason():
     assert report.coverage.analysed == 16488
 
 
-def test_analysis_streams_layers_from_a_file(tmp_path, monkeypatch):
-    import weakref
-
+def test_analysis_streams_layers_from_a_file(tmp_path, layer_reads):
     from safetensors.torch import save_file
-
-    from lr2vq_analysis import weights as weights_module
 
     state = {key: torch.as_tensor(value, dtype=torch.bfloat16) for key, value in make_state().items()}
     path = tmp_path / "model.safetensors"
     save_file(state, str(path))
-    alive: list[weakref.ref] = []
-    reads: dict[str, int] = {}
-    most = 0
-    original = weights_module._SafetensorsFile.read
-
-    def read(self, key):
-        nonlocal most
-        tensor = original(self, key)
-        alive.append(weakref.ref(tensor))
-        reads[key] = reads.get(key, 0) + 1
-        most = max(most, sum(ref() is not None for ref in alive))
-        return tensor
-
-    monkeypatch.setattr(weights_module._SafetensorsFile, "read", read)
     streamed = analyze(path, k=16, m=9, progress=False)
-    assert most == 1  # never two layers in memory at once
-    assert reads == {"block1.weight": 2, "block2.weight": 2, "head.weight": 2}  # checked, then analysed
+    assert layer_reads.most_alive == 1  # never two layers in memory at once
+    assert layer_reads.reads == {"block1.weight": 2, "block2.weight": 2, "head.weight": 2}  # checked, analysed
     assert {layer.source_dtype for layer in streamed.layers} == {"bfloat16"}
     in_memory = analyze({k: v.float() for k, v in state.items()}, k=16, m=9, progress=False)
     assert [layer.d_tilde for layer in streamed.layers] == [layer.d_tilde for layer in in_memory.layers]

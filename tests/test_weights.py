@@ -651,26 +651,10 @@ def test_source_dtype_is_recorded_and_layers_stay_in_it(tmp_path, dtype, name, b
         np.testing.assert_array_equal(ws["fc.weight"], weight.float().numpy())
 
 
-def test_file_layers_are_read_one_at_a_time_and_not_kept(tmp_path, monkeypatch):
-    import weakref
-
-    from lr2vq_analysis import weights as weights_module
-
+def test_file_layers_are_read_one_at_a_time_and_not_kept(tmp_path, layer_reads):
     _save_safetensors(tmp_path / "m.safetensors", {f"l{i}.weight": torch.randn(16, 8) for i in range(5)})
-    alive: list[weakref.ref] = []
-    most = 0
-    original = weights_module._SafetensorsFile.read
-
-    def read(self, key):
-        nonlocal most
-        tensor = original(self, key)
-        alive.append(weakref.ref(tensor))
-        most = max(most, sum(ref() is not None for ref in alive))
-        return tensor
-
-    monkeypatch.setattr(weights_module._SafetensorsFile, "read", read)
     ws = load_weights(tmp_path / "m.safetensors")
-    assert most == 1 and all(ref() is None for ref in alive)  # checked one by one, nothing kept
+    assert layer_reads.most_alive == 1 and layer_reads.n_alive == 0  # checked one by one, nothing kept
     first = ws["l0.weight"]
     assert ws["l0.weight"] is not first  # each access reads the file again
 
