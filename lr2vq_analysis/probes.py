@@ -22,11 +22,11 @@ import torch
 
 from ._threads import single_threaded
 from ._validation import (
-    InvalidParameterError,
     check_d_tilde,
     check_d_tilde_array,
     check_k,
     check_m,
+    check_param,
     check_seed,
 )
 from .kmeans import assign, kmeans
@@ -223,18 +223,8 @@ def run_probe(
     k = check_k(k, n, name=name)
     d_tilde = check_d_tilde(d_tilde, spectrum.m, name=name)
     seed = check_seed(seed)
-    if max_points_per_centroid is not None and (
-        not isinstance(max_points_per_centroid, (int, np.integer))
-        or isinstance(max_points_per_centroid, bool)
-        or max_points_per_centroid < 1
-    ):
-        raise InvalidParameterError(
-            f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be a positive integer or None"
-        )
-    if max_heldout is not None and (
-        not isinstance(max_heldout, (int, np.integer)) or isinstance(max_heldout, bool) or max_heldout < 2
-    ):
-        raise InvalidParameterError(f"max_heldout={max_heldout!r} is invalid; it must be an integer >= 2 or None")
+    max_points_per_centroid = check_param("max_points_per_centroid", max_points_per_centroid)
+    max_heldout = check_param("max_points_per_centroid", max_heldout, label="max_heldout")  # the same rule
     # Sums below are in units of the mean squared subvector norm, energy / n.
     scale = math.sqrt(spectrum.total_energy / n)
     with single_threaded(device):

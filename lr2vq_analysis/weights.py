@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ._validation import InvalidParameterError, InvalidWeightsError, WeightFileError, check_m
+from .registry import model_names, weights_path
 from .subvectors import row_length
 
 __all__ = [
@@ -71,10 +72,8 @@ __all__ = [
     "read_npz",
 ]
 
-#: Names accepted by :func:`load_weights` and :func:`bundled_model_path`.
-BUNDLED_MODELS: tuple[str, ...] = ("digits-cnn",)
-_BUNDLED_FILES = {"digits-cnn": "digits_cnn.safetensors"}
-_DATA_DIR = Path(__file__).resolve().parent / "data"
+#: Names accepted by :func:`load_weights` and :func:`bundled_model_path` (the :mod:`~lr2vq_analysis.registry`).
+BUNDLED_MODELS: tuple[str, ...] = model_names()
 
 _TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 #: File extensions :func:`load_weights` reads (``.bin`` is a PyTorch file, as Hugging Face names them).
@@ -406,7 +405,7 @@ class _Source:
 
 # ------------------------------------------------------------------------------------------------ public API
 def bundled_model_path(name: str) -> Path:
-    """Return the path of a bundled model's safetensors file.
+    """Return the path of a named model's safetensors file (:func:`lr2vq_analysis.registry.weights_path`).
 
     Parameters
     ----------
@@ -427,9 +426,7 @@ def bundled_model_path(name: str) -> Path:
     >>> bundled_model_path("digits-cnn").name
     'digits_cnn.safetensors'
     """
-    if name not in _BUNDLED_FILES:
-        raise InvalidParameterError(f"unknown bundled model {name!r}; bundled models are {list(BUNDLED_MODELS)}")
-    return _DATA_DIR / _BUNDLED_FILES[name]
+    return weights_path(name)
 
 
 def load_weights(
@@ -781,9 +778,11 @@ def _open_source(source: Any) -> _Source:
             if not path.is_file():
                 raise WeightFileError(
                     f"the file of bundled model {source!r} is missing: {path}; "
-                    "reinstall the package or run scripts/train_digits_cnn.py"
+                    "reinstall the package or run its training script in scripts/"
                 )
-            return _Source(source, _safetensors_tensors([_SafetensorsFile(path)]), order_inferred=True)
+            opened = _file_source(path)  # whatever format the registry names
+            opened.label = source
+            return opened
         return _file_source(Path(source).expanduser())
     raise InvalidParameterError(
         f"source of type {type(source).__name__} is not supported; pass a file path "
