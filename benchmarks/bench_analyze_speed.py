@@ -127,10 +127,11 @@ def scaling_cases(quick: bool, max_params: float) -> list[tuple[str, list[tuple[
     cases = [
         ("10M", same(10, (1024, 1024))),
         ("100M", same(6, (4096, 4096))),
+        ("202M (1 LLaMA block)", llm_block(0)),  # every layer shape of the 1 B model
         ("1B", [layer for block in range(5) for layer in llm_block(block)]),
     ]
     cases = [case for case in cases if sum(math.prod(s) for _, s in case[1]) <= max_params * 1.05]
-    return [*cases, ("4 layers", same(4, (2048, 2048))), ("24 layers", same(24, (2048, 2048)))]
+    return [*cases, ("4 layers", same(4, (1024, 2048))), ("24 layers", same(24, (1024, 2048)))]
 
 
 def child(path: str, k: int) -> int:
@@ -140,13 +141,24 @@ def child(path: str, k: int) -> int:
     from lr2vq_analysis.report import analyze
 
     torch.set_num_threads(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_kib()
     start = time.perf_counter()
     report = analyze(path, k=k, m=M, progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     print(json.dumps({"seconds": seconds, "peak_kib": peak, "imports_kib": before, "layers": len(report.layers)}))
     return 0
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM): unlike ru_maxrss, it does not carry the parent's over exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 @contextlib.contextmanager
@@ -206,7 +218,7 @@ def layer_speed(quick: bool, repeats: int) -> list[dict[str, object]]:
 def scaling(args: argparse.Namespace) -> int:
     """Per-layer speed, then time and peak RSS vs parameters, each checkpoint in its own subprocess."""
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per process", flush=True)
-    rows = layer_speed(args.quick, 1 if args.quick else args.repeats)
+    rows = [] if args.no_layer_speed else layer_speed(args.quick, 1 if args.quick else args.repeats)
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="lr2vq-scaling-") as folder:
         for label, layers in scaling_cases(args.quick, args.max_params):
@@ -252,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 layers, no whole-model analyze timing")
     parser.add_argument("--scaling", action="store_true", help="LLM-sized layers; time and peak RSS vs parameters")
     parser.add_argument("--max-params", type=float, default=1.1e9, help="largest checkpoint of --scaling")
+    parser.add_argument("--no-layer-speed", action="store_true", help="--scaling without the per-layer speed part")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=K, help=argparse.SUPPRESS)
     parser.add_argument("--rho", type=float, default=DEFAULT_RHO)
