@@ -331,7 +331,7 @@ def write_markdown_report(
         f"{len(report.skipped)} skipped. Written by lr2vq_analysis {__version__}"
         + (f" (`{_cell(command)}`)." if command else ".")
     )
-    if getattr(report, "coverage", None) is not None:
+    if report.coverage is not None:
         lines += ["", f"Coverage: {report.coverage.summary()}."]
     lines += [
         "",
