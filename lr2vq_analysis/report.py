@@ -12,8 +12,9 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,10 @@ from ._validation import (
 from .exceptions import LR2VQError, ReportFileError
 from .plan import LayerPlan, effective_k
 from .probes import clustering_error_curve
+from .specs import as_specs
 from .subvectors import n_subvectors
 from .tradeoff import DEFAULT_RHO, TradeoffModel, fit_tradeoff
-from .weights import load_weights
+from .weights import TOO_FEW_SUBVECTORS, Coverage, LayerInfo, load_weights
 
 __all__ = ["LayerReport", "ModelPrediction", "Report", "analyze", "predict_d_tilde"]
 
@@ -64,6 +66,9 @@ class LayerReport:
         The fitted trade-off model (curves, probes, knee, fitted parameters, ρ).
     measured_curve : numpy.ndarray or None
         Measured k-means clustering error at every d̃ (only with ``measure_full_curve=True``).
+    source_dtype : str, default "float32"
+        The dtype the source stores the layer in (``"bfloat16"``, ``"float16"``, ...), see
+        :attr:`~lr2vq_analysis.weights.LayerInfo.source_dtype`.
     """
 
     name: str
@@ -71,6 +76,7 @@ class LayerReport:
     shape: tuple[int, ...]
     model: TradeoffModel
     measured_curve: np.ndarray | None = None
+    source_dtype: str = "float32"
 
     def __repr__(self) -> str:
         shape = "×".join(str(s) for s in self.shape)
@@ -154,6 +160,7 @@ class LayerReport:
             "shape": list(self.shape),
             "model": self.model.to_dict(),
             "measured_curve": None if self.measured_curve is None else [float(v) for v in self.measured_curve],
+            "source_dtype": self.source_dtype,
         }
 
     @classmethod
@@ -170,6 +177,7 @@ class LayerReport:
             measured_curve=None
             if measured is None
             else np.array([math.nan if v is None else v for v in measured], dtype=np.float64),
+            source_dtype=str(data.get("source_dtype", "float32")),
         )
 
 
@@ -224,6 +232,8 @@ class Report(Mapping[str, LayerReport]):
         ``{name: reason}`` for the layers that were not analysed.
     source : str, optional
         Description of where the weights came from.
+    coverage : Coverage, optional
+        Share of the model's parameters analysed and skipped per reason (from :func:`analyze`).
     package_version : str, optional
         Version of lr2vq-analysis that ran the analysis (default: this one); recorded in report.json.
 
@@ -243,6 +253,7 @@ class Report(Mapping[str, LayerReport]):
         m: int,
         skipped: Mapping[str, str] | None = None,
         source: str = "",
+        coverage: Coverage | None = None,
         package_version: str | None = None,
     ) -> None:
         if not layers:
@@ -256,6 +267,7 @@ class Report(Mapping[str, LayerReport]):
         self.m = int(m)
         self.skipped = dict(skipped or {})
         self.source = source
+        self.coverage = coverage
         self.package_version = _package_version() if package_version is None else str(package_version)
 
     # -- mapping -------------------------------------------------------------------------------------
@@ -310,9 +322,15 @@ class Report(Mapping[str, LayerReport]):
 
     @property
     def total_curve(self) -> np.ndarray:
-        """Size-weighted mean of the layers' modelled total error, d̃ = 1..m."""
+        """Size-weighted mean of the layers' modelled total error, d̃ = 1..max m.
+
+        With per-layer m (specs), a layer's curve stays at its value at d̃ = m beyond its m.
+        """
         weights = np.array([layer.n_weights for layer in self.layers], dtype=np.float64)
-        curves = np.stack([layer.total_curve for layer in self.layers])
+        width = max(layer.m for layer in self.layers)
+        curves = np.stack(
+            [np.pad(c, (0, width - c.size), mode="edge") for c in (lay.total_curve for lay in self.layers)]
+        )
         return weights @ curves / weights.sum()
 
     def global_total_curve(self) -> np.ndarray:
@@ -341,16 +359,19 @@ class Report(Mapping[str, LayerReport]):
         if which not in ("layer", "global"):
             raise InvalidParameterError(f"which={which!r} is invalid; allowed: 'layer', 'global'")
         d_global = self.global_d_tilde
-        return {layer.name: layer.plan(d_global if which == "global" else None) for layer in self.layers}
+        return {layer.name: layer.plan(min(d_global, layer.m) if which == "global" else None) for layer in self.layers}
 
     def with_rho(self, rho: float) -> Report:
         """The same analysis with another ρ: curves and probes are kept, d̃ moves."""
         rho = check_rho(rho)
         layers = [layer.with_rho(rho) for layer in self.layers]
-        return Report(layers, self.k, self.m, self.skipped, self.source, self.package_version)
+        return Report(layers, self.k, self.m, self.skipped, self.source, self.coverage, self.package_version)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: shape, sizes, knee, predicted d̃, errors at d̃ and bits per weight."""
+        """One row per layer: shape, sizes, knee, predicted d̃, errors at d̃ and bits per weight.
+
+        ``attrs["coverage"]`` holds :attr:`coverage` as a dict (when known).
+        """
         rows = []
         for layer in self.layers:
             d = layer.d_tilde
@@ -373,7 +394,10 @@ class Report(Mapping[str, LayerReport]):
                     "probes": ", ".join(f"{p}:{v:.4f}" for p, v in sorted(layer.probes.items())),
                 }
             )
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if self.coverage is not None:
+            frame.attrs["coverage"] = self.coverage.to_dict()
+        return frame
 
     def curves_frame(self) -> pd.DataFrame:
         """Long format, one row per (layer, d̃): low-rank, modelled and measured clustering, total."""
@@ -429,6 +453,7 @@ class Report(Mapping[str, LayerReport]):
             "k": self.k,
             "m": self.m,
             "skipped": self.skipped,
+            "coverage": None if self.coverage is None else self.coverage.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -445,12 +470,14 @@ class Report(Mapping[str, LayerReport]):
         check_report_data(data)
         try:
             layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
+            coverage = None if data.get("coverage") is None else Coverage.from_dict(data["coverage"])
             return cls(
                 layers,
                 data["k"],
                 data["m"],
                 data.get("skipped", {}),
                 data.get("source", ""),
+                coverage,
                 data.get("package_version") or "unknown",
             )
         except (LR2VQError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
@@ -510,9 +537,8 @@ def _package_version() -> str:
 
 
 def _analyze_layer(
-    name: str,
-    kind: str,
-    weight: np.ndarray,
+    info: LayerInfo,
+    read: Callable[[], Any],
     k: int,
     m: int,
     rho: float,
@@ -520,9 +546,10 @@ def _analyze_layer(
     measure_full_curve: bool,
     probe_options: Mapping[str, Any],
 ) -> LayerReport:
-    model = fit_tradeoff(weight, k, m, rho=rho, seed=seed, name=name, **probe_options)
-    measured = clustering_error_curve(weight, k, m, seed=seed, name=name) if measure_full_curve else None
-    return LayerReport(name=name, kind=kind, shape=tuple(weight.shape), model=model, measured_curve=measured)
+    weight = read()  # the layer is read here, in its source dtype, and dropped when the job ends
+    model = fit_tradeoff(weight, k, m, rho=rho, seed=seed, name=info.name, **probe_options)
+    measured = clustering_error_curve(weight, k, m, seed=seed, name=info.name) if measure_full_curve else None
+    return LayerReport(info.name, info.kind, info.shape, model, measured, info.source_dtype)
 
 
 def analyze(
@@ -530,6 +557,7 @@ def analyze(
     k: int = 256,
     m: int = 9,
     *,
+    specs: Any = None,
     rho: float = DEFAULT_RHO,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -544,6 +572,10 @@ def analyze(
 ) -> Report:
     """Analyse every compressible layer of a model and predict d̃ per layer and globally.
 
+    Layers stream: each is read from the source in its stored dtype when its analysis starts and
+    dropped when it ends, so memory holds ``n_jobs`` layers at a time, not the model (a ``.pt``
+    file, a pickle, is the exception: it is read whole).
+
     Parameters
     ----------
     source : str, path, torch.nn.Module or mapping
@@ -553,6 +585,10 @@ def analyze(
         Number of centroids.
     m : int, default 9
         Subvector size; layers whose row length it does not divide are skipped with the reason.
+    specs : CompressionSpecs, preset name, dict or JSON path, optional
+        k and m per layer kind and name glob (:mod:`~lr2vq_analysis.specs`), e.g. ``"pqf-small"``;
+        replaces ``k`` and ``m``. Layers the specs skip are listed in ``skipped`` with the reason; a k
+        lowered by PQF's cap shows as the layer's ``k``.
     rho : float, default DEFAULT_RHO
         Share of the low-rank error that end-to-end training does not recover, in (0, 1].
     include, exclude : str or list of str, optional
@@ -560,7 +596,7 @@ def analyze(
     min_size : int, default 0
         Layers with fewer weights are skipped.
     keep_first_conv : bool, default False
-        Analyse the first convolution too (the field keeps it uncompressed).
+        Analyse the input stem too (the field keeps the conv that reads the image uncompressed).
     cap_k : bool, default True
         Apply PQF's cap k_eff = min(k, largest power of two <= n_subvectors / 4) on small layers;
         layers with fewer than 8 subvectors are then skipped. With ``cap_k=False`` a k that is
@@ -595,31 +631,48 @@ def analyze(
     >>> 1 <= report.global_d_tilde <= 9
     True
     """
-    k = check_k(k)
-    m = check_m(m)
+    layer_specs = None if specs is None else as_specs(specs)
+    k = check_k(k) if layer_specs is None else layer_specs.k
+    m = check_m(m) if layer_specs is None else (layer_specs.m or 0)
     rho = check_rho(rho)
     seed = check_seed(seed)
     n_jobs = check_n_jobs(n_jobs)
     probe_options = check_options(probe_options, PROBE_OPTIONS, what="probe option")
     weights = load_weights(
-        source, m=m, include=include, exclude=exclude, min_size=min_size, keep_first_conv=keep_first_conv
+        source,
+        m=m if layer_specs is None else None,
+        include=include,
+        exclude=exclude,
+        min_size=min_size,
+        keep_first_conv=keep_first_conv,
     )
     skipped = dict(weights.skipped)
+    coverage = weights.coverage
     jobs = []
-    for name, weight in weights.items():
-        layer_k = effective_k(k, weight.shape, m) if cap_k else k
-        if cap_k and n_subvectors(weight.shape, m) < 8:
-            skipped[name] = f"only {n_subvectors(weight.shape, m)} subvectors of size m={m}; too few to cluster"
-            continue
-        kind = weights.info[name].kind
-        jobs.append(
-            delayed(_analyze_layer)(name, kind, weight, layer_k, m, rho, seed, measure_full_curve, probe_options)
-        )
+    for name, info in weights.info.items():  # layers stream: each job reads its own, one at a time per job
+        if layer_specs is not None:
+            resolved = layer_specs.resolve(name, info.shape, groups=getattr(info, "groups", None))
+            if resolved.skip_reason is not None or resolved.k is None or resolved.m is None:
+                skipped[name] = str(resolved.skip_reason)
+                coverage = coverage.skip(f"by the specs: {str(resolved.skip_reason).split(' (')[0]}", info.size)
+                continue
+            layer_k, layer_m = resolved.k, resolved.m
+        else:
+            layer_m = m
+            layer_k = effective_k(k, info.shape, m) if cap_k else k
+            if cap_k and n_subvectors(info.shape, m) < 8:
+                skipped[name] = f"only {n_subvectors(info.shape, m)} subvectors of size m={m}; too few to cluster"
+                coverage = coverage.skip(TOO_FEW_SUBVECTORS, info.size)
+                continue
+        read = partial(weights.tensor, name)
+        jobs.append(delayed(_analyze_layer)(info, read, layer_k, layer_m, rho, seed, measure_full_curve, probe_options))
     if not jobs:
         raise InvalidWeightsError(f"no layer of {describe_source(source)} can be analysed at m={m}: {skipped}")
-    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs)
+    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator", pre_dispatch="n_jobs")(jobs)
     layers = list(tqdm(results, total=len(jobs), desc="analyze", unit="layer", disable=not progress))
-    return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source))
+    if layer_specs is not None and not m:
+        m = max((lay.m for lay in layers), key=[lay.m for lay in layers].count)  # the most common m
+    return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source), coverage=coverage)
 
 
 def describe_source(source: Any) -> str:
@@ -634,6 +687,7 @@ def predict_d_tilde(
     k: int = 256,
     m: int = 9,
     *,
+    specs: Any = None,
     rho: float = DEFAULT_RHO,
     seed: int = 0,
     **options: Any,
@@ -649,6 +703,8 @@ def predict_d_tilde(
         Number of centroids.
     m : int, default 9
         Subvector size.
+    specs : CompressionSpecs, preset name, dict or JSON path, optional
+        k and m by layer kind / name (replaces ``k`` and ``m``); a single layer is resolved by its shape.
     rho : float, default DEFAULT_RHO
         Share of the low-rank error that training does not recover, in (0, 1].
     seed : int, default 0
@@ -670,6 +726,11 @@ def predict_d_tilde(
     True
     """
     if isinstance(weights, np.ndarray) or (hasattr(weights, "detach") and hasattr(weights, "shape")):
+        if specs is not None:
+            resolved = as_specs(specs).resolve(options.get("name") or "", tuple(weights.shape))
+            if resolved.k is None or resolved.m is None:
+                raise InvalidParameterError(f"the specs leave this layer uncompressed: {resolved.skip_reason}")
+            k, m = resolved.k, resolved.m
         return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde_)
     options.setdefault("progress", False)
-    return analyze(weights, k, m, rho=rho, seed=seed, **options).prediction
+    return analyze(weights, k, m, specs=specs, rho=rho, seed=seed, **options).prediction

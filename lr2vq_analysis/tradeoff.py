@@ -620,7 +620,7 @@ def fit_tradeoff(
     if n_probes is None:
         n_probes = _default_n_probes(n / k, max_points_per_centroid)
     with single_threaded(device):
-        spectrum = compute_spectrum(x)
+        spectrum = compute_spectrum(x, name=name)
         return _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
 
 
@@ -645,9 +645,8 @@ def _fit(
     water_level, knee = water_filling(eigenvalues, k)
 
     # Theory: Zador estimate from a sample of the principal coordinates, in units of ‖W‖².
-    coordinates = spectrum.project(x, m)
     rng = np.random.default_rng(seed)
-    sample = coordinates if n <= _DENSITY_SAMPLE else coordinates[rng.choice(n, _DENSITY_SAMPLE, replace=False)]
+    sample = spectrum.project(x if n <= _DENSITY_SAMPLE else x[rng.choice(n, _DENSITY_SAMPLE, replace=False)], m)
     zador = zador_estimate(sample, k) * n / energy
     efficiency = dims**_EFFICIENCY_EXPONENT
     prior_beta = _PRIOR_BETA[0] + _PRIOR_BETA[1] / dims

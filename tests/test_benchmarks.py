@@ -101,6 +101,24 @@ def test_quick_figure_benchmark_times_analysis_and_figures(capsys):
     assert "15 layers" in out and "figures_png: 3 files" in out and "figures_png_svg: 6 files" in out
 
 
+def test_quick_analysis_scaling_measures_every_case_and_cleans_up(tmp_path, monkeypatch):
+    import tempfile
+
+    import bench_analyze_speed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    output = tmp_path / "scaling.csv"
+    assert bench_analyze_speed.main(["--scaling", "--quick", "--output", str(output)]) == 0
+    rows = pd.read_csv(output).set_index("case")
+    # one LLM-style layer side by side, then 4 and 24 layers of 128 × 256, each analysed in a subprocess
+    assert list(rows.index) == ["layer 256x512 bf16", "4 layers", "24 layers"]
+    assert rows.loc["4 layers", "parameters"] == 4 * 128 * 256 and rows.loc["4 layers", "layers"] == 4
+    assert rows.loc["24 layers", "parameters"] == 24 * 128 * 256 and rows.loc["24 layers", "layers"] == 24
+    assert (rows.loc[["4 layers", "24 layers"], "peak_rss_mib"] > 0).all()
+    assert rows.loc["layer 256x512 bf16", "d_tilde"] == rows.loc["layer 256x512 bf16", "baseline_d_tilde"]
+    assert not list(tmp_path.glob("lr2vq-scaling-*"))  # the synthetic checkpoints are deleted
+
+
 def test_quick_kmeans_benchmark_runs_every_engine_to_comparable_distortion(tmp_path):
     table = bench_kmeans.main(["--quick", "--out", str(tmp_path / "kmeans.csv")])
     assert (tmp_path / "kmeans.csv").is_file()
@@ -134,3 +152,16 @@ def test_finetune_thread_table_runs_and_restores_the_setting():
     assert (table["seconds"] > 0).all() and (
         table.loc[table["setting"] == "1 thread", "ratio_vs_1_thread"] == 1.0
     ).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quick_planner_benchmark_checks_presets_and_plans_two_targets(tmp_path):
+    import bench_planner
+
+    assert bench_planner.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "planner_quick.json").read_text())
+    assert all(row["match"] for row in results["presets"])  # PQF's published ResNet-18 sizes
+    plans = results["digits"]["plans"]
+    assert [p["target_ratio"] for p in plans] == [8.0, 12.0]
+    assert all(p["ratio_vs_source"] >= p["target_ratio"] for p in plans)
+    assert (tmp_path / "plan_digits_8x" / "plan.json").is_file()
