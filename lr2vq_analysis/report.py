@@ -480,7 +480,16 @@ class Report(Mapping[str, LayerReport]):
                 coverage,
                 data.get("package_version") or "unknown",
             )
-        except (LR2VQError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        except (
+            LR2VQError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
             raise ReportFileError(f"the report data is invalid: {exc}") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
