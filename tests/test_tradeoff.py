@@ -127,19 +127,21 @@ def test_total_is_rho_lowrank_plus_clustering(model: TradeoffModel) -> None:
 
 def test_d_tilde_is_argmin_of_total(model: TradeoffModel) -> None:
     totals = model.total(np.arange(1, 7))
-    assert model.d_tilde == int(np.argmin(totals)) + 1
+    assert model.predict("rho") == int(np.argmin(totals)) + 1
     assert model.rho == DEFAULT_RHO
 
 
 def test_with_rho_moves_d_tilde_monotonically_without_refit(model: TradeoffModel) -> None:
     previous = 0
+    rho_model = model.with_predictor("rho")
     for rho in (0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0):
-        other = model.with_rho(rho)
+        other = rho_model.with_rho(rho)
         assert other.rho == rho and other.probes == model.probes
         np.testing.assert_array_equal(other.clustering_curve_, model.clustering_curve_)
         assert other.d_tilde >= previous
         previous = other.d_tilde
-    assert model.with_rho(0.05).d_tilde < model.with_rho(1.0).d_tilde
+    assert rho_model.with_rho(0.05).d_tilde < rho_model.with_rho(1.0).d_tilde
+    assert model.with_rho(0.05).d_tilde == model.d_tilde == 3  # the default rule, ⌊m/2⌋, ignores ρ
     assert model.rho == DEFAULT_RHO  # the original is untouched
 
 
@@ -148,7 +150,7 @@ def test_rho_one_is_plain_reconstruction_which_favours_full_dimension(model: Tra
     # m dims, so the error cannot rise with d̃ and the optimum is d̃ = m.
     totals = model.with_rho(1.0).total(np.arange(1, 7))
     assert np.all(np.diff(totals) <= 1e-12)
-    assert model.with_rho(1.0).d_tilde == 6
+    assert model.with_rho(1.0).predict("rho") == 6
 
 
 def test_clustering_curve_bounded_by_spectrum(model: TradeoffModel) -> None:
