@@ -207,7 +207,9 @@ def test_named_rules_against_hand_computation() -> None:
     expected = {"crossing": 4, "crossing-output": 3, "rho": 6, "rho-output": 3, "half": 3, "knee": 5, "pq": 6}
     assert {rule: model.predict(rule) for rule in expected} == expected
     assert model.with_predictor("rho-output").d_tilde_set_ == [3]  # 0.135 > 1.05·0.124 = 0.1302
-    assert model.with_predictor("crossing").d_tilde_range_ == (4, 4)  # max(low, clu) = 0.28 at 4, next 0.33
+    # max(low, clu) = [0.6, 0.4, 0.25, 0.28, 0.33, 0.35]: minimum at d = 3 (0.28 > 1.05·0.25); plus the rule's 4
+    assert model.with_predictor("crossing").d_tilde_set_ == [3]
+    assert model.with_predictor("crossing").d_tilde_range_ == (3, 4)
 
 
 def test_range_and_flat_flag() -> None:
