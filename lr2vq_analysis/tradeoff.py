@@ -665,9 +665,15 @@ class TradeoffModel:
         return dict(self.params_)
 
     def with_rho(self, rho: float) -> TradeoffModel:
-        """The same fitted model with another ρ (no refit); d̃ moves, the curves do not."""
+        """The same fitted model with another ρ (no refit); d̃ moves, the curves do not.
+
+        ρ only acts through the ρ-model, so a model whose rule is not ``"rho"``/``"rho-output"`` switches
+        to ``"rho"``.
+        """
         clone = TradeoffModel.from_dict(self.to_dict())
         clone._rho = check_rho(rho)
+        if clone.predictor not in ("rho", "rho-output"):
+            clone.predictor = "rho"
         return clone
 
     def with_clustering(self, clustering_curve: Any, clustering_output_curve: Any = None) -> TradeoffModel:

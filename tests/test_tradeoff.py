@@ -133,7 +133,8 @@ def test_d_tilde_is_argmin_of_total(model: TradeoffModel) -> None:
 
 def test_with_rho_moves_d_tilde_monotonically_without_refit(model: TradeoffModel) -> None:
     previous = 0
-    rho_model = model.with_predictor("rho")
+    rho_model = model.with_rho(DEFAULT_RHO)
+    assert model.predictor == "half" and rho_model.predictor == "rho"  # ρ acts through the ρ-model only
     for rho in (0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0):
         other = rho_model.with_rho(rho)
         assert other.rho == rho and other.probes == model.probes
@@ -141,7 +142,7 @@ def test_with_rho_moves_d_tilde_monotonically_without_refit(model: TradeoffModel
         assert other.d_tilde >= previous
         previous = other.d_tilde
     assert rho_model.with_rho(0.05).d_tilde < rho_model.with_rho(1.0).d_tilde
-    assert model.with_rho(0.05).d_tilde == model.d_tilde == 3  # the default rule, ⌊m/2⌋, ignores ρ
+    assert model.d_tilde == 3  # the default rule without calibration data, ⌊m/2⌋
     assert model.rho == DEFAULT_RHO  # the original is untouched
 
 
