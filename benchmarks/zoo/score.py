@@ -178,6 +178,39 @@ def existing(tasks: Sequence[str], calibration_samples: int) -> tuple[list[dict[
     return settings, predictions
 
 
+def zoo(
+    runs_path: Path,
+    half: str,
+    weights_dir: Path | None,
+    calibration_samples: int,
+    networks: Sequence[str] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
+    """Settings and predictions of the zoo networks of ``half`` ("dev", "held-out" or "all") in the runs CSV."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from networks import WEIGHTS, ZOO, load_network
+
+    runs = pd.read_csv(runs_path)
+    runs = runs[runs["seed"].between(0, 99)]  # scored seeds only; tuning seeds are >= 100
+    settings, predictions = [], []
+    for network_id in sorted(set(runs["task"])):
+        net = ZOO[network_id]
+        if (half != "all" and net.half != half) or (networks and network_id not in networks):
+            continue
+        model = load_network(network_id, weights_dir or WEIGHTS)
+        train = net.splits()["train"]
+        calibration = torch.stack([train[i][0] for i in range(min(calibration_samples, len(train)))])
+        for setting in settings_from_runs(runs[runs["task"] == network_id], "accuracy", network_id):
+            k, m = setting["k"], setting["m"]
+            report = analyze(model, k=k, m=m, include=list(net.layers), progress=False)
+            calibrated = analyze(model, k=k, m=m, include=list(net.layers), progress=False, calibration=calibration)
+            settings.append(setting)
+            predictions.append(predictions_of(report, calibrated))
+            print(f"{network_id} k={k} m={m}: {predictions[-1]}", flush=True)
+    return settings, predictions
+
+
 def markdown(
     result: Mapping[str, Any],
     settings: Sequence[Mapping[str, Any]],
@@ -224,14 +257,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", default="digits,mnist1d,minilm")
     parser.add_argument("--calibration-samples", type=int, default=256)
     parser.add_argument("--cnn-only", action="store_true", help="also score the CNN settings alone")
-    parser.add_argument("--quick", action="store_true", help="digits only, 64 calibration samples, no files")
+    parser.add_argument(
+        "--quick", action="store_true", help="digits only (--existing), 64 calibration samples, no files"
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--runs", type=Path, default=None, help="a zoo runs CSV (from sweep.py) to score")
+    parser.add_argument("--half", choices=("dev", "held-out", "all"), default="dev")
+    parser.add_argument("--weights-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not args.existing:
-        raise SystemExit("only --existing is implemented so far; the zoo runs are scored once zoo_runs.csv exists")
-    tasks = ["digits"] if args.quick else args.tasks.split(",")
     samples = 64 if args.quick else args.calibration_samples
-    settings, predictions = existing(tasks, samples)
+    if args.runs is not None:
+        settings, predictions = zoo(args.runs, args.half, args.weights_dir, samples)
+        stem = f"predictors_zoo_{args.half}"
+    elif args.existing:
+        settings, predictions = existing(["digits"] if args.quick else args.tasks.split(","), samples)
+        stem = "predictors_existing"
+    else:
+        raise SystemExit("give --existing or --runs <zoo runs CSV>")
+    if not settings:
+        raise SystemExit("no setting with at least two swept d̃ to score")
     result = {"all": score(settings, predictions)}
     cnn = [i for i, s in enumerate(settings) if s["network"] != "minilm"]
     if len(cnn) != len(settings) and len(cnn) > 1:
@@ -247,10 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     print(text)
     if not args.quick:
-        write_atomic(
-            args.out_dir / "predictors_existing.json", (json.dumps(result, indent=1, default=float) + "\n").encode()
-        )
-        write_atomic(args.out_dir / "predictors_existing.md", text.encode())
+        write_atomic(args.out_dir / f"{stem}.json", (json.dumps(result, indent=1, default=float) + "\n").encode())
+        write_atomic(args.out_dir / f"{stem}.md", text.encode())
     return result
 
 
