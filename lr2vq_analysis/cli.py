@@ -353,6 +353,7 @@ def write_markdown_report(
         The file written (atomically).
     """
     from . import __version__
+    from .tradeoff import prediction_note
 
     figures = dict(figures or {})
     lines = [f"# LR²VQ analysis of `{report.source}`", ""]
@@ -363,12 +364,12 @@ def write_markdown_report(
     )
     lines += [
         "",
-        f"**Global d̃ = {report.global_d_tilde}** (minimum of the size-weighted total error of all layers).",
+        f"**Global d̃ = {report.global_d_tilde}** ({prediction_note(report)}).",
         "",
     ]
     lines.append(
         "Errors are fractions of each layer's ‖W‖²; total = ρ·low-rank + clustering, where ρ is the share of "
-        "the low-rank error that fine-tuning does not recover. d̃ is the minimum of the total."
+        "the low-rank error that fine-tuning does not recover; the ρ-model's d̃ is the minimum of the total."
     )
     if sizes:
         import pandas as pd

@@ -62,6 +62,7 @@ __all__ = [
     "choose_d_tilde",
     "crossing_d_tilde",
     "global_d_tilde",
+    "prediction_note",
     "with_output_curves",
     "calibrate_models",
     "DEFAULT_MAX_POINTS_PER_CENTROID",
@@ -1229,3 +1230,40 @@ def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tup
     d = choose_d_tilde(rule, first.m, knee, *args)
     inside = [int(v) for v in _within(objective_curve(rule, *args), first.tolerance)]
     return d, (min([*inside, d]), max([*inside, d])), first.m in inside
+
+
+_RULE_TEXT = {
+    "rho": "argmin of ρ·low-rank + clustering (weight space)",
+    "rho-output": "argmin of ρ·low-rank + clustering in the layer outputs (calibration data)",
+    "crossing": "smallest d̃ whose clustering error reaches the low-rank error (weight space)",
+    "crossing-output": "smallest d̃ whose output-space clustering error reaches the output-space low-rank error",
+    "half": "⌊m/2⌋: without calibration data the default, because it beat the ρ-model on the CNN evidence "
+    "sweeps (mean regret 0.16 vs 0.39 points, docs/results.md)",
+    "knee": "the reverse water-filling knee",
+    "pq": "d̃ = m (plain PQ)",
+}
+
+
+def prediction_note(models: Any, sizes: Any = None) -> str:
+    """One sentence for reports: the rule, the d̃ range within the tolerance and the flatness flag.
+
+    ``models`` is a list of TradeoffModel with ``sizes`` (weights per layer), or a Report (its layers).
+
+    Examples
+    --------
+    >>> model = TradeoffModel(16, 4, 0.85, eigenvalues=[0.4, 0.3, 0.2, 0.1], lowrank_curve=[0.6, 0.3, 0.1, 0.0],
+    ...     clustering_curve=[0.05, 0.1, 0.2, 0.3], knee=4, probes={}, params={}, n_subvectors=64)
+    >>> prediction_note([model], [256])[:24]
+    'rule `half`: ⌊m/2⌋: with'
+    """
+    if sizes is None:  # a Report
+        sizes = [layer.n_weights for layer in models.layers]
+        models = [layer.model for layer in models.layers]
+    models = list(models)
+    _, (low, high), flat = global_d_tilde(models, sizes)
+    rule = models[0].predictor
+    text = (
+        f"rule `{rule}`: {_RULE_TEXT[rule]}; size-weighted over layers; d̃ whose predicted total is within "
+        f"{models[0].tolerance:.0%} of the minimum: {low}–{high}"
+    )
+    return text + (f"; {FLAT_MESSAGE}" if flat else "")
