@@ -403,7 +403,7 @@ def choose_d_tilde(
     --------
     >>> low, clu = np.array([0.5, 0.2, 0.0]), np.array([0.1, 0.25, 0.3])
     >>> [choose_d_tilde(p, 3, 3, 0.85, low, clu) for p in ("rho", "crossing", "half", "knee", "pq")]
-    [2, 2, 1, 3, 3]
+    [3, 2, 1, 3, 3]
     """
     if predictor == "half":
         return max(1, m // 2)
