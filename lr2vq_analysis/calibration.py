@@ -290,6 +290,15 @@ def block_metric(metric: Any, m: int, *, name: str | None = None) -> np.ndarray:
     subvector position. Errors that are independent between subvectors (like k-means residuals) cost
     ``tr(H̄ · E[e eᵀ])`` per subvector in the output.
 
+    Parameters
+    ----------
+    metric : array of shape (groups, L, L) or (L, L)
+        Input second moment H.
+    m : int
+        Subvector size; must divide L.
+    name : str, optional
+        Layer name, used in messages.
+
     Examples
     --------
     >>> import numpy as np
@@ -362,6 +371,19 @@ def activation_aware_projection(
     ``XᵀX H̄ u = λ u``). Returned with orthonormal rows spanning that subspace; Z is then the
     H̄-weighted least-squares coordinates ``Z = X H̄ Pᵀ (P H̄ Pᵀ)⁻¹``. Exact for the block metric, an
     approximation of the full-H problem (see docs/theory.md).
+
+    Parameters
+    ----------
+    weight : array-like or torch.Tensor
+        The layer weight.
+    metric : array of shape (groups, L, L) or (L, L)
+        Input second moment H.
+    m : int
+        Subvector size.
+    d_tilde : int
+        Dimension of the kept subspace, 1..m.
+    name : str, optional
+        Layer name, used in messages.
 
     Returns
     -------

@@ -343,6 +343,11 @@ def crossing_d_tilde(lowrank: Any, clustering: Any) -> int:
 
     The low-rank error falls to 0 at d̃ = m, so a crossing always exists.
 
+    Parameters
+    ----------
+    lowrank, clustering : array-like of shape (m,)
+        The two error curves at d̃ = 1..m.
+
     Examples
     --------
     >>> crossing_d_tilde([0.5, 0.3, 0.1, 0.0], [0.05, 0.2, 0.35, 0.4])
@@ -398,6 +403,19 @@ def choose_d_tilde(
     clustering_output: np.ndarray | None = None,
 ) -> int:
     """d̃ by the named rule of :data:`PREDICTORS` (curves are d̃ = 1..m; ties go to the smallest d̃).
+
+    Parameters
+    ----------
+    predictor : str
+        A rule of :data:`PREDICTORS`.
+    m, knee : int
+        Subvector size and reverse water-filling knee.
+    rho : float
+        Share of the low-rank error training does not recover (``rho`` rules).
+    lowrank, clustering : numpy.ndarray of shape (m,)
+        Weight-space curves.
+    lowrank_output, clustering_output : numpy.ndarray of shape (m,), optional
+        Output-space curves (the ``-output`` rules).
 
     Examples
     --------
@@ -458,10 +476,25 @@ class TradeoffModel:
         Number of subvectors n.
     name : str, optional
         Layer name.
+    predictor : str, optional
+        The d̃ rule of :data:`PREDICTORS`; default :data:`DEFAULT_CALIBRATED_PREDICTOR` when the
+        output-space curves are given, else :data:`DEFAULT_PREDICTOR`.
+    lowrank_output_curve, clustering_output_curve : array of shape (m,), optional
+        Output-space curves (both or neither; :func:`with_output_curves`).
+    tolerance : float, default DEFAULT_TOLERANCE
+        Relative tolerance of ``d_tilde_range_``.
+    d_tilde_by_seed : mapping int -> int, optional
+        d̃ given by the rule with the probes of other seeds (``fit_tradeoff(stability_seeds=...)``).
 
     Attributes
     ----------
     eigenvalues_, lowrank_curve_, clustering_curve_ : numpy.ndarray
+    lowrank_output_curve_, clustering_output_curve_ : numpy.ndarray or None
+    d_tilde_range_ : tuple of int
+        Smallest and largest d̃ whose predicted total is within ``tolerance`` of the minimum.
+    flat_ : bool
+        d̃ = m is within the tolerance (:data:`FLAT_MESSAGE`).
+    d_tilde_by_seed_ : dict[int, int]
     knee_ : int
     probes_ : dict[int, float]
     params_ : dict[str, float]
@@ -1209,6 +1242,15 @@ def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tup
     The curve rules work on the size-weighted mean curves; ``knee`` takes the size-weighted median of
     the layers' knees.
 
+    Parameters
+    ----------
+    models : sequence of TradeoffModel
+        One per layer, with the same m.
+    sizes : sequence of int
+        Weights per layer.
+    predictor : str, optional
+        Rule (default: the first model's ``predictor``).
+
     Returns
     -------
     d_tilde : int
@@ -1247,7 +1289,12 @@ _RULE_TEXT = {
 def prediction_note(models: Any, sizes: Any = None) -> str:
     """One sentence for reports: the rule, the d̃ range within the tolerance and the flatness flag.
 
-    ``models`` is a list of TradeoffModel with ``sizes`` (weights per layer), or a Report (its layers).
+    Parameters
+    ----------
+    models : list of TradeoffModel, or Report
+        The layers' models (with ``sizes``), or a Report (its layers and sizes).
+    sizes : list of int, optional
+        Weights per layer.
 
     Examples
     --------
