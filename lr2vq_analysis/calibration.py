@@ -278,9 +278,12 @@ def output_error(weight: Any, approximation: Any, metric: Any, *, name: str | No
     """
     w, h = _as_groups(weight, metric, name)
     a, _ = _as_groups(approximation, metric, name)
-    delta = w - a
-    energy = float(np.einsum("grl,glk,grk->", w, h, w))
-    return float(np.einsum("grl,glk,grk->", delta, h, delta)) / energy
+    return _quadratic(w - a, h) / _quadratic(w, h)
+
+
+def _quadratic(w: np.ndarray, h: np.ndarray) -> float:
+    """Σ_g tr(W_g H_g W_gᵀ) through matrix products (w: groups × rows × L, h: groups × L × L)."""
+    return float(np.sum((w @ h) * w))
 
 
 def block_metric(metric: Any, m: int, *, name: str | None = None) -> np.ndarray:

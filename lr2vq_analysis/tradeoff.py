@@ -1127,14 +1127,8 @@ def with_output_curves(
     lowrank = lowrank_output_curve(weight, metric, spectrum.eigenvectors, name=name)
     hbar = block_metric(metric, model.m, name=name)
     w = np.asarray(weight.detach().cpu() if isinstance(weight, torch.Tensor) else weight, dtype=np.float64)
-    output_energy = float(
-        np.einsum(
-            "grl,glk,grk->",
-            w.reshape(metric.shape[0], -1, metric.shape[-1]),
-            metric,
-            w.reshape(metric.shape[0], -1, metric.shape[-1]),
-        )
-    )
+    grouped = w.reshape(metric.shape[0], -1, metric.shape[-1])
+    output_energy = float(np.sum((grouped @ metric) * grouped))  # tr(W H Wᵀ)
     factor = _even_spread_factor(spectrum, hbar, output_energy)
     params = dict(model.params_)
     ratios = []
