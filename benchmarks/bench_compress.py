@@ -29,23 +29,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from lr2vq_analysis.experimental.models.minilm import load_minilm
 from lr2vq_analysis.export import load_compressed, save_compressed
-from lr2vq_analysis.models.minilm import load_minilm
 from lr2vq_analysis.nn import compress, compressible_layers
 from lr2vq_analysis.plan import LayerPlan, effective_k
+from lr2vq_analysis.registry import build_model, load_model
 from lr2vq_analysis.size import size_report
 
 
 def digits_cnn() -> tuple[nn.Module, Callable[[], nn.Module], torch.Tensor, str]:
     """The bundled pretrained digits CNN (random weights if the bundled file is missing), a skeleton, inputs."""
-    from lr2vq_analysis.models.digits import DigitsCNN, load_bundled_model
-
     try:
-        model, note = load_bundled_model("digits-cnn"), "pretrained"
+        model, note = load_model("digits-cnn"), "pretrained"
     except Exception as exc:  # the bundled file is produced by another stage; time the code anyway
         torch.manual_seed(0)
-        model, note = DigitsCNN().eval(), f"random weights ({type(exc).__name__})"
-    return model, lambda: DigitsCNN().eval(), torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0)), note
+        model, note = build_model("digits-cnn").eval(), f"random weights ({type(exc).__name__})"
+    return (
+        model,
+        lambda: build_model("digits-cnn").eval(),
+        torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+        note,
+    )
 
 
 def minilm_encoder() -> tuple[nn.Module, Callable[[], nn.Module], Any, str]:

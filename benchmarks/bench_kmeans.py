@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.kmeans import kmeans
-from lr2vq_analysis.models.minilm import minilm_weights_path
+from lr2vq_analysis.registry import weights_path
 from lr2vq_analysis.spectrum import compute_spectrum
 from lr2vq_analysis.subvectors import to_subvectors
 
@@ -54,8 +54,8 @@ def minilm_weights() -> dict[str, np.ndarray] | None:
     try:
         from safetensors.numpy import load_file
 
-        path = minilm_weights_path()
-    except ImportError:
+        path = weights_path("all-minilm-l6-v2")  # the model registry
+    except (ImportError, OSError):
         return None
     return load_file(str(path)) if path.exists() else None
 

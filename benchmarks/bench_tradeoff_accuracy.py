@@ -3,7 +3,7 @@
 For every layer: the modelled clustering error of :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`
 (spectrum + density estimate + at most 3 subsampled k-means probes) against the measured one,
 :func:`~lr2vq_analysis.probes.clustering_error_curve` (k-means on ALL subvectors, one run per d̃,
-the same seed). Target (issue 2): within 10 % relative or 0.005 absolute, whichever is larger, at
+the same seed). Target: within 10 % relative or 0.005 absolute, whichever is larger, at
 every d̃; the score of a layer is max over d̃ of |model − measured| / tolerance (≤ 1 passes).
 Also reported: the regret of the model's d̃ at the default ρ, ``total(d̃_model) / min_d total(d) − 1``
 with ``total = ρ·lowrank + measured clustering``.
@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from lr2vq_analysis._io import write_atomic
-from lr2vq_analysis.models.minilm import minilm_weights_path
 from lr2vq_analysis.plan import effective_k
 from lr2vq_analysis.probes import clustering_error_curve
+from lr2vq_analysis.registry import weights_path
 from lr2vq_analysis.tradeoff import DEFAULT_RHO, fit_tradeoff
 from lr2vq_analysis.weights import load_weights
 
@@ -49,8 +49,8 @@ ABSOLUTE_TOLERANCE = 0.005
 def minilm_path() -> Path | None:
     """Path of all-MiniLM-L6-v2's safetensors file, or None when the package is not installed."""
     try:
-        path = minilm_weights_path()
-    except ImportError:
+        path = weights_path("all-minilm-l6-v2")  # the model registry
+    except (ImportError, OSError):
         return None
     return path if path.exists() else None
 

@@ -1,4 +1,4 @@
-"""Choose the trade-off model's default ρ from the evidence sweeps (issue 5).
+"""Choose the trade-off model's default ρ from the evidence sweeps.
 
 Reads ``sweep_<task>_summary.json`` (written by ``sweep_frontier.py``) for every task present. Each holds,
 per LR²VQ setting (k, m), the best fine-tuned d̃, its plateau (d̃ within one standard error of the best)
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lr2vq_analysis._io import write_atomic
-from lr2vq_analysis.sweeps import save_json
+from lr2vq_analysis.experimental.sweeps import save_json
 from lr2vq_analysis.tradeoff import DEFAULT_RHO
 
 RESULTS = Path(__file__).resolve().parent / "results"

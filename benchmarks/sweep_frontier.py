@@ -1,4 +1,4 @@
-"""Size–accuracy frontier of LR²VQ, PQ, scalar k-means and DKM at the same training budget (issue 5).
+"""Size–accuracy frontier of LR²VQ, PQ, scalar k-means and DKM at the same training budget.
 
 One command per task; resumable (runs already in the runs CSV are skipped)::
 
@@ -9,7 +9,7 @@ One command per task; resumable (runs already in the runs CSV are skipped)::
 Writes into ``--out-dir`` (default ``benchmarks/results``; ``--quick`` writes ``*_quick*`` files):
 
 - ``sweep_<task>_runs.csv``: every run (all learning rates), with validation and test accuracy and the
-  ρ measurements (see :mod:`lr2vq_analysis.sweeps`);
+  ρ measurements (see :mod:`lr2vq_analysis.experimental.sweeps`);
 - ``sweep_<task>.csv``: the runs at the learning rate chosen on validation accuracy (every rate of the grid
   is tried on the first ``--tune-seeds`` seeds; the other seeds run only at the chosen rate), plus the analysis's
   ``predicted_d_tilde`` on LR²VQ rows: the input of ``lr2vq_analysis.plots.plot_size_frontier`` and
@@ -34,9 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lr2vq_analysis._io import write_atomic
-from lr2vq_analysis.report import analyze
-from lr2vq_analysis.size import size_report
-from lr2vq_analysis.sweeps import (
+from lr2vq_analysis.experimental.sweeps import (
     BUDGETS,
     TASKS,
     Budget,
@@ -50,6 +48,8 @@ from lr2vq_analysis.sweeps import (
     save_json,
     select_learning_rates,
 )
+from lr2vq_analysis.report import analyze
+from lr2vq_analysis.size import size_report
 from lr2vq_analysis.tradeoff import DEFAULT_RHO
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -267,7 +267,8 @@ def summarize(task: str, runs: pd.DataFrame, out_dir: Path, stem: str, tune_seed
     try:
         import matplotlib.pyplot as plt
 
-        from lr2vq_analysis.plots import plot_accuracy_vs_d_tilde, plot_size_frontier, save_figure
+        from lr2vq_analysis.experimental.plots import plot_accuracy_vs_d_tilde, plot_size_frontier
+        from lr2vq_analysis.plots import save_figure
 
         plots: list[tuple[str, Any]] = [("frontier", plot_size_frontier)]
         if selected.loc[selected["method"] == "lr2vq", "d_tilde"].nunique() > 1:

@@ -26,9 +26,14 @@ MODULES = [
     ("lr2vq_analysis.export", "Compressed files"),
     ("lr2vq_analysis.datasets", "Data sets"),
     ("lr2vq_analysis.models", "Models"),
+    ("lr2vq_analysis.registry", "Named models"),
     ("lr2vq_analysis.pipeline", "The whole pipeline"),
     ("lr2vq_analysis.plots", "Figures"),
     ("lr2vq_analysis.cli", "Command line"),
+    ("lr2vq_analysis.experimental.sweeps", "Experimental: sweeps (no stability promise)"),
+    ("lr2vq_analysis.experimental.datasets", "Experimental: sweep data sets"),
+    ("lr2vq_analysis.experimental.models", "Experimental: sweep models"),
+    ("lr2vq_analysis.experimental.plots", "Experimental: sweep figures"),
 ]
 
 INTRO = """\
@@ -83,7 +88,7 @@ DataFrame or a CSV file) with one row per (method, configuration, seed):
 
 ```python
 import pandas as pd
-from lr2vq_analysis.plots import SWEEP_COLUMNS, plot_accuracy_vs_d_tilde, plot_size_frontier
+from lr2vq_analysis.experimental.plots import SWEEP_COLUMNS, plot_accuracy_vs_d_tilde, plot_size_frontier
 
 rows = [("lr2vq", 16, 9, d, seed, 0.008 + 0.0002 * d, 0.95 + 0.005 * min(d, 4) + 0.002 * seed)
         for d in range(1, 10) for seed in range(3)]

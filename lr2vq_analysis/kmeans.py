@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ._threads import single_threaded
-from ._validation import InvalidParameterError, InvalidWeightsError, check_k, check_seed, layer_label
+from ._validation import InvalidParameterError, InvalidWeightsError, check_k, check_param, check_seed, layer_label
 
 __all__ = ["KMeansResult", "kmeans", "assign", "KMeans"]
 
@@ -125,22 +125,11 @@ def _as_points(x: Any, *, name: str | None, what: str = "x") -> torch.Tensor:
 
 
 def _check_positive_int(value: Any, what: str, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        allowed = "a positive integer or None" if allow_none else "a positive integer"
-        raise InvalidParameterError(f"{what}={value!r} is invalid; {what} must be {allowed}")
-    return int(value)
+    return check_param(what, value)  # the rule of ``what`` (whether None is allowed, the minimum)
 
 
 def _check_tol(tol: Any) -> float:
-    try:
-        value = float(tol)
-    except (TypeError, ValueError):
-        raise InvalidParameterError(f"tol={tol!r} is invalid; tol must be a finite number >= 0") from None
-    if not math.isfinite(value) or value < 0:
-        raise InvalidParameterError(f"tol={tol!r} is invalid; tol must be a finite number >= 0")
-    return value
+    return float(check_param("tol", tol))
 
 
 def _check_dtype(dtype: Any) -> torch.dtype:

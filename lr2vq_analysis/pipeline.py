@@ -44,7 +44,7 @@ from .weights import load_weights
 __all__ = ["DemoResult", "compress_digits_demo", "DEMO_DEFAULTS", "QUICK_DEFAULTS"]
 
 #: Fine-tuning settings of the full demo: steps per stage (600 in all, as in the measurements of
-#: design.md), batch size, and the distillation of the codebook stage.
+#: docs/evidence.md), batch size, and the distillation of the codebook stage.
 DEMO_DEFAULTS: dict[str, Any] = {"steps": 300, "batch_size": 64, "distill_weight": 0.5, "temperature": 2.0}
 #: The same with few steps, for tests and CI.
 QUICK_DEFAULTS: dict[str, Any] = {**DEMO_DEFAULTS, "steps": 40}

@@ -21,11 +21,11 @@ import torch
 
 from ._threads import single_threaded
 from ._validation import (
-    InvalidParameterError,
     check_d_tilde,
     check_d_tilde_array,
     check_k,
     check_m,
+    check_param,
     check_seed,
 )
 from .kmeans import assign, kmeans
@@ -174,14 +174,7 @@ def run_probe(
     k = check_k(k, n, name=name)
     d_tilde = check_d_tilde(d_tilde, spectrum.m, name=name)
     seed = check_seed(seed)
-    if max_points_per_centroid is not None and (
-        not isinstance(max_points_per_centroid, (int, np.integer))
-        or isinstance(max_points_per_centroid, bool)
-        or max_points_per_centroid < 1
-    ):
-        raise InvalidParameterError(
-            f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be a positive integer or None"
-        )
+    max_points_per_centroid = check_param("max_points_per_centroid", max_points_per_centroid)
     with single_threaded(device):
         z = _coordinates(spectrum, subvectors, d_tilde, device)
         if max_points_per_centroid is None or n <= k * max_points_per_centroid:

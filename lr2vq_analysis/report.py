@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 
 from ._io import write_atomic
 from ._validation import (
+    PROBE_OPTIONS,
     InvalidParameterError,
     InvalidWeightsError,
     WeightFileError,
     check_k,
     check_m,
+    check_n_jobs,
+    check_options,
     check_rho,
     check_seed,
 )
@@ -481,8 +484,8 @@ def analyze(
     m = check_m(m)
     rho = check_rho(rho)
     seed = check_seed(seed)
-    if not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
-        raise InvalidParameterError(f"n_jobs={n_jobs!r} is invalid; use a positive integer or -1 (all cores)")
+    n_jobs = check_n_jobs(n_jobs)
+    probe_options = check_options(probe_options, PROBE_OPTIONS, what="probe option")
     predictor = probe_options.pop("predictor", None)
     if predictor is not None and not str(predictor).endswith("-output"):
         probe_options["predictor"] = predictor

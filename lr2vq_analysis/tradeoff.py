@@ -42,6 +42,7 @@ from ._validation import (
     check_d_tilde_array,
     check_k,
     check_m,
+    check_param,
     check_rho,
     check_seed,
     layer_label,
@@ -801,23 +802,9 @@ def _probe_dims(prior_curve: np.ndarray, knee: int, n_probes: int) -> list[int]:
 
 
 def _check_probe_options(n_probes: Any, max_points_per_centroid: Any) -> tuple[int | None, int | None]:
-    if n_probes is not None and (
-        not isinstance(n_probes, (int, np.integer)) or isinstance(n_probes, bool) or not 1 <= n_probes <= MAX_PROBES
-    ):
-        raise InvalidParameterError(
-            f"n_probes={n_probes!r} is invalid; n_probes must be an integer in 1..{MAX_PROBES} or None (automatic)"
-        )
-    if max_points_per_centroid is not None and (
-        not isinstance(max_points_per_centroid, (int, np.integer))
-        or isinstance(max_points_per_centroid, bool)
-        or max_points_per_centroid < 2
-    ):
-        raise InvalidParameterError(
-            f"max_points_per_centroid={max_points_per_centroid!r} is invalid; it must be an integer >= 2 or None"
-        )
     return (
-        None if n_probes is None else int(n_probes),
-        None if max_points_per_centroid is None else int(max_points_per_centroid),
+        check_param("n_probes", n_probes, high=MAX_PROBES),
+        check_param("max_points_per_centroid", max_points_per_centroid),
     )
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ._validation import InvalidParameterError, InvalidWeightsError, WeightFileError, check_finite, check_m
+from .registry import model_names, weights_path
 from .subvectors import row_length
 
 __all__ = [
@@ -48,10 +49,8 @@ __all__ = [
     "load_weights",
 ]
 
-#: Names accepted by :func:`load_weights` and :func:`bundled_model_path`.
-BUNDLED_MODELS: tuple[str, ...] = ("digits-cnn",)
-_BUNDLED_FILES = {"digits-cnn": "digits_cnn.safetensors"}
-_DATA_DIR = Path(__file__).resolve().parent / "data"
+#: Names accepted by :func:`load_weights` and :func:`bundled_model_path` (the :mod:`~lr2vq_analysis.registry`).
+BUNDLED_MODELS: tuple[str, ...] = model_names()
 
 _TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 #: File extensions :func:`load_weights` reads (``.bin`` is a PyTorch file, as Hugging Face names them).
@@ -188,7 +187,7 @@ class _Tensor:
 
 
 def bundled_model_path(name: str) -> Path:
-    """Return the path of a bundled model's safetensors file.
+    """Return the path of a named model's safetensors file (:func:`lr2vq_analysis.registry.weights_path`).
 
     Parameters
     ----------
@@ -209,9 +208,7 @@ def bundled_model_path(name: str) -> Path:
     >>> bundled_model_path("digits-cnn").name
     'digits_cnn.safetensors'
     """
-    if name not in _BUNDLED_FILES:
-        raise InvalidParameterError(f"unknown bundled model {name!r}; bundled models are {list(BUNDLED_MODELS)}")
-    return _DATA_DIR / _BUNDLED_FILES[name]
+    return weights_path(name)
 
 
 def load_weights(
@@ -448,7 +445,7 @@ def _open_source(source: Any, stack: ExitStack) -> tuple[str, list[_Tensor]]:
             if not path.is_file():
                 raise WeightFileError(
                     f"the file of bundled model {source!r} is missing: {path}; "
-                    "reinstall the package or run scripts/train_digits_cnn.py"
+                    "reinstall the package or run its training script in scripts/"
                 )
             return source, _safetensors_tensors(path, stack)
         return _file_source(Path(source).expanduser(), stack)

@@ -2,7 +2,7 @@
 
 Reproducible: one seed drives the initialisation, the train/val cut and the batch order; the data are
 generated locally by ``mnist1d.data.make_dataset`` with the published default arguments
-(:func:`lr2vq_analysis.datasets.load_mnist1d_splits`); deterministic algorithms and one CPU thread make
+(:func:`lr2vq_analysis.experimental.datasets.load_mnist1d_splits`); deterministic algorithms and one CPU thread make
 two runs with the same arguments give byte-identical files on the same machine and torch version.
 Runs in well under three minutes on one CPU core.
 
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from _training import fit_one_cycle, split_accuracies, training_metadata, training_parser, write_model_files
 
-from lr2vq_analysis.datasets import load_mnist1d_splits, make_loaders
-from lr2vq_analysis.models.mnist1d import MNIST1D_CNN_PATH, Mnist1DCNN
+from lr2vq_analysis.datasets import make_loaders
+from lr2vq_analysis.experimental.datasets import load_mnist1d_splits
+from lr2vq_analysis.experimental.models.mnist1d import MNIST1D_CNN_PATH, Mnist1DCNN
 
 DEFAULTS: dict[str, Any] = {"seed": 0, "epochs": 20, "lr": 3e-3, "weight_decay": 5e-4, "batch_size": 64}
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         augment="none",
         results=results,
         data="mnist1d.data.make_dataset(get_dataset_args()) (generated locally), "
-        "lr2vq_analysis.datasets.load_mnist1d_splits(seed)",
+        "lr2vq_analysis.experimental.datasets.load_mnist1d_splits(seed)",
     )
     print(json.dumps(write_model_files(args.out, model, "mnist1d-cnn", metadata), indent=2))
 

@@ -13,14 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr2vq_analysis._validation import InvalidParameterError
-from lr2vq_analysis.datasets import (
+from lr2vq_analysis.experimental.datasets import (
     DistillationTexts,
     cosine_distance,
     cosine_similarity,
     docstring_sentences,
     docstring_splits,
 )
-from lr2vq_analysis.sweeps import Budget, RunConfig, Task, run_one, select_learning_rates
+from lr2vq_analysis.experimental.sweeps import Budget, RunConfig, Task, run_one, select_learning_rates
 
 
 # ----------------------------------------------------------------------------------------- text
@@ -185,10 +185,10 @@ needs_minilm = pytest.mark.skipif(
 
 @needs_minilm
 def test_minilm_sentence_embeddings_and_compressed_layers():
-    from lr2vq_analysis.models.minilm import encode_texts, load_minilm, minilm_tokenizer
+    from lr2vq_analysis.experimental.models.minilm import encode_texts, load_minilm, minilm_tokenizer
+    from lr2vq_analysis.experimental.sweeps import MINILM_LAYERS
     from lr2vq_analysis.plan import LayerPlan
     from lr2vq_analysis.size import size_report
-    from lr2vq_analysis.sweeps import MINILM_LAYERS
 
     model = load_minilm()
     texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]

@@ -33,6 +33,7 @@ PUBLIC_MODULES = [
     "lr2vq_analysis.export",
     "lr2vq_analysis.datasets",
     "lr2vq_analysis.models",
+    "lr2vq_analysis.registry",
     "lr2vq_analysis.pipeline",
     "lr2vq_analysis.plots",
     "lr2vq_analysis.cli",

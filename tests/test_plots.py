@@ -14,17 +14,20 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from PIL import Image
 
-from lr2vq_analysis._validation import InvalidParameterError, WeightFileError
+from lr2vq_analysis._validation import InvalidParameterError
+from lr2vq_analysis.exceptions import ReportFileError
+from lr2vq_analysis.experimental.plots import (
+    SWEEP_COLUMNS,
+    load_sweep_results,
+    plot_accuracy_vs_d_tilde,
+    plot_size_frontier,
+)
 from lr2vq_analysis.plan import LayerPlan
 from lr2vq_analysis.plots import (
     COLORS,
-    SWEEP_COLUMNS,
     figure_file_stem,
-    load_sweep_results,
-    plot_accuracy_vs_d_tilde,
     plot_overview,
     plot_size_breakdown,
-    plot_size_frontier,
     plot_spectra,
     plot_style,
     plot_tradeoff,
@@ -256,7 +259,7 @@ def test_sweep_plots_reject_bad_tables():
         plot_accuracy_vs_d_tilde(frame[frame["method"] == "pq"])
     with pytest.raises(InvalidParameterError, match="empty"):
         load_sweep_results(frame.iloc[:0])
-    with pytest.raises(WeightFileError):
+    with pytest.raises(ReportFileError):
         load_sweep_results("/nonexistent/sweep.csv")
 
 

@@ -1,4 +1,4 @@
-"""Tests of the evidence sweeps (lr2vq_analysis.sweeps), the MNIST-1D data and the MNIST-1D CNN."""
+"""Tests of the evidence sweeps (lr2vq_analysis.experimental.sweeps), the MNIST-1D data and the MNIST-1D CNN."""
 
 from __future__ import annotations
 
@@ -6,21 +6,20 @@ import hashlib
 import json
 import math
 import random
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from lr2vq_analysis import sweeps
 from lr2vq_analysis._validation import InvalidParameterError
 from lr2vq_analysis.datasets import load_digits_splits, make_loaders
+from lr2vq_analysis.experimental import sweeps
+from lr2vq_analysis.experimental.plots import SWEEP_COLUMNS, load_sweep_results
+from lr2vq_analysis.experimental.sweeps import Budget, RunConfig, measure_rho, run_one, run_sweep, select_learning_rates
 from lr2vq_analysis.models.digits import load_bundled_model
 from lr2vq_analysis.plan import LayerPlan
-from lr2vq_analysis.plots import SWEEP_COLUMNS, load_sweep_results
 from lr2vq_analysis.size import size_report
-from lr2vq_analysis.sweeps import Budget, RunConfig, measure_rho, run_one, run_sweep, select_learning_rates
 
 TINY = Budget(steps=6, lowrank_steps=3, batch_size=32)
 DIGITS_LAYERS = ("conv2.weight", "conv3.weight", "conv4.weight")
@@ -31,9 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------------------- one run
 def test_quick_run_on_digits_writes_a_valid_row(tmp_path):
     out = tmp_path / "runs.csv"
-    started = time.perf_counter()
     table = run_sweep("digits", [RunConfig("lr2vq", 16, 9, 4, 0, 1e-3)], out, budget=Budget(20, 10, 64), progress=False)
-    assert time.perf_counter() - started < 30
     assert len(table) == 1
     frame = load_sweep_results(out)  # the plots' reader accepts the file
     assert set(SWEEP_COLUMNS) <= set(frame.columns)
@@ -266,7 +263,7 @@ def test_make_loaders_order_depends_on_seed_only():
 
 def test_mnist1d_splits_match_the_generator_and_keep_global_random_state():
     mnist1d_data = pytest.importorskip("mnist1d.data")
-    from lr2vq_analysis.datasets import load_mnist1d_splits
+    from lr2vq_analysis.experimental.datasets import load_mnist1d_splits
 
     # mnist1d reseeds the legacy global generators: check that the caller's streams survive
     random.seed(5)
@@ -295,7 +292,7 @@ def test_mnist1d_splits_match_the_generator_and_keep_global_random_state():
 
 
 def test_mnist1d_cnn_shapes_and_shipped_weights():
-    from lr2vq_analysis.models.mnist1d import MNIST1D_CNN_PATH, Mnist1DCNN, load_mnist1d_cnn
+    from lr2vq_analysis.experimental.models.mnist1d import MNIST1D_CNN_PATH, Mnist1DCNN, load_mnist1d_cnn
 
     model = Mnist1DCNN()
     # convs (no bias): 1·32·5 + 32·64·3 + 2·(64·64·3); BN: 2·(32 + 3·64); fc: 64·10 + 10
@@ -311,7 +308,8 @@ def test_mnist1d_cnn_shapes_and_shipped_weights():
     pretrained = load_mnist1d_cnn()
     assert not pretrained.training
     pytest.importorskip("mnist1d.data")
-    from lr2vq_analysis.datasets import accuracy, load_mnist1d_splits
+    from lr2vq_analysis.datasets import accuracy
+    from lr2vq_analysis.experimental.datasets import load_mnist1d_splits
 
     assert accuracy(pretrained, load_mnist1d_splits(metadata["seed"])["test"]) == pytest.approx(
         metadata["test_accuracy"]
@@ -320,7 +318,7 @@ def test_mnist1d_cnn_shapes_and_shipped_weights():
 
 def test_load_mnist1d_cnn_missing_file(tmp_path):
     from lr2vq_analysis._validation import WeightFileError
-    from lr2vq_analysis.models.mnist1d import load_mnist1d_cnn
+    from lr2vq_analysis.experimental.models.mnist1d import load_mnist1d_cnn
 
     with pytest.raises(WeightFileError, match="train_mnist1d_cnn"):
         load_mnist1d_cnn(tmp_path / "none.safetensors")

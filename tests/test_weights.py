@@ -176,7 +176,7 @@ def test_half_precision_converted_to_float32(tmp_path, dtype):
 
 
 def test_bundled_model_by_name():
-    assert BUNDLED_MODELS == ("digits-cnn",)
+    assert "digits-cnn" in BUNDLED_MODELS
     ws = load_weights("digits-cnn")
     # DigitsCNN: conv1 1→16, conv2 16→32, conv3 32→64, conv4 64→64, fc 64→10
     assert layer_list(ws) == [
@@ -438,7 +438,7 @@ def test_non_finite_weight_names_the_layer(bad):
 def test_unknown_bundled_name():
     with pytest.raises(WeightFileError, match="digits-cnn"):
         load_weights("resnet18")
-    with pytest.raises(InvalidParameterError, match=r"unknown bundled model 'resnet18'.*digits-cnn"):
+    with pytest.raises(InvalidParameterError, match=r"unknown model 'resnet18'.*digits-cnn"):
         bundled_model_path("resnet18")
 
 

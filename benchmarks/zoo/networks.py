@@ -403,8 +403,8 @@ def load_network(network_id: str, folder: Path = WEIGHTS) -> nn.Module:
 
 
 def as_task(network_id: str, folder: Path = WEIGHTS) -> Any:
-    """The network as a :class:`lr2vq_analysis.sweeps.Task`, registered in ``sweeps.TASKS`` for ``run_sweep``."""
-    from lr2vq_analysis import sweeps
+    """The network as an experimental ``sweeps.Task``, registered in ``sweeps.TASKS`` for ``run_sweep``."""
+    from lr2vq_analysis.experimental import sweeps
 
     net = ZOO[network_id]
     task = sweeps.Task(network_id, lambda: load_network(network_id, folder), lambda seed: net.splits(), 0, net.layers)

@@ -142,20 +142,20 @@ def calibration_inputs(task: str, n: int) -> Any:
     import torch
 
     if task == "minilm":
-        from lr2vq_analysis.datasets import docstring_splits
-        from lr2vq_analysis.models.minilm import encode_texts, minilm_tokenizer
+        from lr2vq_analysis.experimental.datasets import docstring_splits
+        from lr2vq_analysis.experimental.models.minilm import encode_texts, minilm_tokenizer
 
         texts = list(docstring_splits(0)["train"])[:n]
         inputs = encode_texts(minilm_tokenizer(), texts)
         return [{key: value[i : i + 64] for key, value in inputs.items()} for i in range(0, n, 64)]
-    from lr2vq_analysis.sweeps import TASKS
+    from lr2vq_analysis.experimental.sweeps import TASKS
 
     train = TASKS[task].load_splits(0)["train"]
     return torch.stack([train[i][0] for i in range(min(n, len(train)))])
 
 
 def existing(tasks: Sequence[str], calibration_samples: int) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
-    from lr2vq_analysis.sweeps import TASKS
+    from lr2vq_analysis.experimental.sweeps import TASKS
 
     settings, predictions = [], []
     for task in tasks:

@@ -7,7 +7,7 @@
 
 Per setting: LR²VQ at every d̃ of :func:`d_tilde_grid`, PQ at the same (k, m) and PQ at equal size (the
 PQ (k', m') with k' ∈ {k/2, k, 2k}, m' ∈ {m, 2m}, other than (k, m), whose size is closest to LR²VQ's
-at the middle d̃), all at the budget ``lr2vq_analysis.sweeps.BUDGETS["full"]``. The learning rate is tried
+at the middle d̃), all at the budget ``lr2vq_analysis.experimental.sweeps.BUDGETS["full"]``. The learning rate is tried
 on the tuning seeds (100, 101) only and chosen per (method, k, m) — never per d̃ — by the validation
 accuracy averaged over every d̃; the scored seeds 0–4 then run at the chosen rate only.
 """
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from networks import WEIGHTS, ZOO, as_task, load_network
 
+from lr2vq_analysis.experimental.sweeps import BUDGETS, RunConfig, run_sweep
 from lr2vq_analysis.plan import LayerPlan, effective_k
-from lr2vq_analysis.sweeps import BUDGETS, RunConfig, run_sweep
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TUNE_SEEDS = (100, 101)

@@ -15,9 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import WeightFileError
-from ..weights import BUNDLED_MODELS, bundled_model_path
-
 __all__ = ["DigitsCNN", "load_bundled_model"]
 
 
@@ -65,12 +62,12 @@ class DigitsCNN(nn.Module):
 
 
 def load_bundled_model(name: str = "digits-cnn") -> nn.Module:
-    """Return a bundled pretrained model, in eval mode, on the CPU.
+    """Return a named pretrained model, in eval mode, on the CPU.
 
     Parameters
     ----------
     name : str, default "digits-cnn"
-        One of :data:`lr2vq_analysis.weights.BUNDLED_MODELS`.
+        A name of :data:`lr2vq_analysis.registry.MODELS` (:func:`lr2vq_analysis.registry.load_model`).
 
     Returns
     -------
@@ -89,14 +86,6 @@ def load_bundled_model(name: str = "digits-cnn") -> nn.Module:
     >>> type(model).__name__, model.training
     ('DigitsCNN', False)
     """
-    path = bundled_model_path(name)
-    builders = {"digits-cnn": DigitsCNN}
-    assert set(builders) == set(BUNDLED_MODELS), "every bundled model needs an architecture here"
-    model = builders[name]()
-    from safetensors.torch import load_file
+    from ..registry import load_model
 
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise WeightFileError(f"bundled model {name!r}: cannot load {path}: {exc}") from None
-    return model.eval()
+    return load_model(name)

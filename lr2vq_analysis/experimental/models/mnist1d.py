@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._validation import WeightFileError
+from ..._validation import WeightFileError
+from ...registry import weights_path
 
 __all__ = ["MNIST1D_CNN_PATH", "Mnist1DCNN", "load_mnist1d_cnn"]
 
-#: The shipped pretrained weights.
-MNIST1D_CNN_PATH: Path = Path(__file__).resolve().parent.parent / "data" / "mnist1d_cnn.safetensors"
+#: The shipped pretrained weights (the registry's ``mnist1d-cnn``).
+MNIST1D_CNN_PATH: Path = weights_path("mnist1d-cnn")
 
 
 class Mnist1DCNN(nn.Module):

@@ -52,22 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ._io import write_atomic
-from ._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_seed
-from .datasets import (
-    accuracy,
-    cosine_distance,
-    cosine_similarity,
-    load_digits_splits,
-    load_minilm_splits,
-    load_mnist1d_splits,
-    make_loaders,
-    mean_over_samples,
-)
-from .finetune import finetune, recalibrate_batchnorm
-from .nn import CompressedModel, compress
-from .plan import LayerPlan, effective_k
-from .size import SizeReport, bits_to_mib, size_report
+from .._io import write_atomic
+from .._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_seed
+from ..datasets import accuracy, load_digits_splits, make_loaders, mean_over_samples
+from ..finetune import finetune, recalibrate_batchnorm
+from ..nn import CompressedModel, compress
+from ..plan import LayerPlan, effective_k
+from ..registry import load_model
+from ..size import SizeReport, bits_to_mib, size_report
+from .datasets import cosine_distance, cosine_similarity, load_minilm_splits, load_mnist1d_splits
 
 __all__ = [
     "METHODS",
@@ -176,22 +169,9 @@ class Task:
         return self.loss_fn if self.loss_fn is not None else F.cross_entropy
 
 
-def _digits_model() -> nn.Module:
-    from .models.digits import load_bundled_model
-
-    return load_bundled_model("digits-cnn")
-
-
-def _mnist1d_model() -> nn.Module:
-    from .models.mnist1d import load_mnist1d_cnn
-
-    return load_mnist1d_cnn()
-
-
-def _minilm_model() -> nn.Module:
-    from .models.minilm import load_minilm
-
-    return load_minilm()
+_digits_model = functools.partial(load_model, "digits-cnn")
+_mnist1d_model = functools.partial(load_model, "mnist1d-cnn")
+_minilm_model = functools.partial(load_model, "all-minilm-l6-v2")
 
 
 #: all-MiniLM-L6-v2's 36 encoder linears (query, key, value, attention output, intermediate, output × 6 layers).
@@ -244,7 +224,7 @@ def _task(task: str | Task) -> Task:
 # one run
 
 
-#: The full budget of the CNN tasks (600 steps, as in design.md's digits measurements) and a smoke-test one.
+#: The full budget of the CNN tasks (600 steps, as in the digits measurements of docs/evidence.md) and a smoke-test one.
 BUDGETS: dict[str, Budget] = {"full": Budget(600, 300, 64), "quick": Budget(20, 10, 64)}
 
 
