@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -71,6 +71,10 @@ def _unfolded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input vectors as rows, (n_vectors, in_channels·kh·kw), channel-major like the weight."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    return _unfolded_conv(cast("nn.Conv1d | nn.Conv2d", module), x)
+
+
+def _unfolded_conv(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     conv1d = isinstance(module, nn.Conv1d)
     if conv1d:
         x = x.unsqueeze(2)
@@ -118,10 +122,12 @@ def _forward(model: nn.Module, batch: Any) -> None:
 
 
 def _layer_modules(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
-    modules = {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, _COMPRESSIBLE)}
+    modules: dict[str, nn.Module] = {
+        f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, _COMPRESSIBLE)
+    }
     if names is None:
         return modules
-    chosen = {}
+    chosen: dict[str, nn.Module] = {}
     for name in names:
         if name not in modules:
             raise InvalidParameterError(
@@ -133,7 +139,7 @@ def _layer_modules(model: nn.Module, names: Iterable[str] | None) -> dict[str, n
 
 
 def _matrix_bytes(module: nn.Module) -> int:
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     groups = int(getattr(module, "groups", 1))
     length = row_length(tuple(weight.shape))
     return groups * length * length * 8

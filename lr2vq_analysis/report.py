@@ -517,7 +517,7 @@ def _with_predictor(
 ) -> list[LayerReport]:
     """Add output-space curves from ``calibration`` (when given) and set each layer's rule."""
     if calibration is None:
-        return [replace(layer, model=layer.model.with_predictor(predictor)) for layer in layers]
+        return [replace(layer, model=layer.model.with_predictor(str(predictor))) for layer in layers]
     if not isinstance(module, torch.nn.Module):
         raise InvalidParameterError(
             f"calibration= needs a runnable model: pass model= (a torch.nn.Module), got {type(module).__name__}"

@@ -546,7 +546,7 @@ class TradeoffModel:
         self.probes_: dict[int, float] = {int(d): float(v) for d, v in sorted(probes.items())}
         self.params_: dict[str, float] = {str(key): float(v) for key, v in params.items()}
         self.n_subvectors_ = int(n_subvectors)
-        outputs = []
+        outputs: list[np.ndarray | None] = []
         for label, value in (
             ("lowrank_output_curve", lowrank_output_curve),
             ("clustering_output_curve", clustering_output_curve),
@@ -1249,9 +1249,10 @@ def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tup
     order = np.argsort([model.knee_ for model in models])
     cumulative = np.cumsum(weights[order]) / weights.sum()
     knee = int(models[int(order[int(np.argmax(cumulative >= 0.5))])].knee_)
-    args = (first._rho, curves["lowrank"], curves["clustering"], curves["lowrank_output"], curves["clustering_output"])
-    d = choose_d_tilde(rule, first.m, knee, *args)
-    inside = [int(v) for v in _within(objective_curve(rule, *args), first.tolerance)]
+    low, clu = cast(np.ndarray, curves["lowrank"]), cast(np.ndarray, curves["clustering"])
+    low_out, clu_out = curves["lowrank_output"], curves["clustering_output"]
+    d = choose_d_tilde(rule, first.m, knee, first._rho, low, clu, low_out, clu_out)
+    inside = [int(v) for v in _within(objective_curve(rule, first._rho, low, clu, low_out, clu_out), first.tolerance)]
     return d, (min([*inside, d]), max([*inside, d])), first.m in inside
 
 
