@@ -17,14 +17,23 @@ change on a shared machine hits both sides of a ratio alike. Target: ratio ≤ 1
 k-means quality does not change the step time, so the quantized models are built with a cheap k-means
 (few iterations, subsampled).
 
+A second table, the thread cliff: :func:`~lr2vq_analysis.finetune.finetune` (low-rank stage of the digits
+CNN, LR²VQ d̃ = 4) and :func:`~lr2vq_analysis.finetune.recalibrate_batchnorm`, at the user's thread
+setting (torch's default when the script starts, or ``--user-threads``) vs one thread, while a second
+process keeps one core busy. Three settings, in interleaved rounds: ``num_threads=1``; the library's
+default ``num_threads="auto"`` (what a user gets); and ``num_threads=None`` (the user's threads as they
+are: the behaviour before the thread policy). Target: auto ≤ 1.2× of one thread.
+
 Usage::
 
     python benchmarks/bench_finetune_step.py            # full: MiniLM batch 16 × 128 tokens, 7 rounds
     python benchmarks/bench_finetune_step.py --quick    # MiniLM batch 4 × 64 tokens, 3 rounds
     python benchmarks/bench_finetune_step.py --threads 2 --csv out.csv
+    python benchmarks/bench_finetune_step.py --cliff-only --quick
+    python benchmarks/bench_finetune_step.py --cliff-minilm       # MiniLM, 1 vs the user's threads
 
-Writes ``benchmarks/results/finetune_step.csv`` by default. The machine these numbers come from may be
-shared with other jobs; compare the rows of one run, not runs.
+Writes ``benchmarks/results/finetune_step.csv`` and ``finetune_threads.csv`` by default. The machine these
+numbers come from may be shared with other jobs; compare the rows of one run, not runs.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,10 +57,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compress import digits_cnn, minilm_encoder, plans  # the models, shared
 
 from lr2vq_analysis._io import write_atomic
-from lr2vq_analysis.finetune import main_output, split_batch
+from lr2vq_analysis.datasets import digits_loaders
+from lr2vq_analysis.finetune import TrainingConfig, finetune, main_output, recalibrate_batchnorm, split_batch
 from lr2vq_analysis.nn import compress, compressible_layers
+from lr2vq_analysis.plan import LayerPlan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune_step.csv"
+THREAD_RESULTS = Path(__file__).resolve().parent / "results" / "finetune_threads.csv"
+#: The thread settings compared in the cliff table.
+THREAD_SETTINGS: dict[str, Any] = {"1 thread": 1, "auto (default)": "auto", "user threads, no policy": None}
 #: Cheap k-means for building the quantized models (the step time does not depend on its quality).
 CHEAP_KMEANS: dict[str, Any] = {"max_iter": 5, "max_points_per_centroid": 16}
 
@@ -133,6 +148,81 @@ def bench_model(
     return rows
 
 
+def thread_cliff(user_threads: int, *, steps: int, rounds: int) -> pd.DataFrame:
+    """Seconds of ``steps`` low-rank steps and of one batch-norm pass per thread setting, a busy process running."""
+    loaders = digits_loaders(64, 0)
+    model, _, _, _ = digits_cnn()
+    plan = {key: LayerPlan(k=16, m=9, d_tilde=4) for key in ("conv2.weight", "conv3.weight", "conv4.weight")}
+    cmodel = compress(model, plan)
+    start = {key: value.clone() for key, value in cmodel.state_dict().items()}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the second process: one core busy
+    torch.set_num_threads(user_threads)
+    try:
+        for round_index in range(rounds + 1):  # round 0 warms up
+            names = list(THREAD_SETTINGS)
+            order = names[round_index % len(names) :] + names[: round_index % len(names)]
+            for name in order:
+                setting = THREAD_SETTINGS[name]
+                cmodel.load_state_dict(start)
+                training = TrainingConfig(steps=steps, num_threads=setting)
+                began = time.perf_counter()
+                finetune(cmodel, loaders["train"], stage="lowrank", training=training, progress=False)
+                middle = time.perf_counter()
+                recalibrate_batchnorm(cmodel, loaders["train"], num_threads=setting)
+                ended = time.perf_counter()
+                assert torch.get_num_threads() == user_threads  # the setting is restored
+                if round_index:
+                    seconds.setdefault((f"finetune, {steps} low-rank steps", name), []).append(middle - began)
+                    seconds.setdefault(("recalibrate_batchnorm", name), []).append(ended - middle)
+    finally:
+        busy.kill()
+        busy.wait()
+    rows = []
+    for (path, name), values in seconds.items():
+        single = seconds[(path, "1 thread")]
+        rows.append(
+            {
+                "path": path,
+                "setting": name,
+                "threads": 1 if THREAD_SETTINGS[name] == 1 or (name.startswith("auto")) else user_threads,
+                "seconds": round(statistics.median(values), 3),
+                "ratio_vs_1_thread": round(statistics.median(v / s for v, s in zip(values, single, strict=True)), 2),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def minilm_cliff(user_threads: int, *, rounds: int) -> dict[int, list[float]]:
+    """Seconds of one low-rank step of all-MiniLM-L6-v2 (LR²VQ d̃ = 4) at 1 and at ``user_threads``, one core busy."""
+    model, _, _, _ = minilm_encoder()
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(1000, 30000, (4, 64), generator=generator),
+        "attention_mask": torch.ones(4, 64, dtype=torch.long),
+    }
+    with torch.no_grad():
+        target = main_output(model.eval()(**inputs))
+    keys = [key for key in compressible_layers(model) if key.startswith("encoder.layer.")]
+    plan = next(plan for label, plan in plans(model, 8, keys).items() if label.startswith("LR"))
+    step = _step_function(compress(model, plan), inputs, lambda out: F.mse_loss(out, target))
+    seconds: dict[int, list[float]] = {1: [], user_threads: []}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for round_index in range(rounds + 1):  # round 0 warms up
+            for threads in [1, user_threads] if round_index % 2 == 0 else [user_threads, 1]:
+                torch.set_num_threads(threads)
+                began = time.perf_counter()
+                step()
+                if round_index:
+                    seconds[threads].append(time.perf_counter() - began)
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(user_threads)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small MiniLM batch, 3 rounds")
@@ -140,7 +230,31 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 7, or 3 with --quick)")
     parser.add_argument("--csv", type=Path, default=RESULTS, help=f"output CSV (default: {RESULTS})")
     parser.add_argument("--skip-minilm", action="store_true", help="digits CNN only")
+    parser.add_argument(
+        "--user-threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help=f"the user's thread setting of the cliff table (default: torch's, {torch.get_num_threads()})",
+    )
+    parser.add_argument("--cliff-only", action="store_true", help="only the thread-cliff table")
+    parser.add_argument("--cliff-minilm", action="store_true", help="only MiniLM's 1 vs user threads step times")
+    parser.add_argument("--threads-csv", type=Path, default=THREAD_RESULTS, help="output CSV of the cliff table")
     args = parser.parse_args(argv)
+    if args.cliff_minilm:
+        seconds = minilm_cliff(args.user_threads, rounds=args.rounds or 3)
+        ratios = [round(a / b, 2) for a, b in zip(seconds[args.user_threads], seconds[1], strict=True)]
+        print(f"all-MiniLM-L6-v2 low-rank step, one core busy: {seconds} s; ratio {ratios}")
+        return pd.DataFrame({"threads": list(seconds), "seconds": [statistics.median(v) for v in seconds.values()]})
+    steps = 10 if args.quick else 50
+    cliff = thread_cliff(args.user_threads, steps=steps, rounds=2 if args.quick else 5)
+    print(
+        f"thread cliff: {args.user_threads} user thread(s) vs 1, a second process busy, {os.cpu_count()} CPUs (shared)"
+    )
+    print(cliff.to_string(index=False))
+    write_atomic(args.threads_csv, cliff.assign(quick=args.quick, torch=torch.__version__).to_csv(index=False).encode())
+    print(f"wrote {args.threads_csv}")
+    if args.cliff_only:
+        return cliff
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 7)
     rows: list[dict[str, Any]] = []

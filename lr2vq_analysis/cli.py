@@ -1,57 +1,64 @@
-"""The ``lr2vq`` command line: analyse a model, redraw figures, compress a model, run the demo.
+"""The ``lr2vq`` command line: analyse a model, redraw a report, compress a model, run the demo.
 
 Subcommands (``lr2vq SUBCOMMAND --help`` describes each):
 
 ``analyze [SOURCE]``
-    Predict d̃ for every layer of a weight file or bundled model; write ``report.json``,
-    ``report.csv``, ``curves.csv``, the figures and ``report.md`` into a folder.
+    Predict d̃ for every layer of a weight file or named model; write a report folder (``report.json``,
+    ``report.csv``, ``curves.csv``, the figures and ``report.md``) as one unit.
 ``plot REPORT.json``
-    Redraw the figures of a saved report (optionally with another ρ).
+    Rewrite the report folder of a saved report (optionally with another ρ, into a new folder).
 ``compress SOURCE --plan REPORT.json``
     Compress a model with a saved plan and write the bit-packed file.
 ``demo``
     The whole pipeline on the bundled digits CNN: analyse, compress, fine-tune, save, reload, evaluate.
 
-Exit status: 0 on success, 2 for a usage error (unknown option, a parameter out of range), 1 when the
-work fails (missing or corrupt file, weights that cannot be analysed). Errors are one line on stderr,
-without a traceback.
+Exit status: 0 on success, 2 for a usage error (:class:`~lr2vq_analysis.exceptions.UsageError`: an unknown
+option, a parameter out of range, a bad plan entry), 1 when the work fails (any other
+:class:`~lr2vq_analysis.exceptions.LR2VQError` or OS error: a missing or corrupt file, weights that cannot
+be analysed), 130 when interrupted (Ctrl-C). Errors are one line on stderr, without a traceback, ending
+with what to do (set ``LR2VQ_DEBUG=1`` for the traceback of an unexpected error).
+
+The handlers are thin: the work is done by library functions (:func:`~lr2vq_analysis.report.analyze`,
+:mod:`~lr2vq_analysis.report_folder`, :mod:`~lr2vq_analysis.skeleton`, :mod:`~lr2vq_analysis.pipeline`).
+Heavy libraries (torch, pandas, matplotlib) are imported by the handlers only, so ``--help``,
+``--version`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import shlex
-import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from ._io import write_atomic
-from ._validation import InvalidParameterError, LR2VQError, check_k
+from .exceptions import (
+    DataFileError,
+    InvalidWeightsError,
+    LR2VQError,
+    NonFiniteError,
+    ReportFileError,
+    UsageError,
+    WeightFileError,
+)
+from .registry import DEFAULT_MODEL, MODELS, is_model_name
 
 if TYPE_CHECKING:
-    import pandas as pd
-    import torch
-
-    from .plan import LayerPlan
     from .report import Report
     from .size import SizeReport
 
-__all__ = ["main", "build_parser", "read_plan", "skeleton_from_state_dict", "write_markdown_report"]
+__all__ = ["main", "build_parser", "cli_wording"]
 
 PROG = "lr2vq"
-DEFAULT_MODEL = "digits-cnn"
 DEFAULT_REPORT_DIR = "lr2vq-report"
-FIGURE_DIR = "figures"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class _UsageError(Exception):
-    """A command-line argument is wrong in a way argparse cannot see (exit status 2)."""
-
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Figure formats (the same as :func:`lr2vq_analysis.plots.save_figure`'s; not imported, to keep --help fast).
+FORMATS = ("png", "svg", "pdf")
+#: Longest error line printed (the message is cut, never the advice at its end).
+MAX_ERROR_LENGTH = 200
 
 # --------------------------------------------------------------------------------------------------
 # Argument parsing
@@ -96,12 +103,10 @@ def _rho(text: str) -> float:
 
 
 def _formats(text: str) -> list[str]:
-    from .plots import _SAVE_FORMATS
-
     formats = [part.strip().lower() for part in text.split(",") if part.strip()]
-    bad = [fmt for fmt in formats if fmt not in _SAVE_FORMATS]
+    bad = [fmt for fmt in formats if fmt not in FORMATS]
     if not formats or bad:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; use a comma-separated list of {list(_SAVE_FORMATS)}")
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; use a comma-separated list of {list(FORMATS)}")
     return formats
 
 
@@ -147,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default=DEFAULT_MODEL,
         metavar="SOURCE",
-        help=f"weight file (.pt, .pth, .bin, .safetensors, .npz) or bundled model name (default: {DEFAULT_MODEL})",
+        help=f"weight file (.pt, .pth, .bin, .safetensors, .npz) or model name {list(MODELS)} "
+        f"(default: {DEFAULT_MODEL})",
     )
     _add_analysis_options(analyze)
     analyze.add_argument(
@@ -175,12 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         "plot",
         parents=[common],
         help="redraw the figures of a saved report",
-        description="Redraw the figures of a report written by 'lr2vq analyze' (report.json or .npz), "
-        "optionally with another ρ.",
+        description="Rewrite the report folder of a report written by 'lr2vq analyze' (report.json or .npz): "
+        "tables, figures and report.md, optionally with another ρ (written to a new folder).",
     )
     plot.add_argument("report", metavar="REPORT", help="report.json or report.npz written by 'lr2vq analyze'")
     plot.add_argument(
-        "--out", metavar="DIR", help=f"output folder (default: the '{FIGURE_DIR}' folder beside the report)"
+        "--out",
+        metavar="DIR",
+        help="report folder to write (default: the report's own folder; with --rho, a new sibling folder "
+        "'<folder>-rho<R>', so that no report.md contradicts its figures)",
     )
     plot.add_argument("--rho", type=_rho, metavar="R", help="redraw with this ρ (d̃ moves; no refit)")
     plot.add_argument(
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy, fine-tune in Python (lr2vq_analysis.finetune). The bundled digits model is fine-tuned "
         "on its data set (--steps).",
     )
-    compress.add_argument("source", metavar="SOURCE", help="weight file or bundled model name (e.g. digits-cnn)")
+    compress.add_argument("source", metavar="SOURCE", help=f"weight file or model name {list(MODELS)}")
     compress.add_argument(
         "--plan",
         required=True,
@@ -217,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_non_negative_int,
         metavar="N",
-        help="fine-tuning steps per stage, bundled model only (default: the demo's setting; 0: none)",
+        help="fine-tuning steps in all, half of them low-rank; bundled model only (default: the demo's; 0: none)",
     )
     compress.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
     compress.set_defaults(handler=_cmd_compress)
@@ -239,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_non_negative_int,
         metavar="N",
-        help="fine-tuning steps per stage (default: the demo's setting, fewer with --quick)",
+        help="fine-tuning steps in all, half of them low-rank (default: 600, 80 with --quick)",
     )
     demo.add_argument("--quick", action="store_true", help="few fine-tuning steps: a smoke test in seconds")
     demo.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
@@ -270,7 +279,85 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared helpers
+# Wording: library messages in the command line's terms
+# --------------------------------------------------------------------------------------------------
+
+#: Python keyword → command-line flag, for messages the library words for Python callers.
+_FLAGS = {
+    "keep_first_conv=True": "--keep-first-conv",
+    "cap_k=False": "(not available from the command line)",
+    "measure_full_curve=True": "--measure",
+}
+_PARAMETER = re.compile(r"\b(k|m|rho|seed|n_jobs|min_size|d_tilde|steps)=(?=\S)")
+_SUBJECT = re.compile(r"; (k|m|rho|seed|n_jobs|min_size|d_tilde|steps) must")
+_FLAG_OF = {"n_jobs": "--jobs", "min_size": "--min-size", "d_tilde": "--d-tilde"}
+
+
+def cli_wording(text: str) -> str:
+    """A library message in command-line terms: ``keep_first_conv=True`` → ``--keep-first-conv``, ``k=1`` → ``--k 1``.
+
+    Parameters
+    ----------
+    text : str
+        A message worded for Python callers.
+
+    Examples
+    --------
+    >>> cli_wording("k=1 is invalid; pass keep_first_conv=True to include it")
+    '--k 1 is invalid; pass --keep-first-conv to include it'
+    """
+    for python, flag in _FLAGS.items():
+        text = text.replace(python, flag)
+    text = _PARAMETER.sub(lambda match: _FLAG_OF.get(match.group(1), f"--{match.group(1)}") + " ", text)
+    return _SUBJECT.sub(lambda match: "; " + _FLAG_OF.get(match.group(1), f"--{match.group(1)}") + " must", text)
+
+
+def _advice(exc: BaseException, command: str) -> str:
+    """What to do about an error, for the end of its line."""
+    if isinstance(exc, UsageError):
+        return f"see '{PROG} {command} --help'"
+    if isinstance(exc, ReportFileError):
+        return "check the path; reports are written by 'lr2vq analyze'"
+    if isinstance(exc, WeightFileError):
+        return f"check the file, or use a model name ({', '.join(MODELS)})"
+    if isinstance(exc, InvalidWeightsError):
+        return "choose other layers (--include, --exclude) or another --m"
+    if isinstance(exc, NonFiniteError):
+        return "check the weights for NaN/Inf or extreme values"
+    if isinstance(exc, (DataFileError, OSError)):
+        return "check the path and its permissions"
+    if isinstance(exc, LR2VQError):
+        return "see docs/cli.md"
+    return "rerun with LR2VQ_DEBUG=1 for the traceback and report it"
+
+
+_LONG_PATH = re.compile(r"(?<=['\"])/[^'\"]{40,}(?=['\"])")
+#: A message that already ends with what to do (the library's messages often do).
+_ADVISED = re.compile(r"[;:]\s*(choose|give|pass|use|run|reinstall|check|install|create|see|fine-tune)\b[^;]*$")
+
+
+def _error_line(exc: BaseException, command: str) -> str:
+    """``lr2vq COMMAND: error: MESSAGE; ADVICE`` on one line of at most :data:`MAX_ERROR_LENGTH` characters."""
+    prefix = f"{PROG} {command}: error: " if command else f"{PROG}: error: "
+    message = cli_wording(" ".join(str(exc).split()) or type(exc).__name__)
+    if not isinstance(exc, (LR2VQError, OSError)):
+        message = f"unexpected {type(exc).__name__}: {message}"
+    message = _LONG_PATH.sub(lambda match: f"…/{Path(match.group(0)).name}", message)  # the user knows the path
+    own = _ADVISED.search(message)
+    if own:  # keep the message's own advice, cut what comes before it if needed
+        message, advice = message[: own.start()], message[own.start() + 1 :].strip()
+    else:
+        advice = _advice(exc, command)
+    room = MAX_ERROR_LENGTH - len(prefix) - len(advice) - 2
+    if len(message) > room:  # keep the start (what failed) and the end (the value, what is allowed)
+        room = max(room, 40)
+        head = room * 2 // 5
+        message = message[:head].rstrip() + " … " + message[len(message) - (room - head - 3) :].lstrip()
+    return f"{prefix}{message.rstrip('.;')}; {advice}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
 # --------------------------------------------------------------------------------------------------
 
 
@@ -279,181 +366,26 @@ def _say(args: argparse.Namespace, text: str = "") -> None:
         print(text, flush=True)
 
 
-def _use_headless_backend() -> None:
-    """Draw with Agg unless pyplot is already in use (e.g. main() called from a notebook)."""
-    if "matplotlib.pyplot" not in sys.modules:
-        import matplotlib
-
-        matplotlib.use("Agg")
-
-
 def _describe_size(report: SizeReport) -> str:
     return (
         f"{report.megabytes:.4g} MiB (ratio {report.ratio:.1f}×; uncompressed {report.uncompressed_megabytes:.4g} MiB)"
     )
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a GitHub-flavoured Markdown table (no extra dependency)."""
-    header = "| " + " | ".join(str(column) for column in frame.columns) + " |"
-    rule = "|" + "|".join("---:" if frame[column].dtype.kind in "iuf" else "---" for column in frame.columns) + "|"
-    rows = ["| " + " | ".join(_cell(value) for value in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-# --------------------------------------------------------------------------------------------------
-# analyze
-# --------------------------------------------------------------------------------------------------
-
-
-def _size_table(report: Report, state: Mapping[str, Any]) -> list[tuple[str, SizeReport]]:
-    """Expected size with each layer's d̃, with the global d̃ and as plain PQ (d̃ = m) at the same k, m."""
-    from .plan import LayerPlan
-    from .size import size_report
-
-    pq = {name: LayerPlan(k=plan.k, m=plan.m) for name, plan in report.plan("layer").items()}
-    return [
-        ("LR²VQ, per-layer d̃", size_report(state, report.plan("layer"))),
-        (f"LR²VQ, global d̃ = {report.global_d_tilde}", size_report(state, report.plan("global"))),
-        ("PQ (d̃ = m)", size_report(state, pq)),
-    ]
-
-
-def write_markdown_report(
-    report: Report,
-    out_dir: Path,
-    *,
-    sizes: Sequence[tuple[str, SizeReport]] = (),
-    figures: Mapping[str, Sequence[Path]] | None = None,
-    command: str | None = None,
-) -> Path:
-    """Write ``report.md``: settings, global d̃, expected sizes, the layer table, figures and skipped layers.
-
-    Parameters
-    ----------
-    report : Report
-    out_dir : pathlib.Path
-        Folder of ``report.md``; figure links are written relative to it.
-    sizes : sequence of (str, SizeReport), optional
-        Rows of the "Expected size" table, e.g. per-layer d̃, global d̃ and PQ.
-    figures : mapping of str to list of Path, optional
-        What :func:`~lr2vq_analysis.plots.save_report_figures` returned; the PNGs are embedded.
-    command : str, optional
-        The command line that produced the report, quoted in the header.
-
-    Returns
-    -------
-    pathlib.Path
-        The file written (atomically).
-    """
-    from . import __version__
-    from .tradeoff import prediction_note
-
-    figures = dict(figures or {})
-    lines = [f"# LR²VQ analysis of `{report.source}`", ""]
-    lines.append(
-        f"k = {report.k} (capped per layer at a quarter of its subvectors, as PQF does), m = {report.m}, "
-        f"ρ = {report.rho:.3g}; {len(report.layers)} layers analysed, {len(report.skipped)} skipped. "
-        f"Written by lr2vq_analysis {__version__}" + (f" (`{command}`)." if command else ".")
-    )
-    lines += [
-        "",
-        f"**Global d̃ = {report.global_d_tilde}** ({prediction_note(report)}).",
-        "",
-    ]
-    lines.append(
-        "Errors are fractions of each layer's ‖W‖²; total = ρ·low-rank + clustering, where ρ is the share of "
-        "the low-rank error that fine-tuning does not recover; the ρ-model's d̃ is the minimum of the total."
-    )
-    if sizes:
-        import pandas as pd
-
-        lines += ["", "## Expected size", ""]
-        rows = [
-            {"plan": label, "compressed (MiB)": size.megabytes, "ratio": f"{size.ratio:.1f}×"} for label, size in sizes
-        ]
-        lines.append(_markdown_table(pd.DataFrame(rows)))
-        lines += [
-            "",
-            f"Uncompressed: {sizes[0][1].uncompressed_megabytes:.4g} MiB (fp32). Codes at log2 k bits, codebooks "
-            "and projections at fp16, everything else at fp32, batch norm folded into two vectors (PQF's convention).",
-        ]
-    lines += [
-        "",
-        "## Layers",
-        "",
-        "Errors at each layer's predicted d̃; knee: the number of components that reverse water-filling gives "
-        "bits at this k; bits/weight: codes, codebook and projection.",
-        "",
-    ]
-    frame = report.to_frame()[
-        [
-            "name",
-            "kind",
-            "shape",
-            "k",
-            "knee",
-            "d_tilde",
-            "lowrank_error",
-            "clustering_error",
-            "total_error",
-            "bits_per_weight",
-        ]
-    ].rename(
-        columns={
-            "d_tilde": "d̃",
-            "lowrank_error": "low-rank",
-            "clustering_error": "clustering",
-            "total_error": "total",
-            "bits_per_weight": "bits/weight",
-        }
-    )
-    lines.append(_markdown_table(frame))
-    if figures:
-        lines += ["", "## Figures", ""]
-        captions = {
-            "overview": "Predicted d̃ per layer with the reverse water-filling knee and the global d̃",
-            "spectra": "Eigenvalue spectra of the subvectors, with the cut at the predicted d̃",
-            "tradeoff_grid": "Error trade-off of every layer",
-        }
-        for key, caption in captions.items():
-            png = _first_png(figures.get(key, ()))
-            if png is not None:
-                lines += [f"![{caption}]({_link(png, out_dir)})", ""]
-        per_layer = [(layer.name, _first_png(figures.get(layer.name, ()))) for layer in report.layers]
-        links = [f"[{name}]({_link(png, out_dir)})" for name, png in per_layer if png is not None]
-        if links:
-            lines += ["One figure per layer: " + ", ".join(links) + "."]
-    if report.skipped:
-        import pandas as pd
-
-        lines += ["", "## Skipped layers", ""]
-        skipped = pd.DataFrame({"layer": list(report.skipped), "reason": list(report.skipped.values())})
-        lines.append(_markdown_table(skipped))
-    path = out_dir / "report.md"
-    write_atomic(path, ("\n".join(lines) + "\n").encode())
-    return path
-
-
-def _link(path: Path, start: Path) -> str:
-    """Markdown link target of ``path`` relative to the folder of the Markdown file."""
-    return Path(os.path.relpath(path, start)).as_posix()
-
-
-def _first_png(paths: Sequence[Path]) -> Path | None:
-    return next((path for path in paths if path.suffix == ".png"), None)
+def _check_source(source: str) -> None:
+    """Fail fast, before torch is imported, on a source that is neither a file nor a model name."""
+    if not is_model_name(source) and not os.path.exists(source):
+        hint = "" if Path(source).suffix else f" nor a model name {list(MODELS)}"
+        raise WeightFileError(f"{source!r} is no such file{hint}")
 
 
 def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tuple[str, SizeReport]]) -> None:
     frame = report.to_frame()[["name", "kind", "shape", "k", "knee", "d_tilde", "total_error"]]
     _say(args, frame.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
-    _say(args, f"\nglobal d̃ = {report.global_d_tilde}  (k ≤ {report.k}, m = {report.m}, ρ = {report.rho:.3g})")
+    capped = [f"{layer.name} → {layer.k}" for layer in report.layers if layer.k < report.k]
+    _say(args, f"\nglobal d̃ = {report.global_d_tilde}  (k = {report.k}, m = {report.m}, ρ = {report.rho:.3g})")
+    if capped:
+        _say(args, f"k capped at a quarter of the layer's subvectors on {len(capped)} layer(s): " + ", ".join(capped))
     for label, size in sizes:
         _say(args, f"  {label:<26} {_describe_size(size)}")
     if report.skipped:
@@ -461,12 +393,13 @@ def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tup
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .plots import save_report_figures
+    from .report_folder import check_destination, write_report_folder
+
+    _check_source(args.source)
+    out = check_destination(args.out)  # before any work, not after minutes of analysis
     from .report import analyze
     from .weights import load_state_dict
 
-    out = Path(args.out)
-    check_k(args.k)  # fail before any work, not inside the progress bar
     options = {} if args.rho is None else {"rho": args.rho}
     report = analyze(
         args.source,
@@ -482,269 +415,88 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         measure_full_curve=args.measure,
         **options,
     )
-    report.save(out / "report.json")
-    write_atomic(out / "report.csv", report.to_frame().to_csv(index=False).encode())
-    write_atomic(out / "curves.csv", report.curves_frame().to_csv(index=False).encode())
-    sizes = _size_table(report, load_state_dict(args.source))
-    figures = save_report_figures(
-        report, out / FIGURE_DIR, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet
+    folder = write_report_folder(
+        report,
+        out,
+        state=load_state_dict(args.source),
+        formats=args.formats,
+        per_layer=not args.no_layer_figures,
+        progress=not args.quiet,
+        command=f"{PROG} {shlex.join(args.argv)}",
+        wording=_FLAGS,
     )
-    command = "lr2vq " + shlex.join(args.argv)
-    markdown = write_markdown_report(report, out, sizes=sizes, figures=figures, command=command)
-    _print_summary(args, report, sizes)
-    _say(
-        args,
-        f"\nwrote {out / 'report.json'}, report.csv, curves.csv, {markdown.name} and {_count(figures)} figure files",
-    )
+    _print_summary(args, report, folder.sizes)
+    _say(args, f"\nwrote {out}/: report.json, report.csv, curves.csv, report.md, {folder.n_figure_files} figure files")
     return EXIT_OK
-
-
-def _count(figures: Mapping[str, Sequence[Path]]) -> int:
-    return sum(len(paths) for paths in figures.values())
-
-
-# --------------------------------------------------------------------------------------------------
-# plot
-# --------------------------------------------------------------------------------------------------
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import save_report_figures
+    if not Path(args.report).is_file():
+        raise ReportFileError(f"report {args.report!r} does not exist")
     from .report import Report
+    from .report_folder import check_destination, write_report_folder
 
     report = Report.load(args.report)
+    folder_of_report = Path(args.report).resolve().parent
     if args.rho is not None:
         report = report.with_rho(args.rho)
-    out = Path(args.out) if args.out else Path(args.report).parent / FIGURE_DIR
-    figures = save_report_figures(
-        report, out, args.formats, per_layer=not args.no_layer_figures, progress=not args.quiet
+    default = folder_of_report.with_name(f"{folder_of_report.name}-rho{args.rho:g}") if args.rho else folder_of_report
+    out = check_destination(args.out or default)
+    state = None
+    if is_model_name(report.source) or Path(report.source).is_file():
+        from .weights import load_state_dict
+
+        state = load_state_dict(report.source)  # for the size table; optional
+    folder = write_report_folder(
+        report,
+        out,
+        state=state,
+        formats=args.formats,
+        per_layer=not args.no_layer_figures,
+        progress=not args.quiet,
+        command=f"{PROG} {shlex.join(args.argv)}",
+        wording=_FLAGS,
     )
-    _say(
-        args,
-        f"global d̃ = {report.global_d_tilde} (ρ = {report.rho:.3g}); wrote {_count(figures)} figure files to {out}",
-    )
+    _say(args, f"global d̃ = {report.global_d_tilde} (ρ = {report.rho:.3g}); wrote the report folder {out}")
+    _say(args, f"  report.json, report.csv, curves.csv, report.md, {folder.n_figure_files} figure files")
     return EXIT_OK
-
-
-# --------------------------------------------------------------------------------------------------
-# compress
-# --------------------------------------------------------------------------------------------------
-
-
-def read_plan(path: str | os.PathLike[str], which: str = "layer") -> dict[str, LayerPlan]:
-    """Read a compression plan from a saved report or from a JSON file.
-
-    Parameters
-    ----------
-    path : str or path
-        ``report.json`` / ``report.npz`` from ``lr2vq analyze`` (:meth:`Report.save`), or a JSON object
-        ``{"layer.weight": {"k": 256, "m": 9, "d_tilde": 4}, ...}``.
-    which : {"layer", "global"}, default "layer"
-        For a report: each layer's predicted d̃, or the global d̃ for every layer.
-
-    Returns
-    -------
-    dict of str to LayerPlan
-
-    Raises
-    ------
-    WeightFileError
-        If the file is missing, not JSON, or neither a report nor a plan.
-    InvalidParameterError
-        If a plan entry is invalid.
-    """
-    from ._validation import WeightFileError
-    from .plan import LayerPlan
-    from .report import Report
-
-    path = Path(path)
-    if path.suffix == ".npz":
-        return Report.load(path).plan(which)
-    if not path.is_file():
-        raise WeightFileError(f"plan file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WeightFileError(f"plan file {str(path)!r} is not valid JSON: {exc}") from None
-    if isinstance(data, dict) and "layers" in data and "format_version" in data:
-        return Report.load(path).plan(which)
-    if not isinstance(data, dict) or not data or not all(isinstance(entry, dict) for entry in data.values()):
-        raise WeightFileError(
-            f"plan file {str(path)!r} is neither a report from 'lr2vq analyze' nor a JSON object "
-            '{"layer.weight": {"k": 256, "m": 9, "d_tilde": 4}, ...}'
-        )
-    return {str(name): LayerPlan.from_dict(entry) for name, entry in data.items()}
-
-
-def skeleton_from_state_dict(state: Mapping[str, torch.Tensor], layer_keys: Sequence[str]) -> torch.nn.Module:
-    """A module with the state_dict's names and shapes, for weights that come without their model code.
-
-    Each key in ``layer_keys`` becomes the weight of an ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (with
-    its bias when the state_dict has one), each group with ``running_mean`` a batch norm, and every other
-    tensor a parameter or buffer of a plain container. The module can be compressed, saved and reloaded;
-    it has no forward pass.
-
-    Parameters
-    ----------
-    state : mapping of str to torch.Tensor
-        The whole state_dict (:func:`~lr2vq_analysis.weights.load_state_dict`); its values are loaded.
-    layer_keys : sequence of str
-        Weight keys to build as Linear / Conv1d / Conv2d layers (the keys of a plan).
-
-    Returns
-    -------
-    torch.nn.Module
-
-    Raises
-    ------
-    InvalidParameterError
-        If a layer key's tensor is not 2-, 3- or 4-dimensional.
-
-    Examples
-    --------
-    >>> import torch
-    >>> state = {"fc.weight": torch.zeros(4, 8), "fc.bias": torch.zeros(4), "scale": torch.ones(3)}
-    >>> skeleton_from_state_dict(state, ["fc.weight"]).fc
-    Linear(in_features=8, out_features=4, bias=True)
-    """
-    import torch
-    from torch import nn
-
-    root = nn.Module()
-
-    def container(path: str) -> nn.Module:
-        module = root
-        for part in [p for p in path.split(".") if p]:
-            if part not in module._modules:
-                module.add_module(part, nn.Module())
-            child = module._modules[part]
-            assert child is not None
-            module = child
-        return module
-
-    def place(path: str, module: nn.Module) -> None:
-        parent, _, leaf = path.rpartition(".")
-        container(parent).add_module(leaf, module)
-
-    layers = set(layer_keys)
-    owners = {key.rpartition(".")[0] for key in layers}
-    batchnorms = {key.rpartition(".")[0] for key in state if key.endswith(".running_mean")}
-    for key in layers:
-        weight = state[key]
-        owner = key.rpartition(".")[0]
-        has_bias = f"{owner}.bias" in state
-        shape = tuple(weight.shape)
-        module: nn.Module
-        if len(shape) == 2:
-            module = nn.utils.skip_init(nn.Linear, shape[1], shape[0], bias=has_bias)
-        elif len(shape) == 3:
-            module = nn.utils.skip_init(nn.Conv1d, shape[1], shape[0], shape[2], bias=has_bias)
-        elif len(shape) == 4:
-            module = nn.utils.skip_init(nn.Conv2d, shape[1], shape[0], shape[2:], bias=has_bias)
-        else:
-            raise InvalidParameterError(f"layer {key!r}: weight of shape {shape} is not a Linear/Conv1d/Conv2d weight")
-        place(owner, module)
-    for owner in batchnorms - owners:
-        channels = int(state[f"{owner}.running_mean"].shape[0])
-        place(owner, nn.BatchNorm1d(channels, affine=f"{owner}.weight" in state))
-    for key, value in state.items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in owners or owner in batchnorms:
-            continue
-        target = container(owner)
-        if value.is_floating_point():
-            target.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:
-            target.register_buffer(leaf, value.clone())
-    with torch.no_grad():
-        root.load_state_dict(dict(state), strict=True)
-    return root
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .export import load_compressed, save_compressed
-    from .nn import compress
-    from .size import size_report
-    from .weights import BUNDLED_MODELS, load_state_dict
+    _check_source(args.source)
+    from .report_folder import read_plan
 
     plan = read_plan(args.plan, args.which)
-    bundled = args.source in BUNDLED_MODELS and not os.path.exists(args.source)
     out = Path(args.out) if args.out else Path(Path(args.source).stem.replace("-", "_") + ".lr2vq")
-    if bundled:
+    if args.source == DEFAULT_MODEL and is_model_name(args.source):
         return _compress_bundled(args, plan, out)
     if args.steps:
-        raise _UsageError(
-            f"--steps needs training data, which a plain weight file ({args.source}) does not come with; "
-            f"fine-tuning from the command line is available for the bundled models {list(BUNDLED_MODELS)}"
+        raise UsageError(
+            f"--steps needs training data, which {args.source} does not come with here; "
+            f"fine-tuning from the command line is available for {DEFAULT_MODEL} only"
         )
-    state = load_state_dict(args.source)
-    missing = [name for name in plan if name not in state]
-    if missing:
-        raise InvalidParameterError(f"the plan names {missing}, which {args.source} does not contain")
-    skeleton = skeleton_from_state_dict(state, list(plan))
-    _say(
-        args, f"compressing {len(plan)} layer(s) of {args.source} (no fine-tuning: a weight file has no training data)"
-    )
-    cmodel = compress(skeleton, plan, seed=args.seed)
-    layers = cmodel.compressed_layers()
-    for layer in tqdm(layers.values(), desc="quantize", unit="layer", disable=args.quiet):
-        layer.quantize(seed=args.seed)  # what cmodel.quantize(seed) does, one progress step per layer
-    path = save_compressed(cmodel, out)
-    reloaded = load_compressed(path, skeleton_from_state_dict(state, list(plan)))
-    _check_reload(cmodel, reloaded)
-    sizes = size_report(cmodel)
-    _say(args, f"size: {_describe_size(sizes)}")
-    _say(args, f"wrote {path} ({path.stat().st_size / 2**20:.4g} MiB on disk); it reloads to the same weights")
-    _say(
-        args,
-        "reload it with lr2vq_analysis.export.load_compressed(path, model) where model is a fresh instance of "
-        "the original architecture. Fine-tune before use: without it accuracy usually drops.",
-    )
+    from .skeleton import compress_weight_file
+
+    _say(args, f"compressing {len(plan)} layer(s) of {args.source} (no fine-tuning: no training data here)")
+    result = compress_weight_file(args.source, plan, out, seed=args.seed, progress=not args.quiet)
+    fresh = f"registry.build_model({result.model!r})" if result.model else "a fresh instance of the architecture"
+    _say(args, f"size: {_describe_size(result.size)}")
+    _say(args, f"wrote {result.path} ({result.path.stat().st_size / 2**20:.4g} MiB on disk); it reloads exactly")
+    _say(args, f"reload it with lr2vq_analysis.export.load_compressed(path, {fresh}); fine-tune before use")
     return EXIT_OK
 
 
-def _check_reload(cmodel: Any, reloaded: Any) -> None:
-    import torch
+def _compress_bundled(args: argparse.Namespace, plan: dict, out: Path) -> int:
+    from .pipeline import SUMMARY_FILE, compress_digits_demo
 
-    for name, layer in cmodel.compressed_layers().items():
-        again = reloaded.compressed_layers()[name]
-        if not torch.equal(layer.weight.detach(), again.weight.detach()):
-            raise LR2VQError(f"layer {name!r}: the reloaded weight differs from the compressed one")
-
-
-def _move_model_file(result: Any, out: Path) -> None:
-    """Put the demo's model file at ``out`` and keep its summary.json pointing at it."""
-    from .pipeline import SUMMARY_FILE
-
-    model = Path(result.files["model"])
-    if model.resolve() != out.resolve():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(model), str(out))
-        result.files["model"] = out
-        write_atomic(model.parent / SUMMARY_FILE, json.dumps(result.to_dict(), indent=2).encode())
-
-
-def _compress_bundled(args: argparse.Namespace, plan: Mapping[str, LayerPlan], out: Path) -> int:
-    from .pipeline import compress_digits_demo
-
-    if args.source != DEFAULT_MODEL:
-        raise _UsageError(f"fine-tuning from the command line is available for {DEFAULT_MODEL!r} only")
     _say(args, f"compressing {args.source} with {len(plan)} planned layer(s), fine-tuning on its data set")
     result = compress_digits_demo(
-        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, progress=not args.quiet
+        plan=plan, steps=args.steps, seed=args.seed, out_dir=out.parent, model_path=out, progress=not args.quiet
     )
-    _move_model_file(result, out)
     _say(args, f"\naccuracy {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after (test split)")
     _say(args, f"size: {_describe_size(result.size)}")
-    _say(args, f"wrote {out}; details in {out.parent / 'summary.json'}")
+    _say(args, f"wrote {out}; details in {out.parent / SUMMARY_FILE}")
     return EXIT_OK
-
-
-# --------------------------------------------------------------------------------------------------
-# demo
-# --------------------------------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -752,6 +504,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .pipeline import compress_digits_demo
     from .plots import plot_size_breakdown, save_figure, save_report_figures
+    from .report_folder import FIGURE_DIR
 
     out = Path(args.out)
     result = compress_digits_demo(
@@ -788,9 +541,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+def _use_headless_backend() -> None:
+    """Draw with Agg unless pyplot is already in use (e.g. main() called from a notebook)."""
+    if "matplotlib.pyplot" not in sys.modules and "MPLBACKEND" not in os.environ:
+        os.environ["MPLBACKEND"] = "Agg"  # read when matplotlib is first imported (by a handler, if at all)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -804,33 +558,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        0 on success, 2 for a usage error, 1 when the work failed; errors are one line on stderr.
+        0 on success, 2 for a usage error, 1 when the work failed, 130 when interrupted; errors are one
+        line on stderr.
 
     Examples
     --------
     >>> main(["plot", "/nonexistent/report.json"])
     1
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = ""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help / --version (0) or a usage error (2)
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    args.argv = argv
-    _use_headless_backend()
-    prefix = f"{PROG} {args.command}: error:"
-    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse: --help / --version (0) or a usage error (2)
+            return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+        args.argv, command = argv, args.command
+        _use_headless_backend()
         return int(args.handler(args))
-    except (_UsageError, InvalidParameterError) as exc:
-        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (LR2VQError, OSError) as exc:
-        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"{prefix} interrupted", file=sys.stderr)
-        return 130
+        print(f"{PROG}{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("LR2VQ_DEBUG") and not isinstance(exc, (LR2VQError, OSError)):
+            raise
+        print(_error_line(exc, command), file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import InvalidParameterError, InvalidWeightsError, check_k, check_m, check_seed
-from .kmeans import assign, kmeans
+from .kmeans import QUANTIZE_KMEANS, assign, kmeans
 from .plan import LayerPlan
 from .spectrum import compute_spectrum
 from .subvectors import n_subvectors, row_length, to_subvectors
@@ -194,9 +194,11 @@ class _LR2VQLayer(nn.Module):
 
     def _cluster(self, seed: int, kmeans_options: Mapping[str, Any]) -> Tensor:
         z = self.Z.detach()  # type: ignore[union-attr]
-        return kmeans(z, self.plan.k, seed=check_seed(seed), name=self.layer_name, **kmeans_options).centroids.to(
-            z.dtype
-        )
+        options = dict(kmeans_options)
+        config = options.pop("config", QUANTIZE_KMEANS)  # capped iterations: see docs/kmeans.md
+        return kmeans(
+            z, self.plan.k, seed=check_seed(seed), name=self.layer_name, config=config, **options
+        ).centroids.to(z.dtype)
 
     @torch.no_grad()
     def quantize(self, seed: int = 0, **kmeans_options: Any) -> _LR2VQLayer:
@@ -212,7 +214,8 @@ class _LR2VQLayer(nn.Module):
         seed : int, default 0
             Seed of the k-means initialisation.
         **kmeans_options
-            Passed to :func:`~lr2vq_analysis.kmeans.kmeans` (``max_iter``, ``tol``, ``max_points_per_centroid``).
+            Passed to :func:`~lr2vq_analysis.kmeans.kmeans` (``config``, default
+            :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`; or ``max_iter``, ``tol``, ``max_points_per_centroid``).
 
         Returns
         -------

@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,20 +34,21 @@ from ._io import write_atomic
 from ._validation import InvalidParameterError, LR2VQError, check_count, check_d_tilde, check_k, check_m, check_seed
 from .datasets import accuracy, digits_loaders
 from .export import load_compressed, save_compressed
-from .finetune import FinetuneResult, finetune, recalibrate_batchnorm
+from .finetune import DistillationConfig, FinetuneResult, TrainingConfig
 from .models.digits import DigitsCNN, load_bundled_model
-from .nn import CompressedModel, compress
+from .nn import CompressedModel
 from .plan import LayerPlan, effective_k
+from .recipe import Budget, run_recipe
 from .size import SizeReport, size_report
 from .weights import load_weights
 
 __all__ = ["DemoResult", "compress_digits_demo", "DEMO_DEFAULTS", "QUICK_DEFAULTS"]
 
-#: Fine-tuning settings of the full demo: steps per stage (600 in all, as in the measurements of
-#: docs/evidence.md), batch size, and the distillation of the codebook stage.
-DEMO_DEFAULTS: dict[str, Any] = {"steps": 300, "batch_size": 64, "distill_weight": 0.5, "temperature": 2.0}
+#: Fine-tuning settings of the full demo: optimizer steps in all (half of them in the low-rank stage, as in
+#: the measurements of docs/evidence.md), batch size, and the distillation of the codebook stage.
+DEMO_DEFAULTS: dict[str, Any] = {"steps": 600, "batch_size": 64, "distill_weight": 0.5, "temperature": 2.0}
 #: The same with few steps, for tests and CI.
-QUICK_DEFAULTS: dict[str, Any] = {**DEMO_DEFAULTS, "steps": 40}
+QUICK_DEFAULTS: dict[str, Any] = {**DEMO_DEFAULTS, "steps": 80}
 #: File names written into ``out_dir``.
 MODEL_FILE, REPORT_FILE, SIZE_FILE, SUMMARY_FILE = "digits-cnn.lr2vq", "report.json", "size.csv", "summary.json"
 #: Largest |reloaded − in-memory| logit difference accepted (batch norms are folded in the file).
@@ -166,6 +167,7 @@ def compress_digits_demo(
     batch_size: int | None = None,
     seed: int = 0,
     out_dir: str | os.PathLike[str] | None = None,
+    model_path: str | os.PathLike[str] | None = None,
     quick: bool = False,
     device: torch.device | str | None = None,
     num_threads: int | None = 1,
@@ -173,8 +175,9 @@ def compress_digits_demo(
 ) -> DemoResult:
     """Compress the bundled digits CNN end to end and measure what each stage does.
 
-    See the module docstring for the stages. With the defaults (k = 16, m = 9, d̃ predicted, 300 steps
-    per stage) it takes a minute or two on 2 CPU cores; ``quick=True`` (40 steps per stage) well under 30 s.
+    See the module docstring for the stages; the training is :func:`~lr2vq_analysis.recipe.run_recipe`.
+    With the defaults (k = 16, m = 9, d̃ predicted, 600 steps: 300 + 300) it takes a minute or two on 2 CPU
+    cores; ``quick=True`` (80 steps) well under 30 s.
 
     Parameters
     ----------
@@ -187,13 +190,17 @@ def compress_digits_demo(
     plan : mapping of str to LayerPlan, optional
         Use this plan instead of analysing (``k``, ``m`` and ``d_tilde`` are then ignored / must be unset).
     steps : int, optional
-        Optimizer steps of each fine-tuning stage (0 skips fine-tuning). Default 300, or 40 with ``quick``.
+        Optimizer steps in all, half of them in the low-rank stage (:class:`~lr2vq_analysis.recipe.Budget`;
+        0 skips fine-tuning). Default 600, or 80 with ``quick``.
     batch_size : int, optional
         Training batch size (default 64).
     seed : int, default 0
         Seeds the data split and order, the analysis, k-means and fine-tuning.
     out_dir : path, optional
         Folder for the files (created). Default: a new temporary folder.
+    model_path : path, optional
+        Where to write the compressed model (default: ``out_dir / "digits-cnn.lr2vq"``); ``summary.json``
+        records it.
     quick : bool, default False
         Few steps, for tests and CI.
     device : torch.device or str, optional
@@ -232,7 +239,7 @@ def compress_digits_demo(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _run_demo(k, m, d_tilde, plan, steps, batch_size, seed, out_dir, quick, device, progress)
+        return _run_demo(k, m, d_tilde, plan, steps, batch_size, seed, out_dir, model_path, quick, device, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -246,6 +253,7 @@ def _run_demo(
     batch_size: int | None,
     seed: int,
     out_dir: str | os.PathLike[str] | None,
+    model_path: str | os.PathLike[str] | None,
     quick: bool,
     device: torch.device | str | None,
     progress: bool,
@@ -300,50 +308,57 @@ def _run_demo(
         say("predicted d_tilde: " + ", ".join(f"{layer.name}={layer.d_tilde}" for layer in report.layers))
     plan = dict(plan)
 
-    cmodel = compress(original, plan, seed=seed)
-    scores["compressed"] = accuracy(cmodel, test)
-    lap("compress")
+    def test_accuracy(name: str) -> Callable[[torch.nn.Module], None]:
+        def measure(model: torch.nn.Module) -> None:
+            scores[name] = accuracy(model, test)
+
+        return measure
 
     def validation(model: torch.nn.Module) -> dict[str, float]:
         return {"val_accuracy": accuracy(model, val)}
 
-    common: dict[str, Any] = {"steps": settings["steps"], "seed": seed, "device": device, "progress": progress}
-    history: dict[str, FinetuneResult] = {}
-    if settings["steps"]:
-        history["lowrank"] = finetune(cmodel, loaders["train"], stage="lowrank", eval_fn=validation, **common)
-    scores["lowrank"] = accuracy(cmodel, test)
-    lap("lowrank stage")
-    say(f"after the low-rank stage: test accuracy {scores['lowrank']:.2%}")
+    def report_stage(stage: str, text: Callable[[], str]) -> Callable[[torch.nn.Module], None]:
+        def measure(model: torch.nn.Module) -> None:
+            test_accuracy(stage)(model)
+            lap(stage)
+            say(text())
 
-    cmodel.quantize(seed=seed)
-    scores["quantized"] = accuracy(cmodel, test)
-    recalibrate_batchnorm(cmodel, loaders["train"])
-    scores["recalibrated"] = accuracy(cmodel, test)
-    lap("quantize")
-    say(
-        f"quantized: test accuracy {scores['quantized']:.2%}, "
-        f"{scores['recalibrated']:.2%} after re-estimating batch norm"
+        return measure
+
+    recipe = run_recipe(
+        original,
+        plan,
+        loaders["train"],
+        budget=Budget(settings["steps"]),
+        teacher=original,
+        distillation=DistillationConfig("kl", settings["distill_weight"], settings["temperature"]),
+        training=TrainingConfig(num_threads=None),  # compress_digits_demo sets the threads
+        eval_fn=validation,
+        callbacks={
+            "compressed": report_stage("compressed", lambda: f"compressed: test accuracy {scores['compressed']:.2%}"),
+            "lowrank": report_stage(
+                "lowrank", lambda: f"after the low-rank stage: test accuracy {scores['lowrank']:.2%}"
+            ),
+            "quantized": test_accuracy("quantized"),
+            "recalibrated": report_stage(
+                "recalibrated",
+                lambda: (
+                    f"quantized: test accuracy {scores['quantized']:.2%}, "
+                    f"{scores['recalibrated']:.2%} after re-estimating batch norm"
+                ),
+            ),
+            "rounded": report_stage(
+                "finetuned", lambda: f"after the codebook stage: test accuracy {scores['finetuned']:.2%}"
+            ),
+        },
+        seed=seed,
+        device=device,
+        progress=progress,
     )
+    history = recipe.history
+    cmodel = recipe.model.cpu().eval()
 
-    if settings["steps"]:
-        history["codebook"] = finetune(
-            cmodel,
-            loaders["train"],
-            stage="codebook",
-            teacher=original,
-            distill="kl",
-            distill_weight=settings["distill_weight"],
-            temperature=settings["temperature"],
-            eval_fn=validation,
-            **common,
-        )
-    cmodel.round_fp16_()  # the file stores fp16; round in memory too so both give the same outputs
-    cmodel.cpu().eval()
-    scores["finetuned"] = accuracy(cmodel, test)
-    lap("codebook stage")
-    say(f"after the codebook stage: test accuracy {scores['finetuned']:.2%}")
-
-    files["model"] = save_compressed(cmodel, out / MODEL_FILE)
+    files["model"] = save_compressed(cmodel, Path(model_path) if model_path is not None else out / MODEL_FILE)
     reloaded = load_compressed(files["model"], DigitsCNN()).eval()
     difference = _max_output_difference(cmodel, reloaded, test)
     if not difference <= RELOAD_TOLERANCE:

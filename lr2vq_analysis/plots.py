@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import math
 import os
@@ -172,8 +173,14 @@ def _ellipsize(text: str, limit: int) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
+def _printable(text: str) -> str:
+    """Text a font can draw: lone surrogates (undecodable file-system names) become ``\\udcxx`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _short_name(name: str) -> str:
     """Layer label for axes: the state-dict key without its trailing ``.weight``."""
+    name = _printable(name)
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
@@ -285,7 +292,7 @@ class _LayerCurves:
                 f"layer {name!r}: measured curve has shape {measured_arr.shape}; expected ({m},), one value per d̃"
             )
         return cls(
-            name=str(name),
+            name=_printable(str(name)),
             k=int(model.k),
             m=m,
             rho=float(model.rho),
@@ -734,10 +741,16 @@ def plot_size_breakdown(size_report: Any, *, ax: Axes | None = None, min_share: 
 # --------------------------------------------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Longest slug kept in a figure's file name (the hash keeps longer names apart).
+_MAX_SLUG = 80
 
 
 def figure_file_stem(layer_name: str) -> str:
-    """File-name stem of a layer's trade-off figure: ``tradeoff_<name>``, unsafe characters replaced by ``_``.
+    """File-name stem of a layer's trade-off figure: ``tradeoff_<slug>_<hash>``, unique per layer name.
+
+    The slug keeps the name's safe characters (others become ``_``), cut to 80; the hash (8 hex digits
+    of SHA-256 of the full name) keeps names apart that share a slug (``a/b``, ``a_b``, ``a b``), names
+    that differ only in case or beyond the cut, and names that cannot be encoded (lone surrogates).
 
     Parameters
     ----------
@@ -751,9 +764,12 @@ def figure_file_stem(layer_name: str) -> str:
     Examples
     --------
     >>> figure_file_stem("layer1.0.conv1.weight")
-    'tradeoff_layer1.0.conv1.weight'
+    'tradeoff_layer1.0.conv1.weight_fc1ed365'
+    >>> len({figure_file_stem(name) for name in ("a/b", "a_b", "a b")})
+    3
     """
-    return "tradeoff_" + _UNSAFE.sub("_", layer_name)
+    digest = hashlib.sha256(layer_name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"tradeoff_{_UNSAFE.sub('_', layer_name)[:_MAX_SLUG]}_{digest}"
 
 
 def save_report_figures(

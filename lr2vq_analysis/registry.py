@@ -138,6 +138,11 @@ def model_names(*, bundled_only: bool = False) -> tuple[str, ...]:
 def get_entry(name: str) -> ModelEntry:
     """The registry entry of ``name``.
 
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
+
     Raises
     ------
     InvalidParameterError
@@ -149,7 +154,13 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def is_model_name(source: Any) -> bool:
-    """Whether ``source`` is a registered name and not an existing path (a file of that name wins)."""
+    """Whether ``source`` is a registered name and not an existing path (a file of that name wins).
+
+    Parameters
+    ----------
+    source : object
+        What the user passed: a name, a path, a module, ...
+    """
     return isinstance(source, str) and source in MODELS and not os.path.exists(source)
 
 
@@ -160,6 +171,11 @@ def _resolve(target: str) -> Callable[..., Any]:
 
 def weights_path(name: str) -> Path:
     """Path of a named model's weight file (whether it exists is not checked for bundled files).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
 
     Raises
     ------
@@ -185,6 +201,11 @@ def weights_path(name: str) -> Path:
 def build_model(name: str) -> nn.Module:
     """A fresh, untrained instance of a named model's architecture (e.g. to reload a compressed file).
 
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
+
     Raises
     ------
     InvalidParameterError
@@ -198,6 +219,11 @@ def build_model(name: str) -> nn.Module:
 
 def load_model(name: str) -> nn.Module:
     """The pretrained model ``name``, in eval mode, on the CPU.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
 
     Raises
     ------
@@ -232,6 +258,13 @@ def load_model(name: str) -> nn.Module:
 
 def load_dataset(name: str, seed: int = 0) -> dict[str, Any]:
     """The train / validation / test datasets of a named model (its data-set loader called with ``seed``).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
+    seed : int, default 0
+        Passed to the data-set loader.
 
     Raises
     ------

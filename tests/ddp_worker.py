@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 STEPS = 12
 BATCH_PER_RANK = 8
@@ -40,7 +40,7 @@ def make_model(*, batchnorm: bool, compressed: bool = False) -> nn.Module:
 
 
 def main(out: Path) -> None:
-    from lr2vq_analysis.finetune import finetune
+    from lr2vq_analysis.finetune import CheckpointConfig, finetune
 
     rank = int(os.environ["RANK"])
     for name, batchnorm, stage in (
@@ -49,12 +49,14 @@ def main(out: Path) -> None:
         ("codebook", True, "codebook"),
     ):
         model = make_model(batchnorm=batchnorm, compressed=stage == "codebook")
-        loader = DataLoader(make_data(), batch_size=BATCH_PER_RANK, shuffle=True)
-        checkpoint = out / f"{name}.ckpt" if name == "batchnorm" else None
+        data = make_data()
+        world = int(os.environ["WORLD_SIZE"])
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3)
+        loader = DataLoader(data, batch_size=BATCH_PER_RANK, sampler=sampler)
+        checkpoint = CheckpointConfig(out / f"{name}.ckpt", every=4) if name == "batchnorm" else None
         result = finetune(
-            model, loader, stage=stage, steps=STEPS, lr=1e-2, seed=3, progress=False, checkpoint_path=checkpoint,
-            checkpoint_every=4,
-        )  # fmt: skip
+            model, loader, stage=stage, steps=STEPS, lr=1e-2, seed=3, progress=False, checkpoint=checkpoint
+        )
         torch.save(model.state_dict(), out / f"{name}_rank{rank}.pt")
         (out / f"{name}_rank{rank}.json").write_text(json.dumps(result.losses))
 

@@ -11,6 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_kmeans
+import bench_threads
 import calibrate_rho
 import sweep_frontier
 
@@ -89,6 +91,41 @@ def test_calibrate_rho_counts_plateau_and_hits_by_hand(tmp_path):
 def test_calibrate_rho_without_summaries_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="sweep_frontier"):
         calibrate_rho.main(["--results", str(tmp_path)])
+
+
+def test_quick_kmeans_benchmark_runs_every_engine_to_comparable_distortion(tmp_path):
+    table = bench_kmeans.main(["--quick", "--out", str(tmp_path / "kmeans.csv")])
+    assert (tmp_path / "kmeans.csv").is_file()
+    engines = {"ours", "sklearn"} | ({"faiss"} if bench_kmeans.faiss is not None else set())
+    assert set(table["engine"]) == engines
+    # Same data, k-means++ start and 25 iterations: distortions agree within seed-to-seed noise (d >= 4).
+    for _, case in table[table["d"] >= 4].groupby("case"):
+        by_engine = case.groupby("engine")["inertia"].mean()
+        assert (by_engine / by_engine["sklearn"]).between(0.95, 1.05).all()
+
+
+def test_quick_threads_benchmark_measures_every_path_at_both_settings():
+    rows = bench_threads.main(["--quick", "--threads", "2"])
+    assert [row["path"] for row in rows] == list(bench_threads.paths(quick=True))
+    assert all(row["user_s"] > 0 and row["one_s"] > 0 for row in rows)
+
+
+def test_finetune_thread_table_runs_and_restores_the_setting():
+    import bench_finetune_step
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one user thread: every setting runs one thread, so this is quick (correctness only, no timing)
+        table = bench_finetune_step.thread_cliff(1, steps=2, rounds=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert set(table["setting"]) == set(bench_finetune_step.THREAD_SETTINGS)
+    assert set(table["path"]) == {"finetune, 2 low-rank steps", "recalibrate_batchnorm"}
+    assert (table["seconds"] > 0).all() and (
+        table.loc[table["setting"] == "1 thread", "ratio_vs_1_thread"] == 1.0
+    ).all()
 
 
 @pytest.mark.usefixtures("one_thread")

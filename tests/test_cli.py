@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from lr2vq_analysis.cli import build_parser, main, read_plan, skeleton_from_state_dict
+from lr2vq_analysis.cli import build_parser, main
 from lr2vq_analysis.export import load_compressed
 from lr2vq_analysis.models.digits import DigitsCNN
 from lr2vq_analysis.plan import LayerPlan
 from lr2vq_analysis.plots import figure_file_stem
 from lr2vq_analysis.report import Report
+from lr2vq_analysis.report_folder import read_plan
+from lr2vq_analysis.skeleton import skeleton_from_state_dict
 from lr2vq_analysis.weights import load_state_dict
 
 LAYERS = ["features.3.weight", "features.6.weight", "classifier.weight"]
@@ -126,25 +129,52 @@ def test_analyze_bundled_default_model(tmp_path, capsys):
 
 
 def test_plot_redraws_from_a_saved_report_with_another_rho(analyzed, tmp_path, capsys):
-    code, out, err = run(
-        capsys, "plot", str(analyzed / "report.json"), "--out", str(tmp_path), "--rho", "0.3", "--formats", "png"
+    out = tmp_path / "rho"
+    code, stdout, err = run(
+        capsys, "plot", str(analyzed / "report.json"), "--out", str(out), "--rho", "0.3", "--formats", "png"
     )
     assert code == 0, err
-    assert (tmp_path / "overview.png").is_file() and not (tmp_path / "overview.svg").exists()
+    figures = out / "figures"
+    assert (figures / "overview.png").is_file() and not (figures / "overview.svg").exists()
     expected = Report.load(analyzed / "report.json").with_rho(0.3).global_d_tilde
-    assert f"global d̃ = {expected} (ρ = 0.3)" in out
+    assert f"global d̃ = {expected} (ρ = 0.3)" in stdout
+    # the new folder is one consistent report: its json, its markdown and its figures all say ρ = 0.3
+    assert Report.load(out / "report.json").rho == pytest.approx(0.3)
+    assert (
+        "ρ = 0.3;" in (out / "report.md").read_text()
+        and f"**Global d̃ = {expected}**" in (out / "report.md").read_text()
+    )
+
+
+def test_plot_with_rho_never_rewrites_the_original_report(analyzed, capsys):
+    before = {path: path.read_bytes() for path in analyzed.rglob("*") if path.is_file()}
+    code, _, err = run(capsys, "plot", str(analyzed / "report.json"), "--rho", "0.25", "--formats", "png", "-q")
+    assert code == 0, err
+    sibling = analyzed.with_name(f"{analyzed.name}-rho0.25")
+    try:
+        assert Report.load(sibling / "report.json").rho == pytest.approx(0.25)
+        assert {path: path.read_bytes() for path in analyzed.rglob("*") if path.is_file()} == before
+    finally:
+        shutil.rmtree(sibling)
 
 
 @pytest.mark.parametrize(
     ("argv", "status", "message"),
     [
         (["analyze", "/nonexistent/model.safetensors"], 1, "no such file"),
-        (["analyze", "{weights}", "--m", "7"], 1, "m=7"),  # no layer has a row length divisible by 7
-        (["analyze", "{weights}", "--k", "1"], 2, "k=1"),
+        (["analyze", "{weights}", "--m", "7"], 1, "--m 7"),  # no layer has a row length divisible by 7
+        (["analyze", "{weights}", "--k", "1"], 2, "--k 1"),
+        (["analyze", "{weights}", "--seed", str(2**70)], 2, "--seed 1180591620717411303424 is invalid"),
+        (["analyze", "{weights}", "--jobs", str(10**6)], 2, "--jobs 1000000 is invalid"),
+        (["analyze", "{weights}", "--out", "{weights}"], 1, "is a file"),
+        (["compress", "{weights}", "--plan", "{badplan}"], 2, "plan entry"),
+        (["compress", "{weights}", "--plan", "{nullplan}"], 2, "plan entry"),
+        (["compress", "{weights}", "--plan", "{listplan}"], 1, "a JSON object"),
+        (["plot", "{weights}"], 1, "report"),
         (["analyze", "{weights}", "--m", "0"], 2, "positive integer"),
         (["analyze", "{weights}", "--rho", "1.5"], 2, "outside (0, 1]"),
         (["analyze", "{corrupt}"], 1, "corrupt"),
-        (["analyze", "not-a-bundled-model"], 1, "bundled model"),
+        (["analyze", "not-a-bundled-model"], 1, "model name"),
         (["plot", "/nonexistent/report.json"], 1, "does not exist"),
         (["compress", "{weights}", "--plan", "{weights}"], 1, "not valid JSON"),
         (["compress", "{weights}", "--plan", "{plan}", "--steps", "5"], 2, "training data"),
@@ -157,12 +187,19 @@ def test_bad_input_gives_one_line_error_and_exit_status(argv, status, message, w
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"features.6.weight": {"k": 16, "m": 9, "d_tilde": 3}}))
-    argv = [a.format(weights=weight_file, corrupt=corrupt, plan=plan) for a in argv]
-    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "out")) if argv[0] == "analyze" else run(capsys, *argv)
+    plans = {"badplan": {"features.6.weight": {"k": "abc", "m": 9}}, "nullplan": {"features.6.weight": None}}
+    for name, content in [*plans.items(), ("listplan", [1, 2])]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    files = {name: tmp_path / f"{name}.json" for name in ("badplan", "nullplan", "listplan")}
+    argv = [a.format(weights=weight_file, corrupt=corrupt, plan=plan, **files) for a in argv]
+    if argv[0] == "analyze" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code, _, err = run(capsys, *argv)
     assert code == status, err
     assert message in err
     assert "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith("lr2vq"), err
+    assert len(err) <= 201 and ("; " in err or "(see '" in err), err  # ends with what to do
 
 
 @pytest.mark.parametrize("command", [[], ["analyze"], ["plot"], ["compress"], ["demo"]])
@@ -253,6 +290,7 @@ def test_entry_point_runs_as_a_module(weight_file, tmp_path):
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("lr2vq analyze: error:")
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     code, out, err = run(capsys, "demo", "--quick", "--steps", "1", "--out", str(tmp_path))
     assert code == 0, err
@@ -270,6 +308,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert summary["accuracy"]["reloaded"] == summary["accuracy"]["finetuned"]
 
 
+@pytest.mark.slow
 def test_compress_the_bundled_model_with_fine_tuning(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"conv3.weight": {"k": 16, "m": 9, "d_tilde": 4}}))
@@ -283,3 +322,26 @@ def test_compress_the_bundled_model_with_fine_tuning(tmp_path, capsys):
     assert list(cmodel.compressed_layers()) == ["conv3.weight"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["files"]["model"] == str(out)  # the summary follows the file to --out
+
+
+def test_mnist1d_cnn_is_analysed_and_compressed_by_name(tmp_path, capsys):
+    from lr2vq_analysis.registry import build_model, load_model
+
+    out = tmp_path / "report"
+    code, _, err = run(
+        capsys, "analyze", "mnist1d-cnn", "--k", "16", "--m", "3", "--out", str(out), "-q", "--no-layer-figures"
+    )
+    assert code == 0, err
+    report = Report.load(out / "report.json")
+    assert [layer.name for layer in report.layers] == ["conv2.weight", "conv3.weight", "conv4.weight"]
+    assert report.source == "mnist1d-cnn"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"conv3.weight": {"k": 16, "m": 3, "d_tilde": 2}}))
+    model_file = tmp_path / "mnist1d.lr2vq"
+    code, _, err = run(capsys, "compress", "mnist1d-cnn", "--plan", str(plan), "--out", str(model_file), "-q")
+    assert code == 0, err
+    cmodel = load_compressed(model_file, build_model("mnist1d-cnn"))  # the real architecture, not a skeleton
+    assert list(cmodel.compressed_layers()) == ["conv3.weight"]
+    pretrained = load_model("mnist1d-cnn")
+    torch.testing.assert_close(cmodel.module.conv2.weight, pretrained.conv2.weight)  # untouched layer
+    assert torch.unique(cmodel.compressed_layers()["conv3.weight"].weight.detach().reshape(-1, 3), dim=0).shape[0] <= 16

@@ -12,7 +12,7 @@ from pathlib import Path
 import ddp_worker
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import lr2vq_analysis
 from lr2vq_analysis.finetune import finetune
@@ -60,10 +60,13 @@ def test_ranks_end_with_identical_weights(ddp_run, name):
 
 
 def test_two_ranks_equal_one_process_with_the_combined_batch(ddp_run):
-    # Rank r takes samples r, r+2, ... of each epoch's permutation, so the two rank batches of a step
-    # together are the single process's batch of twice the size; DDP averages the two gradients.
+    # With a DistributedSampler, rank r takes samples r, r+2, ... of each epoch's permutation, so the two rank
+    # batches of a step together are the single process's batch of twice the size (the same permutation: a
+    # one-replica DistributedSampler with the same seed); DDP averages the two gradients.
     model = ddp_worker.make_model(batchnorm=False)
-    loader = DataLoader(ddp_worker.make_data(), batch_size=2 * ddp_worker.BATCH_PER_RANK, shuffle=True)
+    data = ddp_worker.make_data()
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
+    loader = DataLoader(data, batch_size=2 * ddp_worker.BATCH_PER_RANK, sampler=sampler)
     result = finetune(model, loader, steps=ddp_worker.STEPS, lr=1e-2, seed=3, progress=False)
     distributed = torch.load(ddp_run / "plain_rank0.pt", weights_only=True)
     for key, value in model.state_dict().items():

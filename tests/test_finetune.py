@@ -4,7 +4,9 @@ distillation formula, per-batch statistics for batch norm, and an uninterrupted 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,9 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lr2vq_analysis._validation import InvalidParameterError
+from lr2vq_analysis.exceptions import CheckpointError, NonFiniteError, ResumeMismatchError
 from lr2vq_analysis.finetune import (
+    CheckpointConfig,
+    DistillationConfig,
     StageError,
-    _ShardedSampler,
+    TrainingConfig,
     check_stage,
     distillation_loss,
     finetune,
@@ -60,7 +65,9 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 def test_matches_hand_written_adam_cosine_loop():
     data = _data()
     model, reference = _mlp(), _mlp()
-    finetune(model, DataLoader(data, batch_size=16), steps=15, lr=3e-3, lr_min=1e-5, progress=False)
+    finetune(
+        model, DataLoader(data, batch_size=16), training=TrainingConfig(steps=15, lr=3e-3, lr_min=1e-5), progress=False
+    )
 
     # Reference: PQF's recipe written out by hand, batches in dataset order, cycling over epochs.
     optimizer = torch.optim.Adam(reference.parameters(), lr=3e-3)
@@ -77,10 +84,15 @@ def test_matches_hand_written_adam_cosine_loop():
 
 
 def test_learning_rate_follows_cosine_to_lr_min():
-    result = finetune(_mlp(), DataLoader(_data(), batch_size=32), steps=10, lr=1e-3, lr_min=1e-6, progress=False)
+    result = finetune(_mlp(), DataLoader(_data(), batch_size=32), training=TrainingConfig(steps=10), progress=False)
     expected = [1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(10)]
     np.testing.assert_allclose(result.lrs, expected, rtol=1e-9)
-    constant = finetune(_mlp(), DataLoader(_data(), batch_size=32), steps=5, scheduler="constant", progress=False)
+    constant = finetune(
+        _mlp(),
+        DataLoader(_data(), batch_size=32),
+        training=TrainingConfig(steps=5, scheduler="constant"),
+        progress=False,
+    )
     assert constant.lrs == [1e-3] * 5
 
 
@@ -88,7 +100,7 @@ def test_learns_a_separable_task_and_reports_history():
     data = _data(n=192)
     model = _mlp()
     loader = DataLoader(data, batch_size=32, shuffle=True)
-    result = finetune(model, loader, epochs=25, lr=3e-2, progress=False)
+    result = finetune(model, loader, training=TrainingConfig(epochs=25, lr=3e-2), progress=False)
     assert result.steps == 25 * 6 and len(result.losses) == 150
     assert np.mean(result.losses[-6:]) < 0.5 * np.mean(result.losses[:6])
     with torch.no_grad():
@@ -108,8 +120,8 @@ def test_custom_optimizer_and_scheduler_factories_are_used():
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
 
     result = finetune(
-        _mlp(), DataLoader(_data(), batch_size=32), epochs=2, optimizer=make_optimizer, scheduler=make_scheduler,
-        progress=False,
+        _mlp(), DataLoader(_data(), batch_size=32),
+        training=TrainingConfig(epochs=2, optimizer=make_optimizer, scheduler=make_scheduler), progress=False,
     )  # fmt: skip
     assert calls == {"optimizer": 4, "total": 6}
     assert result.lrs == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
@@ -129,8 +141,9 @@ def test_grad_clip_bounds_the_first_update():
     model = _mlp()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     finetune(
-        model, DataLoader(_data(), batch_size=96), steps=1, grad_clip=0.01, scheduler="constant",
-        optimizer=lambda params: torch.optim.SGD(params, lr=1.0), progress=False,
+        model, DataLoader(_data(), batch_size=96), progress=False,
+        training=TrainingConfig(steps=1, grad_clip=0.01, scheduler="constant",
+                                optimizer=lambda params: torch.optim.SGD(params, lr=1.0)),
     )  # fmt: skip
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-4)
@@ -215,7 +228,7 @@ def test_distillation_pulls_the_student_to_the_teacher(kind):
     # Batches without targets: pure distillation needs none.
     result = finetune(
         student, DataLoader(TensorDataset(x), batch_size=32, shuffle=True), steps=150, teacher=teacher,
-        distill=kind, lr=1e-2, progress=False,
+        distillation=kind, lr=1e-2, progress=False,
     )  # fmt: skip
     with torch.no_grad():
         gap_after = (student(x) - teacher(x)).pow(2).mean().item()
@@ -241,8 +254,8 @@ def test_distill_weight_mixes_task_and_distillation_losses():
         task = nn.functional.cross_entropy(model(x), y).item()
         kl = distillation_loss(model(x), teacher(x), "kl", 2.0).item()
     result = finetune(
-        model, DataLoader(data, batch_size=96), steps=1, teacher=teacher, distill_weight=0.3, temperature=2.0,
-        progress=False,
+        model, DataLoader(data, batch_size=96), steps=1, teacher=teacher,
+        distillation=DistillationConfig(weight=0.3, temperature=2.0), progress=False,
     )  # fmt: skip
     assert result.losses[0] == pytest.approx(0.3 * kl + 0.7 * task, rel=1e-5)
 
@@ -263,19 +276,6 @@ def test_eval_fn_runs_in_eval_mode_at_the_period_and_at_the_end():
     assert sorted(result.evals) == [3, 6, 7]
     assert [metrics["calls"] for metrics in result.evals.values()] == [1.0, 2.0, 3.0]
     assert seen == [(False, False)] * 3 and model.training
-
-
-def test_sampler_orders_are_seeded_and_shards_partition_each_epoch():
-    one = _ShardedSampler(10, shuffle=True, seed=3, rank=0, world_size=1)
-    again = _ShardedSampler(10, shuffle=True, seed=3, rank=0, world_size=1)
-    assert list(one) == list(again) and sorted(one) == list(range(10))
-    one.epoch = 1
-    assert list(one) != list(again) and sorted(one) == list(range(10))
-    shards = [list(_ShardedSampler(10, shuffle=True, seed=3, rank=r, world_size=2)) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 5 and sorted(shards[0] + shards[1]) == list(range(10))
-    # Uneven sizes are padded like DistributedSampler: every rank gets ceil(n / world) samples.
-    shards = [list(_ShardedSampler(7, shuffle=False, seed=0, rank=r, world_size=2)) for r in range(2)]
-    assert shards == [[0, 2, 4, 6], [1, 3, 5, 0]]
 
 
 class _LoggingDataset(torch.utils.data.Dataset):
@@ -299,23 +299,67 @@ def test_custom_sampler_is_respected_and_standard_ones_are_seeded():
         dataset.seen = []
         generator = torch.Generator().manual_seed(loader_seed)
         loader = DataLoader(dataset, batch_size=96, shuffle=True, generator=generator)
+        state = generator.get_state()
         finetune(_mlp(), loader, steps=2, seed=4, progress=False)
         orders.append(list(dataset.seen))
+        assert torch.equal(generator.get_state(), state) and loader.generator is generator  # the caller's, untouched
     assert orders[0] == orders[1] and sorted(orders[0][:96]) == list(range(96)) and orders[0][:96] != orders[0][96:]
+
+
+class _CountingLoader(DataLoader):
+    """A DataLoader subclass: rebuilding it from its attributes would lose the subclass and its options."""
+
+    iterations = 0
+
+    def __iter__(self):
+        type(self).iterations += 1
+        return super().__iter__()
+
+
+def test_the_callers_loader_is_iterated_as_given():
+    loader = _CountingLoader(_data(), batch_size=32, shuffle=True, num_workers=0, pin_memory=False)
+    _CountingLoader.iterations = 0
+    finetune(_mlp(), loader, steps=7, progress=False)  # 3 batches per epoch: epochs 0, 1, 2
+    assert _CountingLoader.iterations == 3
+
+
+def test_distributed_sampler_gets_every_epoch():
+    class Recording(torch.utils.data.DistributedSampler):
+        def set_epoch(self, epoch):
+            epochs.append(epoch)
+            super().set_epoch(epoch)
+
+    epochs: list[int] = []
+    sampler = Recording(_data(), num_replicas=1, rank=0, shuffle=True, seed=5)
+    loader = DataLoader(_data(), batch_size=32, sampler=sampler)
+    finetune(_mlp(), loader, steps=7, progress=False)
+    assert epochs == [0, 1, 2]
 
 
 class _Crash(Exception):
     pass
 
 
-def _crash_after(calls: int):
+def _crash_at_call(model: nn.Module, calls: int):
+    """A forward hook that kills the run at the given forward call (the run's configuration is unchanged)."""
+    count = {"n": 0}
+
+    def hook(module, args):
+        count["n"] += 1
+        if count["n"] >= calls:
+            raise _Crash
+
+    return model.register_forward_pre_hook(hook)
+
+
+def _nan_loss_at(step: int):
+    """Cross-entropy, except NaN at the given call (fault injection)."""
     count = {"n": 0}
 
     def loss_fn(output, target):
         count["n"] += 1
-        if count["n"] > calls:
-            raise _Crash
-        return nn.functional.cross_entropy(output, target)
+        loss = nn.functional.cross_entropy(output, target)
+        return loss * float("nan") if count["n"] == step else loss
 
     return loss_fn
 
@@ -327,7 +371,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, loader_ki
         loader = DataLoader(data, batch_size=16, shuffle=True)
     else:
         loader = [(data.tensors[0][i : i + 16], data.tensors[1][i : i + 16]) for i in range(0, 96, 16)]
-    common = {"steps": 20, "seed": 7, "progress": False, "eval_every": 5, "checkpoint_every": 5}
+    common = {"steps": 20, "seed": 7, "progress": False, "eval_every": 5}
+    path = tmp_path / "run.ckpt"
+    checkpoint = CheckpointConfig(path, every=5)
 
     def eval_fn(model):
         return {"norm": float(sum(p.norm() for p in model.parameters()))}
@@ -336,46 +382,295 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, loader_ki
     expected = finetune(straight, loader, eval_fn=eval_fn, **common)
 
     interrupted = _mlp(dropout=0.3, batchnorm=True)
-    path = tmp_path / "run.ckpt"
+    handle = _crash_at_call(interrupted, 13)
     with pytest.raises(_Crash):  # dies during step 13; the last checkpoint holds step 10
-        finetune(interrupted, loader, checkpoint_path=path, loss_fn=_crash_after(12), eval_fn=eval_fn, **common)
+        finetune(interrupted, loader, checkpoint=checkpoint, eval_fn=eval_fn, **common)
+    handle.remove()
     assert torch.load(path, weights_only=True)["step"] == 10
 
     resumed_model = _mlp(dropout=0.3, batchnorm=True)  # a fresh process: weights come from the checkpoint
-    resumed = finetune(resumed_model, loader, checkpoint_path=path, eval_fn=eval_fn, **common)
+    resumed = finetune(resumed_model, loader, checkpoint=checkpoint, eval_fn=eval_fn, **common)
     assert resumed.resumed_from == 10 and resumed.steps == 20
     _assert_same_weights(resumed_model, straight)
     assert resumed.losses == expected.losses and resumed.lrs == expected.lrs and resumed.evals == expected.evals
 
-    # The final checkpoint marks the run as complete: calling again changes nothing.
-    again = finetune(resumed_model, loader, checkpoint_path=path, **{**common, "eval_every": None})
+    # Re-running a finished run (a notebook cell run twice) says so, and loads the final weights.
+    again_model = _mlp(dropout=0.3, batchnorm=True)
+    with pytest.warns(UserWarning, match=r"finished run \(20 of 20 steps\).*resume=False"):
+        again = finetune(again_model, loader, checkpoint=checkpoint, **common)
     assert again.resumed_from == 20 and again.losses == expected.losses
-    _assert_same_weights(resumed_model, straight)
+    _assert_same_weights(again_model, straight)
 
 
 def test_checkpoint_is_weights_only_loadable_and_complete(tmp_path):
     path = tmp_path / "sub" / "run.ckpt"
     model = _mlp()
-    finetune(model, DataLoader(_data(), batch_size=32, shuffle=True), steps=4, checkpoint_path=path, progress=False)
+    finetune(model, DataLoader(_data(), batch_size=32, shuffle=True), steps=4, checkpoint=path, progress=False)
     state = torch.load(path, weights_only=True)
-    assert {"model", "optimizer", "scheduler", "rng", "step", "history", "config"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "rng", "step", "history", "config", "checksum"} <= set(state)
     assert state["step"] == 4 and len(state["history"]["losses"]) == 4
+    assert {"lr", "seed", "total_steps", "optimizer", "loss", "model", "data"} <= set(state["config"])
     for key, value in model.state_dict().items():
         assert torch.equal(state["model"][key], value)
     assert [p.name for p in path.parent.iterdir()] == ["run.ckpt"]  # no temporary file left behind
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
+def test_checkpoint_of_another_run_is_refused_and_resume_false_restarts(tmp_path):
     path = tmp_path / "run.ckpt"
     loader = DataLoader(_data(), batch_size=32)
-    finetune(_mlp(), loader, steps=4, checkpoint_path=path, progress=False)
-    with pytest.raises(InvalidParameterError, match=r"different run.*resume=False"):
-        finetune(_mlp(), loader, steps=6, checkpoint_path=path, progress=False)
-    result = finetune(_mlp(), loader, steps=6, checkpoint_path=path, resume=False, progress=False)
+    finetune(_mlp(), loader, steps=4, checkpoint=path, progress=False)
+    with pytest.raises(ResumeMismatchError, match=r"total_steps.*4 in the checkpoint, 6 now.*resume=False"):
+        finetune(_mlp(), loader, steps=6, checkpoint=path, progress=False)
+    result = finetune(_mlp(), loader, steps=6, checkpoint=CheckpointConfig(path, resume=False), progress=False)
     assert result.resumed_from == 0 and torch.load(path, weights_only=True)["step"] == 6
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):  # noqa: B017  (torch's own unpickling error)
-        finetune(_mlp(), loader, steps=6, checkpoint_path=path, progress=False)
+
+
+def _interrupted_run(tmp_path, **kwargs):
+    """A run of 6 steps killed during step 4, its checkpoint at step 2; returns (path, loader, common options)."""
+    path = tmp_path / "run.ckpt"
+    loader = DataLoader(_data(), batch_size=16, shuffle=True)
+    common = {"steps": 6, "checkpoint": CheckpointConfig(path, every=2), "progress": False, **kwargs}
+    model = _mlp()
+    handle = _crash_at_call(model, 4)
+    with pytest.raises(_Crash):
+        finetune(model, loader, **common)
+    handle.remove()
+    return path, loader, common
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"lr": 1e-2}, "lr"),
+        ({"seed": 1}, "seed"),
+        ({"loss_fn": nn.functional.nll_loss}, "loss"),
+        ({"training": TrainingConfig(lr_min=1e-4)}, "lr_min"),
+        ({"training": TrainingConfig(grad_clip=1.0)}, "grad_clip"),
+        ({"training": TrainingConfig(optimizer=lambda params: torch.optim.SGD(params, lr=1e-3))}, "optimizer"),
+        ({"training": TrainingConfig(scheduler="constant")}, "scheduler"),
+        ({"teacher": _mlp(seed=3)}, "teacher"),
+        ({"stage": "dense", "loader": DataLoader(_data(seed=1), batch_size=16, shuffle=True)}, "data"),
+        ({"model": _mlp(seed=1)}, "model"),
+    ],
+)
+def test_resume_refuses_any_configuration_change_and_names_it(tmp_path, change, field):
+    _, loader, common = _interrupted_run(tmp_path)
+    change = dict(change)
+    changed_loader = change.pop("loader", loader)
+    model = change.pop("model", _mlp())
+    before = _state(model)
+    with pytest.raises(ResumeMismatchError, match=rf"\b{field}\b.*in the checkpoint.*another checkpoint path"):
+        finetune(model, changed_loader, **{**common, **change})
+    for key, value in model.state_dict().items():  # nothing was loaded into the model
+        assert torch.equal(value, before[key]), key
+    resumed = finetune(_mlp(), loader, **common)  # the unchanged run still resumes
+    assert resumed.resumed_from == 2
+
+
+def test_resume_refuses_another_width_or_d_tilde(tmp_path):
+    _, loader, common = _interrupted_run(tmp_path)
+    wider = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 3))
+    with pytest.raises(ResumeMismatchError, match=r"shapes differ:.*0\.weight \(16, 6\) -> \(32, 6\)"):
+        finetune(wider, loader, **common)
+
+    from lr2vq_analysis.nn import compress
+    from lr2vq_analysis.plan import LayerPlan
+
+    compressed = {d: compress(_mlp(), {"0.weight": LayerPlan(k=8, m=3, d_tilde=d)}) for d in (1, 2)}
+    checkpoint = CheckpointConfig(tmp_path / "lowrank.ckpt")
+    finetune(compressed[2], loader, stage="lowrank", steps=2, checkpoint=checkpoint, progress=False)
+    with pytest.raises(ResumeMismatchError, match="shapes differ"):
+        finetune(compressed[1], loader, stage="lowrank", steps=2, checkpoint=checkpoint, progress=False)
+
+
+def _flip_byte_inside(path, tensor: torch.Tensor) -> None:
+    blob = bytearray(path.read_bytes())
+    where = bytes(blob).find(tensor.detach().contiguous().numpy().tobytes())
+    assert where > 0
+    blob[where + 5] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
+def test_damaged_checkpoints_are_refused_with_checkpoint_error(tmp_path):
+    path, loader, common = _interrupted_run(tmp_path)
+    good = path.read_bytes()
+    state = torch.load(path, weights_only=True)
+
+    def refused(match):
+        with pytest.raises(CheckpointError, match=match):
+            finetune(_mlp(), loader, **common)
+
+    path.write_bytes(b"")
+    refused("empty")
+    for cut in (10, len(good) // 2, len(good) - 30):
+        path.write_bytes(good[:cut])
+        refused("cannot be read")
+    path.write_bytes(b"step,loss\n1,0.5\n")
+    refused("cannot be read")
+    torch.save({"weights": torch.zeros(3)}, path)  # a torch file, but not a checkpoint
+    refused("not a fine-tuning checkpoint")
+    for name in ("model", "optimizer", "step", "history", "checksum"):
+        torch.save({key: value for key, value in state.items() if key != name}, path)
+        refused(f"field '{name}' is missing")
+    # A byte flipped inside a weight tensor: torch still reads the file, the checksum does not match.
+    path.write_bytes(good)
+    _flip_byte_inside(path, state["model"]["0.weight"])
+    assert torch.load(path, weights_only=True)["step"] == 2  # still readable by torch
+    refused("checksum does not match")
+    # A file rewritten with a consistent checksum but an impossible step is refused too.
+    from lr2vq_analysis.finetune import _checksum
+
+    for step in (10**9, -5):
+        crafted = {**state, "step": step}
+        crafted["checksum"] = _checksum(crafted)
+        torch.save(crafted, path)
+        refused(f"step={step}, outside 0..6")
+    path.write_bytes(good)
+    assert finetune(_mlp(), loader, **common).resumed_from == 2
+
+
+def test_an_unwritable_checkpoint_path_fails_before_the_first_step(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    model = _mlp()
+    before = _state(model)
+    for bad in (blocker / "run.ckpt", tmp_path):  # a folder under a file; a folder itself
+        with pytest.raises(CheckpointError, match=r"cannot be written|is a folder"):
+            finetune(model, DataLoader(_data(), batch_size=32), steps=3, checkpoint=bad, progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    path = tmp_path / "run.ckpt"
+    loader = DataLoader(_data(), batch_size=16, shuffle=True)
+    model = _mlp()
+    snapshots = {}
+
+    def eval_fn(evaluated):
+        snapshots[len(snapshots)] = _state(evaluated)
+        return {}
+
+    with pytest.raises(NonFiniteError, match=rf"step 7 of 12: the loss is nan.*{path.name}' \(step 6\)"):
+        finetune(model, loader, steps=12, loss_fn=_nan_loss_at(7), checkpoint=CheckpointConfig(path, every=3),
+                 eval_fn=eval_fn, eval_every=6, progress=False)  # fmt: skip
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+    for key, value in model.state_dict().items():  # the model holds the step-6 weights, finite
+        assert torch.equal(value, snapshots[0][key]), key
+    # Without a checkpoint the message says so.
+    with pytest.raises(NonFiniteError, match=r"step 2 of 4.*no checkpoint was kept"):
+        finetune(_mlp(), loader, steps=4, loss_fn=_nan_loss_at(2), progress=False)
+
+
+def test_nan_gradient_is_caught_even_with_grad_clip():
+    class NanGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, x):
+            out = self.inner(x)
+            return out + 0.0 * torch.sqrt(-torch.ones(()) + 0.0 * out.sum())  # finite loss? no: sqrt(-1) is NaN
+
+    loader = DataLoader(_data(), batch_size=32)
+    with pytest.raises(NonFiniteError, match="step 1 of 3"):
+        finetune(NanGrad(), loader, training=TrainingConfig(steps=3, grad_clip=1.0), progress=False)
+
+
+def test_a_non_finite_model_never_replaces_a_good_checkpoint(tmp_path):
+    class Poisoning(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 3:  # the update of step 3 writes an Inf, the loss of step 3 was finite
+                self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+
+    path = tmp_path / "run.ckpt"
+    training = TrainingConfig(steps=6, optimizer=lambda params: Poisoning(params, lr=1e-2))
+    with pytest.raises(NonFiniteError, match=r"step 3: parameters \['0.weight'\].*\(step 2\)"):
+        finetune(_mlp(), DataLoader(_data(), batch_size=16), training=training,
+                 checkpoint=CheckpointConfig(path, every=1), progress=False)  # fmt: skip
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
+def test_skip_policy_drops_non_finite_steps_and_records_them():
+    loader = DataLoader(_data(), batch_size=16)
+    skipping = TrainingConfig(steps=6, on_nonfinite="skip", scheduler="constant")
+    result = finetune(_mlp(), loader, loss_fn=_nan_loss_at(3), training=skipping, progress=False)
+    assert result.skipped == [3] and math.isnan(result.losses[2]) and result.steps == 6
+    # Reference: the same run where step 3 makes no update (same batches, the optimizer state untouched).
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = _data().tensors
+    for step in range(6):
+        if step == 2:
+            continue
+        batch = slice(16 * step, 16 * step + 16)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+    trained = _mlp()
+    finetune(trained, loader, loss_fn=_nan_loss_at(3), training=skipping, progress=False)
+    for a, b in zip(trained.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import lr2vq_analysis._io as io_module
+
+    path = tmp_path / "run.ckpt"
+    loader = DataLoader(_data(), batch_size=16, shuffle=True)
+    common = {"steps": 6, "checkpoint": CheckpointConfig(path, every=2), "progress": False, "seed": 2}
+    expected_model = _mlp()
+    expected = finetune(expected_model, loader, steps=6, seed=2, progress=False)
+    real_replace, calls = os.replace, {"n": 0}
+
+    def dying_replace(src, dst):  # the process dies inside the second checkpoint write, before the rename
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io_module.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_mlp(), loader, **common)
+    monkeypatch.setattr(io_module.os, "replace", real_replace)
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+    resumed_model = _mlp()
+    resumed = finetune(resumed_model, loader, **common)
+    assert resumed.resumed_from == 2 and resumed.losses == expected.losses
+    _assert_same_weights(resumed_model, expected_model)
+
+
+def test_result_repr_is_short_and_has_html():
+    result = finetune(_mlp(), DataLoader(_data(), batch_size=8), steps=12, progress=False)
+    text = repr(result)
+    assert text.startswith("FinetuneResult(stage=dense, steps=12, loss=") and len(text) < 120
+    assert "<table>" in result._repr_html_() and "dense" in result._repr_html_()
+
+
+def test_auto_threads_run_a_small_model_on_one_thread_and_restore_the_setting():
+    seen = []
+    model = _mlp()
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        finetune(model, DataLoader(_data(), batch_size=32), steps=2, progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        seen.clear()
+        finetune(model, DataLoader(_data(), batch_size=32), training=TrainingConfig(steps=2, num_threads=None),
+                 progress=False)  # fmt: skip
+        assert seen == [2, 2]
+        model_bn = _mlp(batchnorm=True)
+        model_bn.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+        seen.clear()
+        recalibrate_batchnorm(model_bn, DataLoader(_data(), batch_size=32))
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_callers_random_state_is_untouched():
@@ -430,22 +725,45 @@ def test_compressed_layers_method_is_preferred():
 
 
 @pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TrainingConfig(steps=5, epochs=1), "not both"),
+        (lambda: TrainingConfig(steps=0), "steps=0 is invalid"),
+        (lambda: TrainingConfig(epochs=1.5), "epochs=1.5 is invalid"),
+        (lambda: TrainingConfig(lr=-1.0), "lr=-1.0"),
+        (lambda: TrainingConfig(lr=float("nan")), "lr=nan"),
+        (lambda: TrainingConfig(lr=1e-3, lr_min=1e-2), "lr_min=0.01 is invalid"),
+        (lambda: TrainingConfig(grad_clip=0.0), "grad_clip=0.0 is invalid"),
+        (lambda: TrainingConfig(scheduler="linear"), "scheduler='linear' is invalid"),
+        (lambda: TrainingConfig(optimizer="adam"), "optimizer='adam' is invalid"),
+        (lambda: TrainingConfig(on_nonfinite="ignore"), "on_nonfinite='ignore' is invalid"),
+        (lambda: TrainingConfig(num_threads=0), "num_threads=0 is invalid"),
+        (lambda: TrainingConfig(num_threads="many"), "num_threads='many' is invalid"),
+        (lambda: DistillationConfig(kind="l1"), "distill='l1' is invalid"),
+        (lambda: DistillationConfig(weight=1.5), "distill_weight=1.5 is invalid"),
+        (lambda: DistillationConfig(temperature=0.0), "temperature=0.0 is invalid"),
+        (lambda: CheckpointConfig("x.ckpt", every=0), "checkpoint_every=0 is invalid"),
+        (lambda: CheckpointConfig(3), "checkpoint path=3 is invalid"),
+        (lambda: CheckpointConfig("x.ckpt", resume="yes"), "resume='yes' is invalid"),
+    ],
+)
+def test_config_objects_validate_at_construction(make, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"steps": 5, "epochs": 1}, "not both"),
         ({"steps": 0}, "steps=0 is invalid"),
-        ({"epochs": 1.5}, "epochs=1.5 is invalid"),
+        ({"lr": 0.0}, "lr=0.0 is invalid"),
         ({"eval_every": -1}, "eval_every=-1 is invalid"),
-        ({"checkpoint_every": 0}, "checkpoint_every=0 is invalid"),
-        ({"distill": "kl"}, "needs a teacher"),
-        ({"distill": "l1", "teacher": nn.Linear(6, 3)}, "distill='l1' is invalid"),
-        ({"distill_weight": 1.5, "teacher": nn.Linear(6, 3)}, "distill_weight=1.5 is invalid"),
-        ({"temperature": 0.0}, "temperature=0.0 is invalid"),
-        ({"lr": -1.0}, "lr=-1.0"),
-        ({"lr": 1e-3, "lr_min": 1e-2}, "lr_min <= lr"),
-        ({"grad_clip": 0.0}, "grad_clip=0.0 is invalid"),
+        ({"distillation": "kl"}, "needs a teacher"),
+        ({"distillation": "l1", "teacher": nn.Linear(6, 3)}, "distill='l1' is invalid"),
+        ({"training": {"steps": 3}}, "give a TrainingConfig"),
         ({"seed": -1}, "seed=-1 is invalid"),
-        ({"scheduler": "linear"}, "scheduler='linear' is invalid"),
+        ({"stage": "fast"}, "stage='fast' is invalid"),
+        ({"loss_fn": "mse"}, "loss_fn='mse' is invalid"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
@@ -461,7 +779,7 @@ def test_missing_target_or_trainable_parameters_raise():
     with pytest.raises(InvalidParameterError, match="no parameter with requires_grad"):
         finetune(frozen, DataLoader(_data(), batch_size=32), steps=1, progress=False)
     with pytest.raises(InvalidParameterError, match="no len"):
-        finetune(_mlp(), iter([]), epochs=1, progress=False)
+        finetune(_mlp(), iter([]), training=TrainingConfig(epochs=1), progress=False)
     with pytest.raises(InvalidParameterError, match="no batch in a whole epoch"):
         finetune(_mlp(), [], steps=1, progress=False)
 
@@ -495,7 +813,8 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics():
 def test_recalibration_repairs_accuracy_after_a_weight_change():
     data = _data(n=192)
     model = _mlp(batchnorm=True)
-    finetune(model, DataLoader(data, batch_size=32, shuffle=True), epochs=10, lr=1e-2, progress=False)
+    finetune(model, DataLoader(data, batch_size=32, shuffle=True), training=TrainingConfig(epochs=10, lr=1e-2),
+             progress=False)  # fmt: skip
     model.eval()
     x, y = data.tensors
     with torch.no_grad():
@@ -545,12 +864,14 @@ def test_codebook_stage_keeps_codes_and_resumes_exactly(tmp_path):
 
     path = tmp_path / "codebook.ckpt"
     crashed = _compressed_mlp().quantize(seed=0)
+    handle = _crash_at_call(crashed, 10)
     with pytest.raises(_Crash):
-        finetune(crashed, loader, stage="codebook", steps=12, lr=1e-2, progress=False, checkpoint_path=path,
-                 checkpoint_every=4, loss_fn=_crash_after(9))  # fmt: skip
+        finetune(crashed, loader, stage="codebook", steps=12, lr=1e-2, progress=False,
+                 checkpoint=CheckpointConfig(path, every=4))  # fmt: skip
+    handle.remove()
     resumed = _compressed_mlp().quantize(seed=0)
-    result = finetune(resumed, loader, stage="codebook", steps=12, lr=1e-2, progress=False, checkpoint_path=path,
-                      checkpoint_every=4)  # fmt: skip
+    result = finetune(resumed, loader, stage="codebook", steps=12, lr=1e-2, progress=False,
+                      checkpoint=CheckpointConfig(path, every=4))  # fmt: skip
     assert result.resumed_from == 8
     _assert_same_weights(resumed, straight)
 
@@ -566,3 +887,50 @@ def test_dkm_stage_trains_soft_assignments():
     finetune(cmodel, DataLoader(_data(), batch_size=32), stage="dkm", steps=5, progress=False)
     assert not torch.equal(cmodel.compressed_layers()["0.weight"].Z, z)
     assert cmodel.quantize().state == "quantized"
+
+
+class _AugmentedDataset(torch.utils.data.Dataset):
+    """Random augmentation from the global generators (as torchvision transforms do)."""
+
+    def __init__(self) -> None:
+        self.data = _data()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return x + 0.01 * torch.randn(x.shape) + 0.01 * float(np.random.rand()), y  # noqa: NPY002
+
+
+def test_resume_accepts_a_dataset_with_random_augmentation(tmp_path):
+    loader = DataLoader(_AugmentedDataset(), batch_size=16, shuffle=True)
+    path = tmp_path / "run.ckpt"
+    model = _mlp()
+    handle = _crash_at_call(model, 4)
+    with pytest.raises(_Crash):
+        finetune(model, loader, steps=6, checkpoint=CheckpointConfig(path, every=2), progress=False)
+    handle.remove()
+    torch.manual_seed(11)  # another global random state than the interrupted run's
+    np.random.seed(11)  # noqa: NPY002
+    resumed = finetune(_mlp(), loader, steps=6, checkpoint=CheckpointConfig(path, every=2), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+
+
+def test_auto_threads_of_a_large_model_are_capped_at_the_free_cores(monkeypatch):
+    finetune_module = importlib.import_module("lr2vq_analysis.finetune")  # the module, not the function
+    monkeypatch.setattr(finetune_module, "AUTO_THREADS_MAX_PARAMETERS", 10)  # _mlp() counts as large
+    monkeypatch.setattr(finetune_module.os, "cpu_count", lambda: 4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        cpu = torch.device("cpu")
+        for others, expected in [(0.0, None), (1.0, 3), (3.0, 1), (9.0, 1), (None, None)]:
+            monkeypatch.setattr(finetune_module, "_other_runnable_threads", lambda value=others: value)
+            assert finetune_module._resolve_threads("auto", _mlp(), cpu) == expected, others
+        assert finetune_module._resolve_threads(3, _mlp(), cpu) == 3
+        assert finetune_module._resolve_threads("auto", _mlp(), torch.device("meta")) is None
+    finally:
+        torch.set_num_threads(previous)
+    reading = finetune_module._other_runnable_threads()  # the real reader: a count, or None off Linux
+    assert reading is None or reading >= 0

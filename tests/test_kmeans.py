@@ -7,8 +7,21 @@ from sklearn.cluster import KMeans as SklearnKMeans
 from sklearn.datasets import make_blobs
 from threadpoolctl import threadpool_limits
 
+from lr2vq_analysis._threads import single_threaded
 from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError
-from lr2vq_analysis.kmeans import KMeans, KMeansResult, _kmeans_plusplus, _lloyd, _PointSet, assign, kmeans
+from lr2vq_analysis.exceptions import NotFittedError
+from lr2vq_analysis.kmeans import (
+    QUANTIZE_KMEANS,
+    KMeans,
+    KMeansConfig,
+    KMeansResult,
+    _faiss_module,
+    _kmeans_plusplus,
+    _lloyd,
+    _PointSet,
+    assign,
+    kmeans,
+)
 
 SEEDS = range(5)
 
@@ -284,11 +297,134 @@ def test_estimator_returns_numpy_float64_centres_and_predicts_the_nearest():
 
 
 def test_estimator_errors():
-    with pytest.raises(InvalidParameterError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         KMeans(3).predict(np.zeros((2, 2)))
     km = KMeans(2).fit(np.random.default_rng(12).normal(size=(50, 3)))
     with pytest.raises(InvalidWeightsError, match="3"):
         km.predict(np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"max_iter": 0}, "max_iter=0"),
+        ({"max_iter": 2.5}, "max_iter=2.5"),
+        ({"tol": float("nan")}, "tol=nan"),
+        ({"tol": "x"}, "tol='x'"),
+        ({"max_points_per_centroid": 0}, "max_points_per_centroid=0"),
+        ({"init_points_per_centroid": -3}, "init_points_per_centroid=-3"),
+        ({"chunk_size": True}, "chunk_size=True"),
+        ({"dtype": torch.int64}, "dtype"),
+        ({"backend": "cuda"}, r"backend='cuda'.*'auto', 'torch', 'faiss'"),
+    ],
+)
+def test_config_is_validated_at_construction(options, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        KMeansConfig(**options)
+
+
+def test_config_and_shortcuts_give_the_same_result():
+    x, k = anisotropic_gaussian()
+    config = KMeansConfig(max_iter=5, tol=0.0)
+    a = kmeans(x, k, seed=2, config=config)
+    b = kmeans(x, k, seed=2, max_iter=5, tol=0.0)
+    assert a.n_iter == b.n_iter == 5 and torch.equal(a.centroids, b.centroids)
+    with pytest.raises(InvalidParameterError, match="KMeansConfig"):
+        kmeans(x, k, config={"max_iter": 5})
+
+
+def _nearest_is_brute_force(x, centroids, labels):
+    dist = brute_force_sqdist(x, centroids)
+    chosen = dist[np.arange(len(x)), np.asarray(labels)]
+    assert np.all(chosen <= dist.min(1) * (1 + 1e-5) + 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_backends_match_sklearn_from_the_same_start(backend):
+    # d = 8, k = 64: the size where "auto" picks faiss when it is installed. Same start, float32: the
+    # distortion equals scikit-learn's Lloyd to float32 rounding, and every label is the nearest centroid.
+    if backend == "faiss" and _faiss_module() is None:
+        pytest.skip("faiss is not installed")
+    x = (np.random.default_rng(13).standard_normal((6000, 8)) * np.linspace(1.0, 0.2, 8)).astype(np.float32)
+    init = x[np.random.default_rng(14).choice(6000, 64, replace=False)]
+    reference = sklearn_fit(x.astype(np.float64), 64, init=init.astype(np.float64), max_iter=10, tol=0.0)
+    config = KMeansConfig(max_iter=10, tol=0.0, backend=backend)
+    ours = kmeans(x, 64, init=init, config=config)
+    assert ours.n_iter == reference.n_iter_ == 10
+    assert ours.inertia == pytest.approx(reference.inertia_, rel=1e-4)
+    _nearest_is_brute_force(x, ours.centroids.numpy(), ours.labels)
+    points = _PointSet(torch.from_numpy(x), 64, backend=backend)
+    assert points.mode == ("faiss" if backend == "faiss" else "scores")
+    labels, sqdist, _ = points.nearest(torch.from_numpy(init))
+    _nearest_is_brute_force(x, init, labels)
+    np.testing.assert_allclose(sqdist.numpy(), brute_force_sqdist(x, init).min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_subsampled_start_stays_within_one_percent_of_sklearn():
+    # n = 20000: k-means++ runs on 4096 drawn points; the distortion after Lloyd is what a full start gives.
+    x = (np.random.default_rng(15).standard_normal((20000, 4)) * np.array([1.0, 0.7, 0.4, 0.2])).astype(np.float32)
+    ours = [kmeans(x, 16, seed=s).inertia for s in SEEDS]
+    full = [kmeans(x, 16, seed=s, config=KMeansConfig(init_points_per_centroid=None)).inertia for s in SEEDS]
+    theirs = [sklearn_fit(x, 16, init="k-means++", random_state=s).inertia_ for s in SEEDS]
+    assert np.mean(ours) / np.mean(theirs) == pytest.approx(1.0, abs=0.01)
+    assert np.mean(full) / np.mean(theirs) == pytest.approx(1.0, abs=0.01)
+
+
+def test_quantize_defaults_run_lloyd_to_the_cap_at_d_1():
+    # scikit-learn's tolerance can stop 1-D k-means after a few iterations; the quantize defaults run
+    # Lloyd to 25 iterations (unless the labels repeat): scikit-learn's result at max_iter=25, tol=0.
+    x, _ = one_dimensional()
+    init = np.quantile(x, np.linspace(0.01, 0.99, 32))[:, None]
+    capped = kmeans(x, 32, init=init, config=QUANTIZE_KMEANS, dtype=torch.float64)
+    reference = sklearn_fit(x, 32, init=init, max_iter=25, tol=0.0)
+    assert capped.n_iter == reference.n_iter_ and capped.n_iter <= 25
+    assert capped.inertia == pytest.approx(reference.inertia_, rel=1e-9)
+    assert capped.n_iter == 25  # tol = 0: no early stop on a small centre shift
+
+
+def test_compressed_model_quantize_uses_the_quantize_defaults(monkeypatch):
+    from lr2vq_analysis import nn as lr2vq_nn
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["config"], kwargs.get("max_iter")))
+        return kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(lr2vq_nn, "kmeans", spy)
+    layer = lr2vq_nn.LR2VQLinear.from_dense(torch.nn.Linear(16, 8), lr2vq_nn.LayerPlan(k=4, m=4, d_tilde=2))
+    layer.quantize(seed=0)
+    layer2 = lr2vq_nn.LR2VQLinear.from_dense(torch.nn.Linear(16, 8), lr2vq_nn.LayerPlan(k=4, m=4, d_tilde=2))
+    layer2.quantize(seed=0, max_iter=3)
+    assert seen == [(QUANTIZE_KMEANS, None), (QUANTIZE_KMEANS, 3)]
+
+
+def test_random_state_is_sklearns_name_for_seed():
+    x, k = gaussian_blobs()
+    a = KMeans(k, random_state=4).fit(x)
+    b = KMeans(k, seed=4).fit(x)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.n_features_in_ == 4
+    with pytest.raises(InvalidParameterError, match="disagree"):
+        KMeans(k, seed=1, random_state=2).fit(x)
+    with pytest.raises(InvalidParameterError, match=r"random_state=.*int seed"):
+        KMeans(k, random_state=np.random.RandomState(0)).fit(x)
+
+
+def test_single_threaded_pins_torch_threads_and_restores_them():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), single_threaded():
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+        with single_threaded("meta"):  # nothing is limited off the CPU
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -97,8 +97,12 @@ def test_files_and_history(demo):
 
 def test_given_plan_skips_analysis_and_fine_tuning(tmp_path):
     plan = {"conv4.weight": LayerPlan(k=32, m=18, d_tilde=18)}  # plain PQ, one layer
-    result = compress_digits_demo(plan=plan, steps=0, out_dir=tmp_path, progress=False)
+    model_path = tmp_path / "elsewhere" / "pq.lr2vq"
+    result = compress_digits_demo(plan=plan, steps=0, out_dir=tmp_path, model_path=model_path, progress=False)
     assert result.report is None and "report" not in result.files and result.history == {}
+    # The model file goes where asked, and the summary says so.
+    assert result.files["model"] == model_path and model_path.is_file() and not (tmp_path / "digits-cnn.lr2vq").exists()
+    assert json.loads(result.files["summary"].read_text())["files"]["model"] == str(model_path)
     assert result.plan == plan
     assert result.accuracy["finetuned"] == result.accuracy["recalibrated"]
 

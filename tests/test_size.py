@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from conftest import make_toy_cnn
 from torch import nn
 
 from lr2vq_analysis._validation import InvalidParameterError
@@ -48,18 +48,7 @@ def test_reproduces_pqf_published_sizes(factory, m_3x3, m_1x1, k_fc, megabytes, 
 
 
 def _toy_model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
+    return make_toy_cnn((8, 16), seed=0)  # the shared toy model (conftest)
 
 
 TOY_PLAN = {"3.weight": LayerPlan(k=16, m=9, d_tilde=4), "8.weight": LayerPlan(k=8, m=4)}

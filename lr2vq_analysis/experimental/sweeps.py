@@ -52,11 +52,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .. import recipe
 from .._io import write_atomic
-from .._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_seed
+from .._validation import InvalidParameterError, check_count, check_d_tilde, check_k, check_m, check_n_jobs, check_seed
 from ..datasets import accuracy, load_digits_splits, make_loaders, mean_over_samples
-from ..finetune import finetune, recalibrate_batchnorm
-from ..nn import CompressedModel, compress
+from ..finetune import TrainingConfig, finetune, recalibrate_batchnorm
+from ..nn import CompressedModel
 from ..plan import LayerPlan, effective_k
 from ..registry import load_model
 from ..size import SizeReport, bits_to_mib, size_report
@@ -95,8 +96,8 @@ RUN_KEY = ("task", "method", "k", "m", "d_tilde", "seed", "lr", "steps", "lowran
 
 
 @dataclass(frozen=True)
-class Budget:
-    """Training budget after the pretrained start, the same for every method.
+class Budget(recipe.Budget):
+    """The recipe's :class:`~lr2vq_analysis.recipe.Budget` (steps in all, low-rank steps) and the batch size.
 
     Attributes
     ----------
@@ -108,17 +109,12 @@ class Budget:
     """
 
     steps: int = 600
-    lowrank_steps: int = 300
+    lowrank_steps: int | None = 300
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        check_count(self.steps, "steps", minimum=0)
-        check_count(self.lowrank_steps, "lowrank_steps", minimum=0)
+        super().__post_init__()
         check_count(self.batch_size, "batch_size")
-        if self.lowrank_steps > self.steps:
-            raise InvalidParameterError(
-                f"lowrank_steps={self.lowrank_steps} is invalid; it must be <= steps={self.steps}"
-            )
 
 
 @dataclass(frozen=True)
@@ -408,43 +404,55 @@ def run_one(task: str | Task, config: RunConfig, budget: Budget | None = None) -
         sizes = size_report(model, plan)
         measured["layer_k"] = "/".join(str(entry.k) for entry in plan.values())
         originals = {name: model.state_dict()[name].detach().clone() for name in plan}
-        common: dict[str, Any] = {"lr": config.lr, "seed": config.seed, "device": "cpu", "progress": False}
-        common["loss_fn"] = task.loss
-        codebook_steps = budget.steps
-        if config.method == "dkm":
-            cmodel = compress(model, plan, seed=config.seed, method="dkm")
-            measured[f"{metric}_start"] = evaluate(cmodel, evaluation["test"])
-            if budget.lowrank_steps:
-                finetune(cmodel, loaders["train"], stage="dkm", steps=budget.lowrank_steps, **common)
-            codebook_steps -= budget.lowrank_steps
-        else:
-            cmodel = compress(model, plan, seed=config.seed)
-            measured["lowrank_error"] = _relative_error(_layer_weights(cmodel), originals)
-            if config.method == "lr2vq":
-                if config.d_tilde < config.m:
-                    _record(measured, "loss_pretrained", _losses(task, model, evaluation))
-                    recalibrate_batchnorm(cmodel, loaders["train"])  # "free" recovery, not training
-                    _record(measured, "loss_truncated", _losses(task, cmodel, evaluation))
+        lowrank = config.method in ("lr2vq", "dkm")
+        probe_rho = config.method == "lr2vq" and config.d_tilde < config.m
+        weights: dict[str, dict[str, torch.Tensor]] = {}
+
+        def compressed(cmodel: CompressedModel) -> None:
+            if config.method != "dkm":
+                measured["lowrank_error"] = _relative_error(_layer_weights(cmodel), originals)
+            if probe_rho:
+                _record(measured, "loss_pretrained", _losses(task, model, evaluation))
+                recalibrate_batchnorm(cmodel, loaders["train"])  # "free" recovery, not training
+                _record(measured, "loss_truncated", _losses(task, cmodel, evaluation))
+            if lowrank:
                 measured[f"{metric}_start"] = evaluate(cmodel, evaluation["test"])
-                if budget.lowrank_steps:
-                    finetune(cmodel, loaders["train"], stage="lowrank", steps=budget.lowrank_steps, **common)
-                if config.d_tilde < config.m:
-                    _record(measured, "loss_lowrank", _losses(task, cmodel, evaluation))
-                    reference = _dense_reference_loss(
-                        task, config.seed, float(config.lr), budget.lowrank_steps, budget.batch_size
-                    )
-                    _record(measured, "loss_dense_reference", reference)
-                codebook_steps -= budget.lowrank_steps
-        before_quantizing = _layer_weights(cmodel)
-        cmodel.quantize(seed=config.seed)
-        measured["clustering_error"] = _relative_error(_layer_weights(cmodel), before_quantizing)
-        recalibrate_batchnorm(cmodel, loaders["train"])
-        measured[f"{metric}_quantized"] = evaluate(cmodel, evaluation["test"])
-        if config.method in ("pq", "scalar"):
-            measured[f"{metric}_start"] = measured[f"{metric}_quantized"]
-        if codebook_steps:
-            finetune(cmodel, loaders["train"], stage="codebook", steps=codebook_steps, **common)
-        cmodel.round_fp16_()  # what the exported file stores
+
+        def after_lowrank(cmodel: CompressedModel) -> None:
+            if probe_rho:
+                _record(measured, "loss_lowrank", _losses(task, cmodel, evaluation))
+                reference = _dense_reference_loss(
+                    task, config.seed, float(config.lr), int(budget.lowrank_steps or 0), budget.batch_size
+                )
+                _record(measured, "loss_dense_reference", reference)
+            weights["before_quantizing"] = _layer_weights(cmodel)
+
+        def quantized(cmodel: CompressedModel) -> None:
+            measured["clustering_error"] = _relative_error(_layer_weights(cmodel), weights["before_quantizing"])
+
+        def recalibrated(cmodel: CompressedModel) -> None:
+            measured[f"{metric}_quantized"] = evaluate(cmodel, evaluation["test"])
+            if not lowrank:
+                measured[f"{metric}_start"] = measured[f"{metric}_quantized"]
+
+        cmodel = recipe.run_recipe(
+            model,
+            plan,
+            loaders["train"],
+            budget=recipe.Budget(budget.steps, budget.lowrank_steps if lowrank else 0),
+            method="dkm" if config.method == "dkm" else "lr2vq",
+            loss_fn=task.loss,
+            training=TrainingConfig(lr=config.lr),
+            callbacks={
+                "compressed": compressed,
+                "lowrank": after_lowrank,
+                "quantized": quantized,
+                "recalibrated": recalibrated,
+            },
+            seed=config.seed,
+            device="cpu",
+            progress=False,
+        ).model
         final = cmodel
     row.update(
         megabytes=sizes.megabytes,
@@ -513,7 +521,7 @@ def run_sweep(
     task_obj = _task(task)
     budget = task_obj.budget if budget is None else budget
     metric = task_obj.metric
-    n_jobs = check_count(n_jobs, "n_jobs")
+    n_jobs = check_n_jobs(n_jobs)
     path = Path(out)
     rows: list[dict[str, Any]] = [
         {str(key): value for key, value in row.items()} for row in _read_rows(path).to_dict("records")
