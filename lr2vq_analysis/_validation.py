@@ -152,6 +152,10 @@ RULES: Mapping[str, tuple[Interval | Options, bool]] = MappingProxyType(
         "val_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "test_fraction": (Interval("real", 0, 1, closed="neither"), False),
         "which": (Options(("layer", "global")), False),
+        # differentiable k-means (nn.DKMConfig)
+        "tau": (Interval("real", 0, closed="neither"), False),
+        "soft_iter": (Interval("int", 1), False),
+        "epsilon": (Interval("real", 0), False),
         # fine-tuning (finetune.TrainingConfig, DistillationConfig)
         "lr": (Interval("real", 0, closed="right"), False),
         "lr_min": (Interval("real", 0), False),

@@ -388,6 +388,8 @@ def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tup
         _say(args, f"k capped at a quarter of the layer's subvectors on {len(capped)} layer(s): " + ", ".join(capped))
     for label, size in sizes:
         _say(args, f"  {label:<26} {_describe_size(size)}")
+    if report.coverage is not None:
+        _say(args, f"coverage: {report.coverage.summary()}")
     if report.skipped:
         _say(args, f"skipped {len(report.skipped)} layer(s); reasons in report.md")
 

@@ -2,21 +2,31 @@
 
 An LR²VQ layer stores its weight W, cut into n subvectors of size m (PQF's layout, see
 :mod:`~lr2vq_analysis.subvectors`), as low-rank coordinates Z (n × d̃) and a projection P (d̃ × m):
-W = Z·P reshaped to the weight's shape. It moves through three states:
+W = Z·P reshaped to the weight's shape. Its :class:`LayerState` says which representation it computes with:
 
-``"lowrank"``
+``LayerState.LOWRANK`` (``"lowrank"``)
     Z and P are trainable parameters, initialised from the pretrained weight by the spectrum of its
     subvectors (Z = X·V_d̃, P = V_d̃ᵀ: the best rank-d̃ approximation). The network can absorb the
     truncation error by training before anything is quantized.
-``"quantized"``
+``LayerState.QUANTIZED`` (``"quantized"``)
     :meth:`~_LR2VQLayer.quantize` clusters Z with the package's k-means engine: Z is replaced by integer
     codes (a buffer, fixed from then on) into a trainable codebook (k × d̃); P stays trainable.
     W = codebook[codes]·P.
-``"dkm"``
+``LayerState.DKM`` (``"dkm"``)
     Differentiable k-means (Cho et al., ICLR 2022; coremltools' DKMPalettizer): Z stays trainable and
     every forward pass replaces each row of Z by a soft mixture of centroids,
     softmax(−‖z − c‖ / τ)·C, after a few differentiable soft k-means updates of the centroids C. The
     assignment therefore follows the weights as they move; :meth:`~_LR2VQLayer.quantize` makes it hard.
+
+The transitions are :data:`TRANSITIONS`: any state → ``lowrank`` (:meth:`~_LR2VQLayer.init_from_weight`),
+``lowrank`` → ``dkm`` (:meth:`~_LR2VQLayer.start_dkm`), ``lowrank``/``dkm`` → ``quantized``
+(:meth:`~_LR2VQLayer.quantize`), any state → ``quantized`` (:meth:`~_LR2VQLayer.set_quantized`, given codes).
+Any other call raises :class:`~lr2vq_analysis.exceptions.StateError`.
+
+**fp16 grid.** The file stores codebooks and projections at fp16 with one power-of-two scale 2**e per
+tensor (an integer exponent e, chosen so the tensor's largest magnitude lies in (2**14, 2**15]·2**e):
+fp16's 11-bit precision at any magnitude, with no overflow above 65504 and no flush to zero at 1e-9.
+:meth:`~_LR2VQLayer.quantize` and :meth:`~_LR2VQLayer.round_fp16_` round to that grid in memory too.
 
 The special case d̃ = m is plain product quantization: no P, and Z is the subvector matrix itself, so the
 same code runs the PQ baselines, and m = 1 gives scalar k-means. Only Linear, Conv1d and Conv2d with
@@ -27,24 +37,30 @@ would mix unrelated filters, so such layers are left uncompressed (naming one in
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import InvalidParameterError, InvalidWeightsError, check_k, check_m, check_seed
-from .kmeans import QUANTIZE_KMEANS, assign, kmeans
+from ._validation import check_k, check_m, check_param, check_seed
+from .exceptions import InvalidParameterError, InvalidWeightsError, NonFiniteError, StateError
+from .kmeans import QUANTIZE_KMEANS, KMeansConfig, assign, kmeans
 from .plan import LayerPlan
 from .spectrum import compute_spectrum
 from .subvectors import n_subvectors, row_length, to_subvectors
 
 __all__ = [
+    "LayerState",
     "STATES",
+    "TRANSITIONS",
     "METHODS",
-    "DKM_DEFAULTS",
+    "DKMConfig",
     "LR2VQLinear",
     "LR2VQConv1d",
     "LR2VQConv2d",
@@ -52,17 +68,100 @@ __all__ = [
     "compress",
     "compressible_layers",
     "reconstruct_weight",
+    "fp16_exponent",
+    "round_to_fp16_grid",
 ]
 
-#: The states a compressed layer can be in.
-STATES = ("lowrank", "quantized", "dkm")
+
+class LayerState(str, Enum):
+    """The representation a compressed layer computes its weight with (compares equal to its string value).
+
+    Parameters
+    ----------
+    value : {"lowrank", "quantized", "dkm"}
+        ``LayerState("dkm")`` is ``LayerState.DKM``.
+
+    Examples
+    --------
+    >>> LayerState.QUANTIZED == "quantized", LayerState("dkm") is LayerState.DKM, LayerState.DKM
+    (True, True, 'dkm')
+    """
+
+    LOWRANK = "lowrank"
+    QUANTIZED = "quantized"
+    DKM = "dkm"
+
+    __signature__ = inspect.Signature([inspect.Parameter("value", inspect.Parameter.POSITIONAL_ONLY)])
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:  # prints as the string it equals, in dicts and doctests alike
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+#: The states a compressed layer can be in, as strings.
+STATES = tuple(state.value for state in LayerState)
+#: Allowed state changes: method → (states it may be called in, state it leaves the layer in).
+TRANSITIONS: dict[str, tuple[tuple[LayerState, ...], LayerState]] = {
+    "init_from_weight": (tuple(LayerState), LayerState.LOWRANK),
+    "start_dkm": ((LayerState.LOWRANK,), LayerState.DKM),
+    "quantize": ((LayerState.LOWRANK, LayerState.DKM), LayerState.QUANTIZED),
+    "set_quantized": (tuple(LayerState), LayerState.QUANTIZED),
+}
 #: The methods :func:`compress` accepts.
 METHODS = ("lr2vq", "dkm")
-#: coremltools' DKMPalettizer defaults: temperature τ (in units of weight distance), soft k-means
-#: updates per forward pass, and the centroid change below which those updates stop.
-DKM_DEFAULTS: dict[str, float] = {"tau": 1e-4, "max_iter": 3, "epsilon": 1e-4}
 
 _TINY = 1e-12  # below this a soft cluster is empty; its centroid is kept instead of divided by ~0
+_FP16_TOP = 15  # the largest magnitude of a tensor maps into (2**14, 2**15], below fp16's maximum 65504
+#: Largest |exponent| of a tensor's fp16 scale 2**e (float32 weights need at most ~165).
+MAX_FP16_EXPONENT = 300
+
+_Layer = TypeVar("_Layer", bound="_LR2VQLayer")
+_DenseLayer = nn.Linear | nn.Conv1d | nn.Conv2d
+
+
+@dataclass(frozen=True)
+class DKMConfig:
+    """Options of differentiable k-means (``compress(..., method="dkm", dkm=DKMConfig(...))``).
+
+    Validated at construction. The k-means that gives DKM its initial centroids has its own options
+    object, so that DKM's per-step iterations and the initial clustering are set separately.
+
+    Parameters
+    ----------
+    tau : float, default 1e-4
+        Softmax temperature, in units of Euclidean distance between subvectors (coremltools' default).
+    soft_iter : int, default 3
+        Soft (differentiable) k-means updates of the centroids per training forward pass.
+    epsilon : float, default 1e-4
+        The soft updates stop once no centroid coordinate moves by more than this.
+    kmeans : KMeansConfig, optional
+        Options of the initial k-means (default :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`, the same
+        as :meth:`~_LR2VQLayer.quantize` uses).
+
+    Examples
+    --------
+    >>> from lr2vq_analysis.kmeans import KMeansConfig
+    >>> DKMConfig(tau=1e-3, kmeans=KMeansConfig(max_iter=50)).kmeans.max_iter
+    50
+    """
+
+    tau: float = 1e-4
+    soft_iter: int = 3
+    epsilon: float = 1e-4
+    kmeans: KMeansConfig | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("tau", "soft_iter", "epsilon"):
+            object.__setattr__(self, field, check_param(field, getattr(self, field)))
+        if self.kmeans is not None and not isinstance(self.kmeans, KMeansConfig):
+            raise InvalidParameterError(
+                f"kmeans={self.kmeans!r} is invalid; kmeans must be a KMeansConfig(max_iter=..., ...) or None"
+            )
 
 
 def reconstruct_weight(
@@ -98,9 +197,107 @@ def reconstruct_weight(
     return rows.reshape(shape)
 
 
-def _round_fp16(tensor: Tensor) -> Tensor:
-    """Round to the nearest fp16-representable value, keeping the dtype (what the file stores)."""
-    return tensor.to(torch.float16).to(tensor.dtype)
+def fp16_exponent(tensor: Tensor, *, name: str | None = None) -> int:
+    """Exponent e of the power-of-two scale 2**e with which ``tensor`` is stored at fp16.
+
+    e puts the largest magnitude into (2**14, 2**15]·2**e, so every value fits fp16 (max 65504) with
+    full precision down to 2**-29 of that largest magnitude. An all-zero tensor gets e = 0.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A codebook or projection.
+    name : str, optional
+        Layer name, used in messages.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    NonFiniteError
+        If the tensor holds NaN/Inf, or its magnitude needs |e| > :data:`MAX_FP16_EXPONENT`.
+
+    Examples
+    --------
+    >>> fp16_exponent(torch.tensor([1e5, -3.0])), fp16_exponent(torch.tensor([2.0**-30])), fp16_exponent(torch.ones(2))
+    (2, -45, -15)
+    """
+    label = f"layer {name!r}: " if name else ""
+    detached = tensor.detach()
+    if not bool(torch.isfinite(detached).all()):
+        raise NonFiniteError(
+            f"{label}a codebook or projection holds NaN/Inf; it cannot be stored (retrain or re-quantize)"
+        )
+    peak = float(detached.abs().max()) if detached.numel() else 0.0
+    if peak == 0.0:
+        return 0
+    mantissa, exponent = math.frexp(peak)  # peak = mantissa·2**exponent, mantissa in [0.5, 1)
+    ceil_log2 = exponent - 1 if mantissa == 0.5 else exponent
+    result = ceil_log2 - _FP16_TOP
+    if abs(result) > MAX_FP16_EXPONENT:
+        raise NonFiniteError(f"{label}magnitude {peak:g} is outside the range a stored fp16 scale covers")
+    return result
+
+
+def to_fp16(tensor: Tensor, exponent: int) -> Tensor:
+    """``tensor / 2**exponent`` rounded to fp16: what the file stores (exact scaling, one rounding)."""
+    return (tensor.detach().double() * 2.0**-exponent).to(torch.float16)
+
+
+def from_fp16(half: Tensor, exponent: int, like: Tensor) -> Tensor:
+    """Inverse of :func:`to_fp16`, in the dtype and on the device of ``like``."""
+    return (half.double() * 2.0**exponent).to(dtype=like.dtype, device=like.device)
+
+
+def round_to_fp16_grid(tensor: Tensor, *, name: str | None = None) -> Tensor:
+    """Round to the nearest value the file can store (fp16 times the tensor's power-of-two scale).
+
+    Keeps the dtype and device. Rounding twice changes nothing.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        The codebook or projection to round.
+    name : str, optional
+        Layer named in the error message.
+
+    Returns
+    -------
+    torch.Tensor
+        The rounded copy.
+
+    Raises
+    ------
+    NonFiniteError
+        If the tensor holds NaN/Inf (see :func:`fp16_exponent`).
+
+    Examples
+    --------
+    >>> round_to_fp16_grid(torch.tensor([1e6, 1.0001e6, 1e-9]))
+    tensor([1.0000e+06, 1.0000e+06, 0.0000e+00])
+    >>> round_to_fp16_grid(torch.tensor([3e-9, 1e-9])) != 0
+    tensor([True, True])
+    """
+    exponent = fp16_exponent(tensor, name=name)
+    return from_fp16(to_fp16(tensor, exponent), exponent, tensor)
+
+
+def _unit_exponent(tensor: Tensor) -> int:
+    """e with max|tensor| in [0.5, 1)·2**e: dividing by 2**e brings a tensor to unit scale exactly.
+
+    Clustering and assignment run at unit scale, so that they do not depend on the weights' magnitude
+    (at 1e-20 or 1e20 float32 squared distances would underflow or overflow).
+    """
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    exponent = math.frexp(peak)[1] if math.isfinite(peak) and peak > 0 else 0
+    return max(-120, min(120, exponent))  # 2**±120 is a normal float32
+
+
+def _ldexp(tensor: Tensor, exponent: int) -> Tensor:
+    """``tensor · 2**exponent``, exact (barring underflow), in the tensor's dtype."""
+    return tensor.detach() * torch.tensor(2.0**exponent, dtype=tensor.dtype) if exponent else tensor.detach()
 
 
 def _check_groups(name: str, module: nn.Module) -> None:
@@ -114,10 +311,16 @@ def _check_groups(name: str, module: nn.Module) -> None:
         )
 
 
+def _dense_weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)  # a Linear/Conv weight
+    return weight
+
+
 def _check_layer(name: str, module: nn.Module, plan: LayerPlan) -> None:
     """Check that ``plan`` fits ``module``: groups = 1, m divides the row length, k < number of subvectors."""
     _check_groups(name, module)
-    shape = tuple(module.weight.shape)  # type: ignore[arg-type]  # a Linear/Conv weight
+    shape = tuple(_dense_weight(module).shape)
     check_m(plan.m, row_length(shape), name=name)
     check_k(plan.k, n_subvectors(shape, plan.m), name=name)
 
@@ -125,36 +328,95 @@ def _check_layer(name: str, module: nn.Module, plan: LayerPlan) -> None:
 class _LR2VQLayer(nn.Module):
     """State, initialisation and quantization shared by the three compressed layer types."""
 
+    #: The dense layer type this one replaces, and the attributes it copies from it.
+    _dense_type: ClassVar[type[nn.Linear] | type[nn.Conv1d] | type[nn.Conv2d]]
+    _dense_attributes: ClassVar[tuple[str, ...]]
+
     Z: nn.Parameter | None
     P: nn.Parameter | None
     codebook: nn.Parameter | None
     codes: Tensor | None
     dkm_centroids: Tensor | None
     bias: nn.Parameter | None
+    state: LayerState
+    dkm_config: DKMConfig
 
-    def _setup(self, dense: nn.Linear | nn.Conv1d | nn.Conv2d, plan: LayerPlan, name: str | None) -> None:
+    def _setup(self, dense: _DenseLayer, plan: LayerPlan, name: str | None) -> None:
+        """Copy the dense layer's configuration and bias; no weight representation yet (the caller sets one)."""
         if not isinstance(plan, LayerPlan):
             raise InvalidParameterError(f"plan={plan!r} is invalid; expected a LayerPlan(k, m, d_tilde)")
         _check_layer(name or type(self).__name__, dense, plan)
+        for attribute in self._dense_attributes:
+            setattr(self, attribute, getattr(dense, attribute))
         self.plan = plan
         self.layer_name = name
         self.weight_shape: tuple[int, ...] = tuple(dense.weight.shape)
-        self.state = "lowrank"
-        self.dkm_options = dict(DKM_DEFAULTS)
+        self.state = LayerState.LOWRANK
+        self.dkm_config = DKMConfig()
         self.register_parameter("Z", None)
         self.register_parameter("P", None)
         self.register_parameter("codebook", None)
         self.register_buffer("codes", None)
         self.register_buffer("dkm_centroids", None)
-        dense_bias = getattr(dense, "bias", None)
-        self.bias = None if dense_bias is None else nn.Parameter(dense_bias.detach().clone())
-        self.init_from_weight(dense.weight)
+        self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach().clone())
+
+    @classmethod
+    def _shell(cls: type[_Layer], dense: _DenseLayer, plan: LayerPlan, name: str | None) -> _Layer:
+        """A layer with ``dense``'s configuration and bias, before any weight representation is set.
+
+        Skips the constructor, which would allocate and factorise a randomly initialised weight.
+        """
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._setup(dense, plan, name)
+        new.train(dense.training)
+        return new
+
+    @classmethod
+    def from_dense(cls: type[_Layer], layer: _DenseLayer, plan: LayerPlan, *, name: str | None = None) -> _Layer:
+        """Compressed copy of a pretrained layer in the low-rank state (Z and P from its spectrum).
+
+        Parameters
+        ----------
+        layer : torch.nn.Linear, Conv1d or Conv2d
+            The pretrained layer, of this class's dense type (``groups=1``); it is not modified.
+        plan : LayerPlan
+            k, m and d̃ of this layer.
+        name : str, optional
+            Layer name, used in messages.
+        """
+        if not isinstance(layer, cls._dense_type):
+            raise InvalidParameterError(
+                f"{cls.__name__}.from_dense needs a {cls._dense_type.__name__}, got {type(layer).__name__}"
+            )
+        return cls._shell(layer, plan, name).init_from_weight(layer.weight.detach())
 
     # ---------------------------------------------------------------------------------------------
-    # construction and state changes
+    # state changes
+
+    def _transition(self, action: str) -> LayerState:
+        """Check that ``action`` is allowed in the current state; return the state it leads to."""
+        allowed, target = TRANSITIONS[action]
+        self._require_state(action, allowed)
+        return target
+
+    def _require_state(self, action: str, allowed: tuple[LayerState, ...]) -> None:
+        if self.state not in allowed:
+            names = tuple(sorted(state.value for state in allowed))
+            raise StateError(
+                f"layer {self.layer_name!r}: cannot {action.replace('_', ' ')} in state '{self.state}'; "
+                f"allowed states are {names}"
+            )
+
+    def _like(self) -> Tensor:
+        """A tensor with the layer's dtype and device (whichever representation is current)."""
+        for tensor in (self.Z, self.codebook, self.bias):
+            if tensor is not None:
+                return tensor
+        raise StateError(f"layer {self.layer_name!r} holds no weight representation")
 
     @torch.no_grad()
-    def init_from_weight(self, weight: Tensor) -> _LR2VQLayer:
+    def init_from_weight(self: _Layer, weight: Tensor) -> _Layer:
         """Set Z and P from a dense weight by its spectrum (best rank-d̃ fit) and return to the low-rank state.
 
         Parameters
@@ -166,48 +428,42 @@ class _LR2VQLayer(nn.Module):
         -------
         self
         """
+        target = self._transition("init_from_weight")
         if tuple(weight.shape) != self.weight_shape:
             raise InvalidWeightsError(
                 f"layer {self.layer_name!r}: weight shape {tuple(weight.shape)} != layer shape {self.weight_shape}"
             )
-        like = {"dtype": weight.dtype, "device": weight.device}
         subvectors = to_subvectors(weight, self.plan.m, name=self.layer_name)  # float64 numpy, checked finite
         if self.plan.is_pq:
             z, projection = subvectors, None
         else:
             spectrum = compute_spectrum(subvectors)
-            d_tilde = int(self.plan.d_tilde)  # type: ignore[arg-type]  # an int after LayerPlan.__post_init__
-            z, projection = spectrum.project(subvectors, d_tilde), spectrum.projection(d_tilde)
-        self.Z = nn.Parameter(torch.as_tensor(z, **like))  # type: ignore[arg-type]
-        self.P = None if projection is None else nn.Parameter(torch.as_tensor(projection, **like))  # type: ignore[arg-type]
+            z, projection = spectrum.project(subvectors, self.plan.d_tilde), spectrum.projection(self.plan.d_tilde)
+        self.Z = nn.Parameter(torch.as_tensor(z, dtype=weight.dtype, device=weight.device))
+        self.P = None if projection is None else nn.Parameter(torch.as_tensor(projection).to(weight))
         self.codebook = None
         self.codes = None
         self.dkm_centroids = None
-        self.state = "lowrank"
+        self.state = target
         return self
 
-    def _require_state(self, action: str, *allowed: str) -> None:
-        if self.state not in allowed:
-            raise InvalidParameterError(
-                f"layer {self.layer_name!r}: cannot {action} in state {self.state!r}; allowed states are {allowed}"
-            )
-
-    def _cluster(self, seed: int, kmeans_options: Mapping[str, Any]) -> Tensor:
-        z = self.Z.detach()  # type: ignore[union-attr]
+    def _initial_centroids(self, z: Tensor, seed: int, kmeans_options: Mapping[str, Any]) -> Tensor:
         options = dict(kmeans_options)
-        config = options.pop("config", QUANTIZE_KMEANS)  # capped iterations: see docs/kmeans.md
-        return kmeans(
-            z, self.plan.k, seed=check_seed(seed), name=self.layer_name, config=config, **options
-        ).centroids.to(z.dtype)
+        config = options.pop("config", None) or QUANTIZE_KMEANS  # capped iterations: see docs/kmeans.md
+        exponent = _unit_exponent(z)
+        result = kmeans(
+            _ldexp(z, -exponent), self.plan.k, seed=check_seed(seed), name=self.layer_name, config=config, **options
+        )
+        return _ldexp(result.centroids.to(z.dtype), exponent)
 
     @torch.no_grad()
-    def quantize(self, seed: int = 0, **kmeans_options: Any) -> _LR2VQLayer:
+    def quantize(self: _Layer, seed: int = 0, **kmeans_options: int | float | KMeansConfig) -> _Layer:
         """Replace Z by codes into a k × d̃ codebook; the layer moves to the ``"quantized"`` state.
 
         From ``"lowrank"`` the codebook is the k-means of Z (:func:`~lr2vq_analysis.kmeans.kmeans`);
         from ``"dkm"`` it is the current DKM centroids (the soft assignment becomes hard). The codebook and
-        P are rounded to fp16-representable values (what :func:`~lr2vq_analysis.export.save_compressed`
-        stores), then every subvector gets the code of its nearest rounded centroid.
+        P are rounded to the fp16 grid the file stores (see the module docstring), then every subvector gets
+        the code of its nearest rounded centroid.
 
         Parameters
         ----------
@@ -223,23 +479,43 @@ class _LR2VQLayer(nn.Module):
 
         Raises
         ------
-        InvalidParameterError
+        StateError
             If the layer is already quantized.
+        NonFiniteError
+            If the centroids or P hold NaN/Inf (e.g. after a diverged training run).
         """
-        self._require_state("quantize", "lowrank", "dkm")
-        z = self.Z.detach()  # type: ignore[union-attr]
-        if self.state == "lowrank":
-            centroids = self._cluster(seed, kmeans_options)
+        self._transition("quantize")
+        assert self.Z is not None
+        z = self.Z.detach()
+        if self.state is LayerState.DKM and self.dkm_centroids is not None:
+            centroids = self.dkm_centroids.detach()
         else:
-            centroids = self.dkm_centroids.detach()  # type: ignore[union-attr]
-        codebook = _round_fp16(centroids)
-        codes, _ = assign(z, codebook)
-        projection = None if self.P is None else _round_fp16(self.P.detach())
-        self.set_quantized(codes, codebook, projection)
-        return self
+            centroids = self._initial_centroids(z, seed, kmeans_options)
+        codebook = round_to_fp16_grid(centroids, name=self.layer_name)
+        exponent = _unit_exponent(z)  # assign at unit scale, where float32 squared distances cannot overflow
+        codes, _ = assign(_ldexp(z, -exponent), _ldexp(codebook, -exponent))
+        projection = None if self.P is None else round_to_fp16_grid(self.P.detach(), name=self.layer_name)
+        return self.set_quantized(codes, codebook, projection)
+
+    def _check_quantized(self, codes: Tensor, codebook: Tensor, projection: Tensor | None) -> None:
+        n = n_subvectors(self.weight_shape, self.plan.m)
+        k, m, d = self.plan.k, self.plan.m, self.plan.d_tilde
+        label = f"layer {self.layer_name!r}: "
+        if tuple(codes.shape) != (n,) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise InvalidParameterError(f"{label}codes must be {n} integers, got {codes.dtype} of shape {codes.shape}")
+        if n and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise InvalidParameterError(f"{label}codes must lie in 0..{k - 1} (k={k})")
+        if tuple(codebook.shape) != (k, d):
+            raise InvalidParameterError(f"{label}codebook must have shape ({k}, {d}), got {tuple(codebook.shape)}")
+        expected_projection = None if d == m else (d, m)
+        got_projection = None if projection is None else tuple(projection.shape)
+        if got_projection != expected_projection:
+            raise InvalidParameterError(f"{label}projection must be {expected_projection}, got {got_projection}")
 
     @torch.no_grad()
-    def set_quantized(self, codes: Tensor, codebook: Tensor, projection: Tensor | None = None) -> _LR2VQLayer:
+    def set_quantized(
+        self: _Layer, codes: Tensor, codebook: Tensor, projection: Tensor | None = None, *, like: Tensor | None = None
+    ) -> _Layer:
         """Put the layer into the ``"quantized"`` state with the given codes, codebook and projection.
 
         Parameters
@@ -248,6 +524,8 @@ class _LR2VQLayer(nn.Module):
         codebook : torch.Tensor of shape (k, d̃)
         projection : torch.Tensor of shape (d̃, m), or None for PQ (d̃ = m)
             All three are moved to the layer's device, and the last two to its dtype.
+        like : torch.Tensor, optional
+            Take dtype and device from this tensor instead of the layer's current representation.
 
         Returns
         -------
@@ -258,89 +536,65 @@ class _LR2VQLayer(nn.Module):
         InvalidParameterError
             If a shape or a code does not fit the layer's plan.
         """
-        n = n_subvectors(self.weight_shape, self.plan.m)
-        k, m, d = self.plan.k, self.plan.m, self.plan.d_tilde
-        label = f"layer {self.layer_name!r}: "
-        if tuple(codes.shape) != (n,) or codes.dtype.is_floating_point:
-            raise InvalidParameterError(f"{label}codes must be {n} integers, got {codes.dtype} of shape {codes.shape}")
-        if n and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise InvalidParameterError(f"{label}codes must lie in 0..{k - 1} (k={k})")
-        if tuple(codebook.shape) != (k, d):
-            raise InvalidParameterError(f"{label}codebook must have shape ({k}, {d}), got {tuple(codebook.shape)}")
-        expected_projection = None if d == m else (d, m)
-        got_projection = None if projection is None else tuple(projection.shape)
-        if got_projection != expected_projection:
-            raise InvalidParameterError(f"{label}projection must be {expected_projection}, got {got_projection}")
-        current = next(t for t in (self.Z, self.codebook) if t is not None)  # the layer's dtype and device
+        target = self._transition("set_quantized")
+        self._check_quantized(codes, codebook, projection)
+        current = self._like() if like is None else like
         self.Z = None
         self.dkm_centroids = None
         # Contiguous copies: k-means may hand back views, and optimizers and exporters want dense storage.
         self.codes = codes.to(device=current.device, dtype=torch.int64).contiguous()
         self.codebook = nn.Parameter(codebook.to(device=current.device, dtype=current.dtype).contiguous())
-        self.P = (
-            None
-            if projection is None
-            else nn.Parameter(projection.to(device=current.device, dtype=current.dtype).contiguous())
-        )
-        self.state = "quantized"
+        self.P = None if projection is None else nn.Parameter(projection.to(current).contiguous())
+        self.state = target
         return self
 
     @torch.no_grad()
-    def start_dkm(
-        self,
-        *,
-        seed: int = 0,
-        tau: float = DKM_DEFAULTS["tau"],
-        max_iter: int = int(DKM_DEFAULTS["max_iter"]),
-        epsilon: float = DKM_DEFAULTS["epsilon"],
-        **kmeans_options: Any,
-    ) -> _LR2VQLayer:
+    def start_dkm(self: _Layer, config: DKMConfig | None = None, *, seed: int = 0) -> _Layer:
         """Move from ``"lowrank"`` to ``"dkm"``: soft, differentiable assignment of Z to k centroids.
 
-        The centroids start as the k-means of Z; each training forward pass then runs up to ``max_iter``
-        soft k-means updates (differentiable, as in DKM) and keeps the result for the next step.
-        Memory grows as n × k (the attention matrix), as in DKM.
+        The centroids start as the k-means of Z; each training forward pass then runs up to
+        ``config.soft_iter`` soft k-means updates (differentiable, as in DKM) and keeps the result for the
+        next step. Memory grows as n × k (the attention matrix), as in DKM.
 
         Parameters
         ----------
+        config : DKMConfig, optional
+            Temperature, soft iterations and the initial k-means' options (default: ``DKMConfig()``).
         seed : int, default 0
             Seed of the initial k-means.
-        tau : float, default 1e-4
-            Softmax temperature, in units of Euclidean distance between subvectors (coremltools' default).
-        max_iter : int, default 3
-            Soft k-means updates per forward pass.
-        epsilon : float, default 1e-4
-            The updates stop once no centroid coordinate moves by more than this.
-        **kmeans_options
-            Passed to :func:`~lr2vq_analysis.kmeans.kmeans` for the initial centroids.
 
         Returns
         -------
         self
+
+        Raises
+        ------
+        StateError
+            If the layer is not in the ``"lowrank"`` state.
         """
-        self._require_state("start DKM", "lowrank")
-        if not (tau > 0 and math.isfinite(tau)):
-            raise InvalidParameterError(f"layer {self.layer_name!r}: tau={tau!r} is invalid; tau must be > 0")
-        if int(max_iter) < 1 or epsilon < 0:
-            raise InvalidParameterError(
-                f"layer {self.layer_name!r}: max_iter={max_iter!r}, epsilon={epsilon!r} are invalid; "
-                "need max_iter >= 1 and epsilon >= 0"
-            )
-        self.dkm_centroids = self._cluster(seed, kmeans_options)
-        self.dkm_options = {"tau": float(tau), "max_iter": int(max_iter), "epsilon": float(epsilon)}
-        self.state = "dkm"
+        target = self._transition("start_dkm")
+        config = _check_dkm_config(config)
+        assert self.Z is not None
+        self.dkm_centroids = self._initial_centroids(self.Z.detach(), seed, {"config": config.kmeans})
+        self.dkm_config = config
+        self.state = target
         return self
 
     @torch.no_grad()
-    def round_fp16_(self) -> _LR2VQLayer:
-        """Round the codebook and P in place to fp16-representable values (as the file stores them).
+    def round_fp16_(self: _Layer) -> _Layer:
+        """Round the codebook and P in place to the fp16 grid the file stores (see the module docstring).
 
         :meth:`quantize` already does this; call it again after fine-tuning the codebook, so that the
         in-memory model and the saved one give identical outputs.
+
+        Raises
+        ------
+        NonFiniteError
+            If the codebook or P holds NaN/Inf.
         """
         for tensor in (self.codebook, self.P):
             if tensor is not None:
-                tensor.copy_(_round_fp16(tensor))
+                tensor.copy_(round_to_fp16_grid(tensor, name=self.layer_name))
         return self
 
     # ---------------------------------------------------------------------------------------------
@@ -348,42 +602,47 @@ class _LR2VQLayer(nn.Module):
 
     def _dkm_points(self) -> Tensor:
         """DKM's soft reconstruction of Z: attention-weighted centroids after a few soft k-means updates."""
-        z = self.Z
-        assert z is not None and self.dkm_centroids is not None
-        centroids = self.dkm_centroids.clone()  # the buffer is updated in place below; the graph keeps this copy
-        tau, epsilon = self.dkm_options["tau"], self.dkm_options["epsilon"]
+        z, stored = self.Z, self.dkm_centroids
+        assert z is not None and stored is not None
+        centroids = stored.clone()  # the buffer is updated in place below; the graph keeps this copy
+        config = self.dkm_config
 
         def attention(c: Tensor) -> Tensor:
-            return torch.softmax(-torch.cdist(z, c) / tau, dim=1)
+            return torch.softmax(-torch.cdist(z, c) / config.tau, dim=1)
 
-        for _ in range(int(self.dkm_options["max_iter"])):
+        for _ in range(config.soft_iter):
             weights = attention(centroids)
             mass = weights.sum(dim=0)[:, None]
             updated = torch.where(mass > _TINY, weights.T @ z / mass.clamp_min(_TINY), centroids)
-            converged = bool((updated - centroids).abs().max() <= epsilon)
+            converged = bool((updated - centroids).abs().max() <= config.epsilon)
             centroids = updated
             if converged:
                 break
         if self.training:
             with torch.no_grad():
-                self.dkm_centroids.copy_(centroids)
+                stored.copy_(centroids)
         return attention(centroids) @ centroids
 
     @property
     def weight(self) -> Tensor:
         """The dense weight this layer currently computes with (differentiable in its trainable tensors)."""
-        if self.state == "lowrank":
-            return reconstruct_weight(self.Z, self.P, self.weight_shape)  # type: ignore[arg-type]
-        if self.state == "quantized":
-            return reconstruct_weight(self.codebook, self.P, self.weight_shape, self.codes)  # type: ignore[arg-type]
-        return reconstruct_weight(self._dkm_points(), self.P, self.weight_shape)
+        if self.state is LayerState.QUANTIZED:
+            assert self.codebook is not None and self.codes is not None
+            return reconstruct_weight(self.codebook, self.P, self.weight_shape, self.codes)
+        if self.state is LayerState.DKM:
+            return reconstruct_weight(self._dkm_points(), self.P, self.weight_shape)
+        assert self.Z is not None
+        return reconstruct_weight(self.Z, self.P, self.weight_shape)
 
     def hard_codes(self) -> Tensor:
         """Code of every subvector: the stored codes (quantized), or the nearest DKM centroid now (DKM)."""
-        if self.state == "quantized":
-            return self.codes  # type: ignore[return-value]
-        self._require_state("read codes", "quantized", "dkm")
-        return assign(self.Z.detach(), self.dkm_centroids)[0]  # type: ignore[union-attr, arg-type]
+        self._require_state("read codes", (LayerState.QUANTIZED, LayerState.DKM))
+        if self.state is LayerState.QUANTIZED:
+            assert self.codes is not None
+            return self.codes
+        assert self.Z is not None and self.dkm_centroids is not None
+        exponent = _unit_exponent(self.Z)
+        return assign(_ldexp(self.Z.detach(), -exponent), _ldexp(self.dkm_centroids, -exponent))[0]
 
     def compressed_bits(self) -> dict[str, float]:
         """Bits of the compressed weight (codes, codebook, projection) by the package's accounting; bias excluded."""
@@ -406,6 +665,14 @@ class _LR2VQLayer(nn.Module):
             f"{self._dense_repr()}, k={plan.k}, m={plan.m}, d_tilde={plan.d_tilde}, state={self.state}, "
             f"bits={bits:.0f} ({per_weight:.3f} bits/weight)"
         )
+
+
+def _check_dkm_config(config: object) -> DKMConfig:
+    if config is None:
+        return DKMConfig()
+    if not isinstance(config, DKMConfig):
+        raise InvalidParameterError(f"dkm={config!r} is invalid; expected a DKMConfig(tau=..., soft_iter=..., ...)")
+    return config
 
 
 class LR2VQLinear(_LR2VQLayer):
@@ -436,6 +703,11 @@ class LR2VQLinear(_LR2VQLayer):
     torch.Size([3, 6])
     """
 
+    _dense_type = nn.Linear
+    _dense_attributes = ("in_features", "out_features")
+    in_features: int
+    out_features: int
+
     def __init__(
         self,
         in_features: int,
@@ -444,27 +716,13 @@ class LR2VQLinear(_LR2VQLayer):
         *,
         plan: LayerPlan,
         name: str | None = None,
-        device: Any = None,
-        dtype: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self._setup(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype), plan, name)
-
-    @classmethod
-    def from_dense(cls, layer: nn.Linear, plan: LayerPlan, *, name: str | None = None) -> LR2VQLinear:
-        """Compressed copy of a pretrained ``nn.Linear`` in the low-rank state (Z and P from its spectrum)."""
-        new = cls(
-            layer.in_features,
-            layer.out_features,
-            layer.bias is not None,
-            plan=plan,
-            name=name,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        return _copy_dense(new, layer)
+        dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup(dense, plan, name)
+        self.init_from_weight(dense.weight.detach())
 
     def _forward_dense(self, input: Tensor, weight: Tensor) -> Tensor:
         return F.linear(input, weight, self.bias)
@@ -473,15 +731,30 @@ class LR2VQLinear(_LR2VQLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+_ConvArg = int | tuple[int, ...]
+
+
 class _LR2VQConv(_LR2VQLayer):
     """Convolution plumbing shared by the 1-D and 2-D layers (mirrors torch's ``_ConvNd``)."""
 
-    _dense_type: type[nn.Conv1d] | type[nn.Conv2d]
+    _dense_type: ClassVar[type[nn.Conv1d] | type[nn.Conv2d]]
+    _conv: ClassVar[Callable[..., Tensor]]
+    _dense_attributes = (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "_reversed_padding_repeated_twice",
+    )
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
-    padding: Any
+    padding: str | tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str
@@ -491,21 +764,22 @@ class _LR2VQConv(_LR2VQLayer):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Any,
-        stride: Any = 1,
-        padding: Any = 0,
-        dilation: Any = 1,
+        kernel_size: _ConvArg,
+        stride: _ConvArg = 1,
+        padding: str | _ConvArg = 0,
+        dilation: _ConvArg = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
         plan: LayerPlan,
         name: str | None = None,
-        device: Any = None,
-        dtype: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dense = self._dense_type(
+        factory: Callable[..., nn.Conv1d | nn.Conv2d] = self._dense_type  # torch types its arguments per dimension
+        dense = factory(
             in_channels,
             out_channels,
             kernel_size,
@@ -514,46 +788,15 @@ class _LR2VQConv(_LR2VQLayer):
             dilation=dilation,
             groups=groups,
             bias=bias,
-            padding_mode=padding_mode,  # type: ignore[arg-type]  # torch checks the value
+            padding_mode=padding_mode,
             device=device,
             dtype=dtype,
         )
-        for attribute in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "groups",
-            "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):
-            setattr(self, attribute, getattr(dense, attribute))
         self._setup(dense, plan, name)
-
-    @classmethod
-    def from_dense(cls, layer: nn.Conv1d | nn.Conv2d, plan: LayerPlan, *, name: str | None = None) -> Any:
-        """Compressed copy of a pretrained convolution in the low-rank state (Z and P from its spectrum)."""
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            plan=plan,
-            name=name,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        return _copy_dense(new, layer)
+        self.init_from_weight(dense.weight.detach())
 
     def _forward_dense(self, input: Tensor, weight: Tensor) -> Tensor:
-        conv: Any = F.conv1d if self._dense_type is nn.Conv1d else F.conv2d
+        conv = type(self)._conv
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(input, weight, self.bias, self.stride, 0, self.dilation, self.groups)
@@ -582,6 +825,7 @@ class LR2VQConv1d(_LR2VQConv):
     """
 
     _dense_type = nn.Conv1d
+    _conv = staticmethod(F.conv1d)
 
 
 class LR2VQConv2d(_LR2VQConv):
@@ -598,34 +842,28 @@ class LR2VQConv2d(_LR2VQConv):
     >>> layer.state, tuple(layer.Z.shape), tuple(layer.P.shape)
     ('lowrank', (32, 3), (3, 9))
     >>> layer = layer.quantize(seed=0)
-    >>> layer.state, tuple(layer.codes.shape), tuple(layer.codebook.shape)
-    ('quantized', (32,), (8, 3))
+    >>> layer
+    LR2VQConv2d(4, 8, kernel_size=(3, 3), ..., k=8, m=9, d_tilde=3, state=quantized, bits=...)
+    >>> tuple(layer.codes.shape), tuple(layer.codebook.shape)
+    ((32,), (8, 3))
     >>> layer(torch.randn(1, 4, 5, 5)).shape
     torch.Size([1, 8, 5, 5])
     """
 
     _dense_type = nn.Conv2d
+    _conv = staticmethod(F.conv2d)
 
 
-def _copy_dense(new: Any, layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> Any:
-    new.init_from_weight(layer.weight.detach())
-    if layer.bias is not None:
-        with torch.no_grad():
-            new.bias.copy_(layer.bias)
-    new.train(layer.training)
-    return new
-
-
-_COMPRESSED_TYPES: tuple[tuple[type[nn.Module], Any], ...] = (
+_COMPRESSED_TYPES: tuple[tuple[type[nn.Module], type[_LR2VQLayer]], ...] = (
     (nn.Conv1d, LR2VQConv1d),
     (nn.Conv2d, LR2VQConv2d),
     (nn.Linear, LR2VQLinear),
 )
 
 
-def _compressed_type(module: nn.Module) -> Any:
+def _compressed_type(module: nn.Module) -> type[_LR2VQLayer] | None:
     for dense_type, compressed_type in _COMPRESSED_TYPES:
-        if isinstance(module, dense_type) and not isinstance(module, _LR2VQLayer):
+        if isinstance(module, dense_type):
             return compressed_type
     return None
 
@@ -655,7 +893,7 @@ def _listing(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _check_plan(model: nn.Module, plan: Any) -> dict[str, LayerPlan]:
+def _check_plan(model: nn.Module, plan: object) -> dict[str, LayerPlan]:
     """Validate a plan against a model; return it as {weight key: LayerPlan} in the model's layer order."""
     if not isinstance(plan, Mapping):
         raise InvalidParameterError(f"plan must be a mapping {{weight key: LayerPlan}}, got {type(plan).__name__}")
@@ -721,18 +959,24 @@ class CompressedModel(nn.Module):
 
     def compressed_layers(self) -> dict[str, _LR2VQLayer]:
         """Plan key → compressed layer, in model order."""
-        return {key: self.module.get_submodule(key.rpartition(".")[0]) for key in self._plan}  # type: ignore[misc]
+        layers = {}
+        for key in self._plan:
+            layer = self.module.get_submodule(key.rpartition(".")[0])
+            if not isinstance(layer, _LR2VQLayer):
+                raise StateError(f"layer {key!r} of the plan is a {type(layer).__name__}, no longer a compressed layer")
+            layers[key] = layer
+        return layers
 
     def _layers(self) -> Iterator[_LR2VQLayer]:
         return iter(self.compressed_layers().values())
 
     @property
     def state(self) -> str:
-        """The state shared by every compressed layer, or ``"mixed"``."""
+        """The :class:`LayerState` shared by every compressed layer, or ``"mixed"``."""
         states = {layer.state for layer in self._layers()}
         return states.pop() if len(states) == 1 else "mixed"
 
-    def quantize(self, seed: int = 0, **kmeans_options: Any) -> CompressedModel:
+    def quantize(self, seed: int = 0, **kmeans_options: int | float | KMeansConfig) -> CompressedModel:
         """Quantize every compressed layer (see :meth:`LR2VQLinear.quantize`); return self.
 
         Every layer's k-means uses the same ``seed``; ``kmeans_options`` go to
@@ -743,15 +987,16 @@ class CompressedModel(nn.Module):
             layer.quantize(seed, **kmeans_options)
         return self
 
-    def start_dkm(self, *, seed: int = 0, **options: Any) -> CompressedModel:
+    def start_dkm(self, config: DKMConfig | None = None, *, seed: int = 0) -> CompressedModel:
         """Move every compressed layer from ``"lowrank"`` to ``"dkm"`` (see :meth:`LR2VQLinear.start_dkm`)."""
         check_seed(seed)
+        config = _check_dkm_config(config)
         for layer in self._layers():
-            layer.start_dkm(seed=seed, **options)
+            layer.start_dkm(config, seed=seed)
         return self
 
     def round_fp16_(self) -> CompressedModel:
-        """Round every codebook and projection to fp16-representable values, in place (what the file stores)."""
+        """Round every codebook and projection to the fp16 grid the file stores, in place."""
         for layer in self._layers():
             layer.round_fp16_()
         return self
@@ -768,13 +1013,29 @@ def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
+def _build(
+    model: nn.Module, plan: Mapping[str, LayerPlan], make: Callable[[type[_LR2VQLayer], _DenseLayer, str], nn.Module]
+) -> CompressedModel:
+    """Replace each planned layer of ``model`` (modified in place) by ``make(type, dense layer, key)``."""
+    module = model
+    for key in plan:
+        module_name = key.rpartition(".")[0]
+        dense = module.get_submodule(module_name)
+        compressed_type = _compressed_type(dense)
+        assert compressed_type is not None and isinstance(dense, (nn.Linear, nn.Conv1d, nn.Conv2d))  # _check_plan
+        module = _replace_submodule(module, module_name, make(compressed_type, dense, key))
+    cmodel = CompressedModel(module, plan)
+    cmodel.train(model.training)
+    return cmodel
+
+
 def compress(
     model: nn.Module,
     plan: Mapping[str, LayerPlan],
     *,
     seed: int = 0,
     method: str = "lr2vq",
-    **dkm_options: Any,
+    dkm: DKMConfig | None = None,
 ) -> CompressedModel:
     """Copy a model and replace the planned layers by LR²VQ layers initialised from their weights.
 
@@ -791,9 +1052,9 @@ def compress(
         ``"lr2vq"``: layers start in the ``"lowrank"`` state (train Z and P, then :meth:`CompressedModel.quantize`).
         ``"dkm"``: layers start in the ``"dkm"`` state, with centroids from k-means on Z (on the subvectors
         themselves when d̃ = m: vanilla DKM).
-    **dkm_options
-        ``tau``, ``max_iter``, ``epsilon`` for ``method="dkm"`` (defaults: :data:`DKM_DEFAULTS`), and
-        k-means options for its initial centroids.
+    dkm : DKMConfig, optional
+        DKM's options for ``method="dkm"`` (temperature, soft iterations, the initial k-means' options);
+        default ``DKMConfig()``.
 
     Returns
     -------
@@ -804,7 +1065,7 @@ def compress(
     InvalidParameterError
         If the plan names a layer the model lacks (the message lists the compressible ones), a grouped or
         depthwise convolution, an m that does not divide the layer's row length, a k not below its number
-        of subvectors, or if ``method`` is unknown.
+        of subvectors, if ``method`` is unknown, or ``dkm`` is given without ``method="dkm"``.
     InvalidWeightsError
         If the model has no compressible layer, or a planned weight holds NaN/Inf or only zeros.
 
@@ -815,25 +1076,23 @@ def compress(
     >>> cmodel = compress(model, {"0.weight": LayerPlan(k=16, m=4, d_tilde=2)})
     >>> list(cmodel.compressed_layers()), cmodel.state
     (['0.weight'], 'lowrank')
-    >>> cmodel.quantize(seed=0).state
-    'quantized'
+    >>> cmodel.quantize(seed=0).state == "quantized"
+    True
     >>> cmodel(torch.randn(5, 16)).shape
     torch.Size([5, 4])
+    >>> compress(model, {"0.weight": LayerPlan(k=16, m=4)}, method="dkm", dkm=DKMConfig(tau=1e-3)).state
+    'dkm'
     """
     check_seed(seed)
     if method not in METHODS:
         raise InvalidParameterError(f"method={method!r} is invalid; allowed methods are {METHODS}")
-    if method != "dkm" and dkm_options:
-        raise InvalidParameterError(f"options {sorted(dkm_options)} are only accepted with method='dkm'")
+    if method != "dkm" and dkm is not None:
+        raise InvalidParameterError(f"dkm={dkm!r} is only accepted with method='dkm'")
+    config = _check_dkm_config(dkm)
     checked = _check_plan(model, plan)
-    module = copy.deepcopy(model)
-    for key in checked:
-        module_name = key.rpartition(".")[0]
-        dense = module.get_submodule(module_name)
-        compressed = _compressed_type(dense).from_dense(dense, checked[key], name=key)
-        module = _replace_submodule(module, module_name, compressed)
-    cmodel = CompressedModel(module, checked)
-    cmodel.train(model.training)
+    cmodel = _build(
+        copy.deepcopy(model), checked, lambda kind, dense, key: kind.from_dense(dense, checked[key], name=key)
+    )
     if method == "dkm":
-        cmodel.start_dkm(seed=seed, **dkm_options)
+        cmodel.start_dkm(config, seed=seed)
     return cmodel

@@ -11,7 +11,7 @@ from ._validation import InvalidParameterError, check_d_tilde, check_k, check_m
 __all__ = ["LayerPlan", "effective_k"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LayerPlan:
     """How one layer is compressed.
 
@@ -35,15 +35,12 @@ class LayerPlan:
 
     k: int
     m: int
-    d_tilde: int | None = None
+    d_tilde: int  # always an int: omitted or None means m
 
-    def __post_init__(self) -> None:
-        check_k(self.k)
-        m = check_m(self.m)
-        d = m if self.d_tilde is None else check_d_tilde(self.d_tilde, m)
-        object.__setattr__(self, "k", int(self.k))
-        object.__setattr__(self, "m", m)
-        object.__setattr__(self, "d_tilde", d)
+    def __init__(self, k: int, m: int, d_tilde: int | None = None) -> None:
+        object.__setattr__(self, "k", check_k(k))
+        object.__setattr__(self, "m", check_m(m))
+        object.__setattr__(self, "d_tilde", self.m if d_tilde is None else check_d_tilde(d_tilde, self.m))
 
     @property
     def is_pq(self) -> bool:
@@ -64,7 +61,7 @@ class LayerPlan:
         n_weights = math.prod(shape)
         if n_weights % self.m:
             raise InvalidParameterError(f"m={self.m} does not divide the {n_weights} weights of shape {tuple(shape)}")
-        d = int(self.d_tilde)  # type: ignore[arg-type]  # set in __post_init__
+        d = self.d_tilde
         return {
             "codes": float(n_weights // self.m * math.log2(self.k)),
             "codebook": float(self.k * d * 16),

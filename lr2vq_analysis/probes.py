@@ -12,6 +12,7 @@ error on all subvectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from .kmeans import assign, kmeans
 from .spectrum import Spectrum, compute_spectrum
 from .subvectors import to_subvectors
 
-__all__ = ["ProbeResult", "run_probe", "clustering_error", "clustering_error_curve"]
+__all__ = ["DEFAULT_MAX_HELDOUT", "ProbeResult", "run_probe", "clustering_error", "clustering_error_curve"]
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,50 @@ class ProbeResult:
         return heldout_sum * n / (n - t)
 
 
-def _coordinates(spectrum: Spectrum, subvectors: np.ndarray, d_tilde: int, device: Any) -> torch.Tensor:
-    z = spectrum.project(subvectors, d_tilde)
+#: A subsampled probe measures its held-out error on at most this many held-out subvectors: the
+#: :data:`HELDOUT_TOP` largest (where far outliers hide) exactly, plus a uniform sample of the rest.
+DEFAULT_MAX_HELDOUT: int = 2**16
+HELDOUT_TOP: int = 2**12
+
+
+def _coordinates(
+    spectrum: Spectrum, subvectors: np.ndarray, d_tilde: int, scale: float, rows: np.ndarray | None, device: Any
+) -> torch.Tensor:
+    """Float32 principal coordinates of the given rows (all rows when None), divided by ``scale``.
+
+    Dividing by the subvectors' RMS norm puts k-means on unit-scale data, so its float32 distances
+    neither overflow (weights at 1e19) nor underflow (weights at 1e-23).
+    """
+    x = subvectors if rows is None else subvectors[rows]
+    z = np.asarray(x, dtype=np.float64) @ (spectrum.projection(d_tilde).T / scale)
     return torch.as_tensor(z, dtype=torch.float32, device=device)
+
+
+def _heldout_sample(
+    subvectors: np.ndarray, train_rows: np.ndarray, max_heldout: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out rows to assign and the number of held-out subvectors each stands for.
+
+    All held-out rows when they are at most ``max_heldout``; else the :data:`HELDOUT_TOP` rows of
+    largest norm (weight 1, so a far outlier is never missed) and a uniform sample of the others
+    (each standing for its share of them): an unbiased estimate of the held-out sums.
+    """
+    n = subvectors.shape[0]
+    heldout = np.ones(n, dtype=bool)
+    heldout[train_rows] = False
+    n_heldout = n - train_rows.size
+    if max_heldout is None or n_heldout <= max_heldout:
+        rows = np.flatnonzero(heldout)
+        return rows, np.ones(rows.size)
+    top_count = min(HELDOUT_TOP, max_heldout // 2)
+    norms = np.einsum("ij,ij->i", subvectors, subvectors)
+    norms[train_rows] = -1.0
+    top = np.argpartition(norms, n - top_count)[n - top_count :]
+    heldout[top] = False
+    rest = np.flatnonzero(heldout)
+    sample = rng.choice(rest, max_heldout - top_count, replace=False)
+    weights = np.concatenate([np.ones(top_count), np.full(sample.size, rest.size / sample.size)])
+    return np.concatenate([top, sample]), weights
 
 
 def run_probe(
@@ -128,8 +170,12 @@ def run_probe(
     max_iter: int = 300,
     device: str | torch.device | None = None,
     name: str | None = None,
+    max_heldout: int | None = DEFAULT_MAX_HELDOUT,
 ) -> ProbeResult:
     """Run k-means once on Z = top-d̃ principal coordinates and report its errors.
+
+    Only the rows a probe uses are projected (each d̃ slices the same eigenvectors), and k-means runs
+    on coordinates divided by the subvectors' RMS norm, so the errors do not depend on the scale.
 
     Parameters
     ----------
@@ -151,6 +197,9 @@ def run_probe(
         Where k-means runs (default CPU).
     name : str, optional
         Layer name, used in error messages.
+    max_heldout : int or None, default DEFAULT_MAX_HELDOUT
+        When subsampled, estimate the held-out errors from at most this many held-out subvectors
+        (the :data:`HELDOUT_TOP` largest exactly, a uniform sample of the rest); None assigns all.
 
     Returns
     -------
@@ -159,7 +208,7 @@ def run_probe(
     Raises
     ------
     InvalidParameterError
-        If k, d_tilde, seed or max_points_per_centroid is invalid.
+        If k, d_tilde, seed, max_points_per_centroid or max_heldout is invalid.
 
     Examples
     --------
@@ -175,40 +224,43 @@ def run_probe(
     d_tilde = check_d_tilde(d_tilde, spectrum.m, name=name)
     seed = check_seed(seed)
     max_points_per_centroid = check_param("max_points_per_centroid", max_points_per_centroid)
+    max_heldout = check_param("max_points_per_centroid", max_heldout, label="max_heldout")  # the same rule
+    # Sums below are in units of the mean squared subvector norm, energy / n.
+    scale = math.sqrt(spectrum.total_energy / n)
     with single_threaded(device):
-        z = _coordinates(spectrum, subvectors, d_tilde, device)
         if max_points_per_centroid is None or n <= k * max_points_per_centroid:
+            z = _coordinates(spectrum, subvectors, d_tilde, scale, None, device)
             result = kmeans(z, k, seed=seed, max_iter=max_iter, name=name)
             train_sum = error_sum = result.inertia
             n_train, n_isolated, isolated_sum = n, 0, 0.0
         else:
             # Subsample here rather than in kmeans(): the held-out subvectors must be known.
             n_train = k * max_points_per_centroid
-            train = torch.zeros(n, dtype=torch.bool, device=z.device)
-            train[torch.as_tensor(np.random.default_rng(seed).choice(n, n_train, replace=False), device=z.device)] = (
-                True
-            )
-            result = kmeans(z[train], k, seed=seed, max_iter=max_iter, name=name)
-            _, sqdist = assign(z, result.centroids)
-            sqdist = sqdist.to(torch.float64)
-            train_sum, error_sum = result.inertia, float(sqdist.sum())
+            rng = np.random.default_rng(seed)
+            train_rows = rng.choice(n, n_train, replace=False)
+            z = _coordinates(spectrum, subvectors, d_tilde, scale, train_rows, device)
+            result = kmeans(z, k, seed=seed, max_iter=max_iter, name=name)
+            train_sum = result.inertia
+            rows, counts = _heldout_sample(subvectors, train_rows, max_heldout, rng)
+            _, sqdist_t = assign(_coordinates(spectrum, subvectors, d_tilde, scale, rows, device), result.centroids)
+            sqdist = sqdist_t.to(dtype=torch.float64, device="cpu").numpy()
+            error_sum = train_sum + float(sqdist @ counts)
             # Held-out subvectors farther from every centroid than the high-rate value of one centroid,
             # (2/d̃)·(total distortion)/k: k-means on all n would move a centroid towards them.
             threshold = 2.0 / d_tilde * (n / k) * train_sum / n_train
-            isolated = (sqdist > threshold) & ~train
-            n_isolated = int(isolated.sum())
-            isolated_sum = float((sqdist[isolated] - threshold).sum())
-    energy = spectrum.total_energy
+            isolated = sqdist > threshold
+            n_isolated = round(float(counts[isolated].sum()))
+            isolated_sum = float((sqdist[isolated] - threshold) @ counts[isolated])
     return ProbeResult(
         d_tilde=d_tilde,
         k=k,
         n_subvectors=n,
         n_train=n_train,
-        train_error=train_sum / energy * n / n_train,
-        error=error_sum / energy,
+        train_error=train_sum / n_train,
+        error=error_sum / n,
         n_iter=int(result.n_iter),
         n_isolated=n_isolated,
-        isolated_error=isolated_sum / energy,
+        isolated_error=isolated_sum / n,
     )
 
 
@@ -330,7 +382,7 @@ def clustering_error_curve(
         requested = [d_tilde] if isinstance(d_tilde, (int, np.integer)) else list(d_tilde)
         dims = np.atleast_1d(check_d_tilde_array(np.asarray(requested), m, name=name))
     with single_threaded(device):
-        spectrum = compute_spectrum(x)
+        spectrum = compute_spectrum(x, name=name)
     return np.array(
         [
             run_probe(

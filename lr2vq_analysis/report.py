@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from .plan import LayerPlan, effective_k
 from .probes import clustering_error_curve
 from .subvectors import n_subvectors
 from .tradeoff import DEFAULT_RHO, TradeoffModel, calibrate_models, fit_tradeoff, global_d_tilde, with_output_curves
-from .weights import load_weights
+from .weights import TOO_FEW_SUBVECTORS, Coverage, LayerInfo, load_weights
 
 __all__ = ["LayerReport", "ModelPrediction", "Report", "analyze", "predict_d_tilde"]
 
@@ -62,6 +63,9 @@ class LayerReport:
         The fitted trade-off model (curves, probes, knee, fitted parameters, ρ).
     measured_curve : numpy.ndarray or None
         Measured k-means clustering error at every d̃ (only with ``measure_full_curve=True``).
+    source_dtype : str, default "float32"
+        The dtype the source stores the layer in (``"bfloat16"``, ``"float16"``, ...), see
+        :attr:`~lr2vq_analysis.weights.LayerInfo.source_dtype`.
     """
 
     name: str
@@ -69,6 +73,7 @@ class LayerReport:
     shape: tuple[int, ...]
     model: TradeoffModel
     measured_curve: np.ndarray | None = None
+    source_dtype: str = "float32"
 
     @property
     def k(self) -> int:
@@ -145,6 +150,7 @@ class LayerReport:
             "shape": list(self.shape),
             "model": self.model.to_dict(),
             "measured_curve": None if self.measured_curve is None else [float(v) for v in self.measured_curve],
+            "source_dtype": self.source_dtype,
         }
 
     @classmethod
@@ -157,6 +163,7 @@ class LayerReport:
             shape=tuple(int(s) for s in data["shape"]),
             model=TradeoffModel.from_dict(data["model"]),
             measured_curve=None if measured is None else np.asarray(measured, dtype=np.float64),
+            source_dtype=str(data.get("source_dtype", "float32")),
         )
 
 
@@ -190,6 +197,8 @@ class Report:
         ``{name: reason}`` for the layers that were not analysed.
     source : str, optional
         Description of where the weights came from.
+    coverage : Coverage, optional
+        Share of the model's parameters analysed and skipped per reason (from :func:`analyze`).
     """
 
     def __init__(
@@ -199,6 +208,7 @@ class Report:
         m: int,
         skipped: Mapping[str, str] | None = None,
         source: str = "",
+        coverage: Coverage | None = None,
     ) -> None:
         if not layers:
             raise InvalidWeightsError(f"a report needs at least one analysed layer (source {source!r})")
@@ -207,6 +217,7 @@ class Report:
         self.m = int(m)
         self.skipped = dict(skipped or {})
         self.source = source
+        self.coverage = coverage
 
     def __repr__(self) -> str:
         return (
@@ -272,10 +283,15 @@ class Report:
     def with_rho(self, rho: float) -> Report:
         """The same analysis with another ρ: curves and probes are kept, d̃ moves."""
         rho = check_rho(rho)
-        return Report([layer.with_rho(rho) for layer in self.layers], self.k, self.m, self.skipped, self.source)
+        return Report(
+            [layer.with_rho(rho) for layer in self.layers], self.k, self.m, self.skipped, self.source, self.coverage
+        )
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: shape, sizes, knee, predicted d̃, errors at d̃ and bits per weight."""
+        """One row per layer: shape, sizes, knee, predicted d̃, errors at d̃ and bits per weight.
+
+        ``attrs["coverage"]`` holds :attr:`coverage` as a dict (when known).
+        """
         rows = []
         for layer in self.layers:
             d = layer.d_tilde
@@ -302,7 +318,10 @@ class Report:
                     "probes": ", ".join(f"{p}:{v:.4f}" for p, v in sorted(layer.probes.items())),
                 }
             )
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if self.coverage is not None:
+            frame.attrs["coverage"] = self.coverage.to_dict()
+        return frame
 
     def curves_frame(self) -> pd.DataFrame:
         """Long format, one row per (layer, d̃): low-rank, modelled and measured clustering, total."""
@@ -332,6 +351,7 @@ class Report:
             "k": self.k,
             "m": self.m,
             "skipped": self.skipped,
+            "coverage": None if self.coverage is None else self.coverage.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -344,7 +364,10 @@ class Report:
                 f"report format version {version!r} is not supported (expected {REPORT_FORMAT_VERSION})"
             )
         layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
-        return cls(layers, int(data["k"]), int(data["m"]), dict(data.get("skipped", {})), str(data.get("source", "")))
+        coverage = None if data.get("coverage") is None else Coverage.from_dict(data["coverage"])
+        return cls(
+            layers, int(data["k"]), int(data["m"]), dict(data.get("skipped", {})), str(data.get("source", "")), coverage
+        )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the report to ``.json`` or ``.npz`` atomically (temporary file, then rename).
@@ -386,9 +409,8 @@ class Report:
 
 
 def _analyze_layer(
-    name: str,
-    kind: str,
-    weight: np.ndarray,
+    info: LayerInfo,
+    read: Callable[[], Any],
     k: int,
     m: int,
     rho: float,
@@ -396,9 +418,10 @@ def _analyze_layer(
     measure_full_curve: bool,
     probe_options: Mapping[str, Any],
 ) -> LayerReport:
-    model = fit_tradeoff(weight, k, m, rho=rho, seed=seed, name=name, **probe_options)
-    measured = clustering_error_curve(weight, k, m, seed=seed, name=name) if measure_full_curve else None
-    return LayerReport(name=name, kind=kind, shape=tuple(weight.shape), model=model, measured_curve=measured)
+    weight = read()  # the layer is read here, in its source dtype, and dropped when the job ends
+    model = fit_tradeoff(weight, k, m, rho=rho, seed=seed, name=info.name, **probe_options)
+    measured = clustering_error_curve(weight, k, m, seed=seed, name=info.name) if measure_full_curve else None
+    return LayerReport(info.name, info.kind, info.shape, model, measured, info.source_dtype)
 
 
 def analyze(
@@ -422,6 +445,10 @@ def analyze(
 ) -> Report:
     """Analyse every compressible layer of a model and predict d̃ per layer and globally.
 
+    Layers stream: each is read from the source in its stored dtype when its analysis starts and
+    dropped when it ends, so memory holds ``n_jobs`` layers at a time, not the model (a ``.pt``
+    file, a pickle, is the exception: it is read whole).
+
     Parameters
     ----------
     source : str, path, torch.nn.Module or mapping
@@ -438,7 +465,7 @@ def analyze(
     min_size : int, default 0
         Layers with fewer weights are skipped.
     keep_first_conv : bool, default False
-        Analyse the first convolution too (the field keeps it uncompressed).
+        Analyse the input stem too (the field keeps the conv that reads the image uncompressed).
     cap_k : bool, default True
         Apply PQF's cap k_eff = min(k, largest power of two <= n_subvectors / 4) on small layers;
         layers with fewer than 8 subvectors are then skipped. With ``cap_k=False`` a k that is
@@ -493,23 +520,23 @@ def analyze(
         source, m=m, include=include, exclude=exclude, min_size=min_size, keep_first_conv=keep_first_conv
     )
     skipped = dict(weights.skipped)
+    coverage = weights.coverage
     jobs = []
-    for name, weight in weights.items():
-        layer_k = effective_k(k, weight.shape, m) if cap_k else k
-        if cap_k and n_subvectors(weight.shape, m) < 8:
-            skipped[name] = f"only {n_subvectors(weight.shape, m)} subvectors of size m={m}; too few to cluster"
+    for name, info in weights.info.items():  # layers stream: each job reads its own, one at a time per job
+        layer_k = effective_k(k, info.shape, m) if cap_k else k
+        if cap_k and n_subvectors(info.shape, m) < 8:
+            skipped[name] = f"only {n_subvectors(info.shape, m)} subvectors of size m={m}; too few to cluster"
+            coverage = coverage.skip(TOO_FEW_SUBVECTORS, info.size)
             continue
-        kind = weights.info[name].kind
-        jobs.append(
-            delayed(_analyze_layer)(name, kind, weight, layer_k, m, rho, seed, measure_full_curve, probe_options)
-        )
+        read = partial(weights.tensor, name)
+        jobs.append(delayed(_analyze_layer)(info, read, layer_k, m, rho, seed, measure_full_curve, probe_options))
     if not jobs:
         raise InvalidWeightsError(f"no layer of {describe_source(source)} can be analysed at m={m}: {skipped}")
-    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs)
+    results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator", pre_dispatch="n_jobs")(jobs)
     layers = list(tqdm(results, total=len(jobs), desc="analyze", unit="layer", disable=not progress))
     if calibration is not None or (predictor is not None and str(predictor).endswith("-output")):
         layers = _with_predictor(layers, source if model is None else model, calibration, seed, predictor)
-    return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source))
+    return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source), coverage=coverage)
 
 
 def _with_predictor(

@@ -332,6 +332,8 @@ def write_markdown_report(
         f"{len(report.skipped)} skipped. Written by lr2vq_analysis {__version__}"
         + (f" (`{_cell(command)}`)." if command else ".")
     )
+    if report.coverage is not None:
+        lines += ["", f"Coverage: {report.coverage.summary()}."]
     lines += [
         "",
         f"**Global d̃ = {report.global_d_tilde}** ({prediction_note(report)}).",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._validation import InvalidParameterError, check_seed
-from .exceptions import LR2VQError, NonFiniteError
+from .exceptions import LR2VQError
 
 if TYPE_CHECKING:
     from .nn import CompressedModel
@@ -148,17 +148,19 @@ def check_reload(cmodel: CompressedModel, reloaded: CompressedModel) -> None:
     Raises
     ------
     NonFiniteError
-        If a compressed weight holds NaN/Inf or is all zeros (nothing to report as a success).
+        If a reloaded weight or tensor holds NaN/Inf (nothing to report as a success).
+    InvalidWeightsError
+        If a reloaded compressed weight is all zeros.
     LR2VQError
         If a reloaded weight differs from the compressed one.
     """
+    from .export import check_reconstruction
+
     again = reloaded.compressed_layers()
     for name, layer in cmodel.compressed_layers().items():
-        weight = layer.weight.detach()
-        if not bool(torch.isfinite(weight).all()) or not bool(weight.any()):
-            raise NonFiniteError(f"layer {name!r}: the compressed weight is non-finite or all zeros; it is not usable")
-        if name not in again or not torch.equal(weight, again[name].weight.detach()):
+        if name not in again or not torch.equal(layer.weight.detach(), again[name].weight.detach()):
             raise LR2VQError(f"layer {name!r}: the reloaded weight differs from the compressed one")
+    check_reconstruction(reloaded)  # finite, no compressed layer all zeros, every other tensor finite
 
 
 def compress_weight_file(

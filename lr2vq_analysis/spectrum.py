@@ -12,10 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_d_tilde, check_m
+from ._validation import InvalidWeightsError, check_d_tilde, check_m, layer_label
 from .subvectors import to_subvectors
 
-__all__ = ["Spectrum", "compute_spectrum", "lowrank_error_curve"]
+__all__ = ["MAX_MAGNITUDE", "MIN_MAGNITUDE", "Spectrum", "compute_spectrum", "lowrank_error_curve"]
+
+#: Largest weight magnitude the analysis accepts: n·w² stays finite in float64 for any n < 1e28.
+MAX_MAGNITUDE: float = 1e140
+#: Smallest largest-magnitude it accepts: w² stays a normal float64 (float32's smallest weight, 1.4e-45, passes).
+MIN_MAGNITUDE: float = 1e-140
 
 
 @dataclass(frozen=True)
@@ -65,21 +70,40 @@ class Spectrum:
         return np.asarray(subvectors, dtype=np.float64) @ self.projection(d_tilde).T
 
 
-def compute_spectrum(subvectors: np.ndarray) -> Spectrum:
+def compute_spectrum(subvectors: np.ndarray, *, name: str | None = None) -> Spectrum:
     """Eigen-decompose the uncentred Gram matrix of an (n × m) subvector matrix in float64.
+
+    Every quantity the analysis reports is relative to ‖W‖², so it does not depend on the weights'
+    scale; float64 holds the sums of squares exactly enough for weights of magnitude
+    :data:`MIN_MAGNITUDE` to :data:`MAX_MAGNITUDE` (any float32, bf16 or fp16 weight), and weights
+    outside that range are refused rather than silently giving NaN or zero errors.
 
     Parameters
     ----------
     subvectors : numpy.ndarray of shape (n, m)
         Output of :func:`~lr2vq_analysis.subvectors.to_subvectors`.
+    name : str, optional
+        Layer name, used in error messages.
 
     Returns
     -------
     Spectrum
+
+    Raises
+    ------
+    InvalidWeightsError
+        If the largest weight magnitude lies outside [MIN_MAGNITUDE, MAX_MAGNITUDE].
     """
     x = np.asarray(subvectors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"expected an (n × m) matrix of subvectors, got shape {x.shape}")
+    largest = max(float(x.max()), -float(x.min()))  # no |x| temporary: a layer can be gigabytes
+    if not (largest == 0.0 or MIN_MAGNITUDE <= largest <= MAX_MAGNITUDE):
+        raise InvalidWeightsError(
+            f"{layer_label(name)}the largest weight magnitude is {largest:.3g}; the analysis supports "
+            f"{MIN_MAGNITUDE:g} to {MAX_MAGNITUDE:g} (sums of squares must stay finite and normal in float64): "
+            "rescale the weights (relative errors do not depend on the scale)"
+        )
     gram = x.T @ x
     eigenvalues, eigenvectors = np.linalg.eigh(gram)  # ascending
     order = np.argsort(eigenvalues)[::-1]
@@ -91,7 +115,7 @@ def compute_spectrum(subvectors: np.ndarray) -> Spectrum:
     return Spectrum(
         eigenvalues=eigenvalues,
         eigenvectors=eigenvectors,
-        total_energy=float(np.sum(x * x)),
+        total_energy=float(np.vdot(x.ravel(), x.ravel())),  # ‖W‖², without an n × m temporary
         n_subvectors=int(x.shape[0]),
     )
 
@@ -124,4 +148,4 @@ def lowrank_error_curve(weight: Any, m: int, *, name: str | None = None) -> np.n
     ((9,), 0.0)
     """
     check_m(m, name=name)
-    return compute_spectrum(to_subvectors(weight, m, name=name)).lowrank_error()
+    return compute_spectrum(to_subvectors(weight, m, name=name), name=name).lowrank_error()

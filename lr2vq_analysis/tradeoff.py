@@ -911,7 +911,7 @@ def fit_tradeoff(
         raise InvalidParameterError(f"stability_seeds={stability_seeds!r} is invalid; it must be an integer >= 0")
     rule = predictor or DEFAULT_PREDICTOR
     with single_threaded(device):
-        spectrum = compute_spectrum(x)
+        spectrum = compute_spectrum(x, name=name)
         model = _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
         seed_curves = {seed: model.clustering_curve_}
         for extra in range(1, int(stability_seeds) + 1):
@@ -947,9 +947,8 @@ def _fit(
     water_level, knee = water_filling(eigenvalues, k)
 
     # Theory: Zador estimate from a sample of the principal coordinates, in units of ‖W‖².
-    coordinates = spectrum.project(x, m)
     rng = np.random.default_rng(seed)
-    sample = coordinates if n <= _DENSITY_SAMPLE else coordinates[rng.choice(n, _DENSITY_SAMPLE, replace=False)]
+    sample = spectrum.project(x if n <= _DENSITY_SAMPLE else x[rng.choice(n, _DENSITY_SAMPLE, replace=False)], m)
     zador = zador_estimate(sample, k) * n / energy
     efficiency = dims**_EFFICIENCY_EXPONENT
     prior_beta = _PRIOR_BETA[0] + _PRIOR_BETA[1] / dims

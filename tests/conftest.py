@@ -20,6 +20,44 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+class LayerReads:
+    """Records every tensor read from a safetensors file: how often per key, and the most alive at once."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        self._ref = weakref.ref
+        self.alive: list = []
+        self.reads: dict[str, int] = {}
+        self.most_alive = 0
+
+    def record(self, key: str, tensor: torch.Tensor) -> None:
+        self.alive.append(self._ref(tensor))
+        self.reads[key] = self.reads.get(key, 0) + 1
+        self.most_alive = max(self.most_alive, self.n_alive)
+
+    @property
+    def n_alive(self) -> int:
+        return sum(ref() is not None for ref in self.alive)
+
+
+@pytest.fixture
+def layer_reads(monkeypatch: pytest.MonkeyPatch) -> LayerReads:
+    """Track the layers the loader reads from safetensors files (to check that analysis streams)."""
+    from lr2vq_analysis import weights
+
+    recorder = LayerReads()
+    original = weights._SafetensorsFile.read
+
+    def read(self: weights._SafetensorsFile, key: str) -> torch.Tensor:
+        tensor = original(self, key)
+        recorder.record(key, tensor)
+        return tensor
+
+    monkeypatch.setattr(weights._SafetensorsFile, "read", read)
+    return recorder
+
+
 def make_toy_cnn(widths: tuple[int, ...] = (8, 16), *, seed: int = 0, num_classes: int = 10) -> torch.nn.Module:
     """The shared toy model: 3×3 conv + batch norm + ReLU blocks (3 input channels), pooling and a classifier.
 

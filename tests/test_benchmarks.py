@@ -93,6 +93,24 @@ def test_calibrate_rho_without_summaries_says_what_to_run(tmp_path):
         calibrate_rho.main(["--results", str(tmp_path)])
 
 
+def test_quick_analysis_scaling_measures_every_case_and_cleans_up(tmp_path, monkeypatch):
+    import tempfile
+
+    import bench_analyze_speed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    output = tmp_path / "scaling.csv"
+    assert bench_analyze_speed.main(["--scaling", "--quick", "--output", str(output)]) == 0
+    rows = pd.read_csv(output).set_index("case")
+    # one LLM-style layer side by side, then 4 and 24 layers of 128 × 256, each analysed in a subprocess
+    assert list(rows.index) == ["layer 256x512 bf16", "4 layers", "24 layers"]
+    assert rows.loc["4 layers", "parameters"] == 4 * 128 * 256 and rows.loc["4 layers", "layers"] == 4
+    assert rows.loc["24 layers", "parameters"] == 24 * 128 * 256 and rows.loc["24 layers", "layers"] == 24
+    assert (rows.loc[["4 layers", "24 layers"], "peak_rss_mib"] > 0).all()
+    assert rows.loc["layer 256x512 bf16", "d_tilde"] == rows.loc["layer 256x512 bf16", "baseline_d_tilde"]
+    assert not list(tmp_path.glob("lr2vq-scaling-*"))  # the synthetic checkpoints are deleted
+
+
 def test_quick_kmeans_benchmark_runs_every_engine_to_comparable_distortion(tmp_path):
     table = bench_kmeans.main(["--quick", "--out", str(tmp_path / "kmeans.csv")])
     assert (tmp_path / "kmeans.csv").is_file()

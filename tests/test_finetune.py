@@ -877,10 +877,10 @@ def test_codebook_stage_keeps_codes_and_resumes_exactly(tmp_path):
 
 
 def test_dkm_stage_trains_soft_assignments():
-    from lr2vq_analysis.nn import compress
+    from lr2vq_analysis.nn import DKMConfig, compress
     from lr2vq_analysis.plan import LayerPlan
 
-    cmodel = compress(_mlp(), {"0.weight": LayerPlan(k=8, m=3)}, method="dkm", tau=0.05)
+    cmodel = compress(_mlp(), {"0.weight": LayerPlan(k=8, m=3)}, method="dkm", dkm=DKMConfig(tau=0.05))
     z = cmodel.compressed_layers()["0.weight"].Z.detach().clone()
     with pytest.raises(StageError, match=r"'0\.weight' is 'dkm'"):
         finetune(cmodel, DataLoader(_data(), batch_size=32), stage="lowrank", steps=1, progress=False)

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError
+from lr2vq_analysis.exceptions import InvalidParameterError, InvalidWeightsError, StateError
 from lr2vq_analysis.nn import (
     CompressedModel,
+    DKMConfig,
     LR2VQConv1d,
     LR2VQConv2d,
     LR2VQLinear,
@@ -137,7 +138,10 @@ def test_dkm_soft_assignment_follows_the_weights_and_hardens():
     dense = _dense(lambda: nn.Linear(32, 16))
     for d_tilde in (2, 4):  # LR²VQ's Z and vanilla DKM (PQ)
         cmodel = compress(
-            nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4, d_tilde=d_tilde)}, method="dkm", tau=1e-6
+            nn.Sequential(dense),
+            {"0.weight": LayerPlan(k=8, m=4, d_tilde=d_tilde)},
+            method="dkm",
+            dkm=DKMConfig(tau=1e-6),
         )
         layer = cmodel.compressed_layers()["0.weight"]
         assert layer.state == "dkm"
@@ -165,7 +169,9 @@ def test_dkm_soft_assignment_follows_the_weights_and_hardens():
 def test_dkm_with_large_temperature_averages_everything():
     # Uniform attention: one soft update moves every centroid to the mean subvector, and every row becomes it.
     dense = _dense(lambda: nn.Linear(32, 16))
-    cmodel = compress(nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4)}, method="dkm", tau=1e6, max_iter=1)
+    cmodel = compress(
+        nn.Sequential(dense), {"0.weight": LayerPlan(k=8, m=4)}, method="dkm", dkm=DKMConfig(tau=1e6, soft_iter=1)
+    )
     layer = cmodel.compressed_layers()["0.weight"].eval()
     mean_subvector = dense.weight.detach().reshape(-1, 4).mean(0)
     rows = layer.weight.detach().reshape(-1, 4)
@@ -280,19 +286,26 @@ def test_bad_method_and_options():
     with pytest.raises(InvalidParameterError, match=r"method='pq'.*\('lr2vq', 'dkm'\)"):
         compress(_toy_model(), plan, method="pq")
     with pytest.raises(InvalidParameterError, match=r"only accepted with method='dkm'"):
-        compress(_toy_model(), plan, tau=0.1)
-    with pytest.raises(InvalidParameterError, match=r"tau=-1"):
-        compress(_toy_model(), plan, method="dkm", tau=-1)
+        compress(_toy_model(), plan, dkm=DKMConfig(tau=0.1))
+    with pytest.raises(InvalidParameterError, match=r"expected a DKMConfig"):
+        compress(_toy_model(), plan, method="dkm", dkm={"tau": 0.1})  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match=r"seed"):
         compress(_toy_model(), plan, seed=-1)
 
 
 def test_state_transitions_are_checked():
     cmodel = compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}).quantize()
-    with pytest.raises(InvalidParameterError, match=r"cannot quantize in state 'quantized'"):
+    with pytest.raises(StateError, match=r"'8\.weight'.*cannot quantize in state 'quantized'.*'dkm', 'lowrank'"):
         cmodel.quantize()
-    with pytest.raises(InvalidParameterError, match=r"cannot start DKM in state 'quantized'"):
+    with pytest.raises(StateError, match=r"cannot start dkm in state 'quantized'.*\('lowrank',\)"):
         cmodel.start_dkm()
+    layer = cmodel.compressed_layers()["8.weight"]
+    layer.init_from_weight(torch.randn(10, 16))  # back to the low-rank state from any state
+    assert layer.state == "lowrank" and layer.codes is None and layer.codebook is None
+    with pytest.raises(StateError, match=r"cannot read codes in state 'lowrank'"):
+        layer.hard_codes()
+    # A state error is neither a usage error (CLI exit 2) nor an InvalidParameterError.
+    assert not issubclass(StateError, InvalidParameterError)
 
 
 def test_grouped_conv_layer_constructor_is_rejected():
@@ -317,3 +330,42 @@ def test_device_follows_the_model():
     x = torch.randn(2, 8, dtype=torch.float64)
     assert layer.quantize()(x).dtype == torch.float64
     assert F.linear(x, layer.weight, layer.bias).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"tau": 0}, r"tau=0 .*> 0"),
+        ({"tau": float("nan")}, r"tau=nan"),
+        ({"tau": True}, r"tau=True"),
+        ({"soft_iter": 0}, r"soft_iter=0"),
+        ({"soft_iter": 2.5}, r"soft_iter=2\.5"),
+        ({"epsilon": -1e-3}, r"epsilon=-0\.001"),
+        ({"kmeans": {"max_iter": 5}}, r"kmeans=.*KMeansConfig"),
+    ],
+)
+def test_dkm_config_is_validated_at_construction(options, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        DKMConfig(**options)
+
+
+def test_dkm_iterations_and_initial_kmeans_are_set_separately(monkeypatch):
+    import lr2vq_analysis.nn as nn_module
+    from lr2vq_analysis.kmeans import QUANTIZE_KMEANS, KMeansConfig
+
+    calls = []
+    real_kmeans = nn_module.kmeans
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(nn_module, "kmeans", spy)
+    initial = KMeansConfig(max_iter=7, max_points_per_centroid=5)
+    config = DKMConfig(soft_iter=1, kmeans=initial)
+    cmodel = compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm", dkm=config, seed=3)
+    assert [(c["config"], c["seed"]) for c in calls] == [(initial, 3)]
+    assert cmodel.compressed_layers()["8.weight"].dkm_config.soft_iter == 1
+    calls.clear()
+    compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm")  # default: quantize's k-means
+    assert calls[0]["config"] == QUANTIZE_KMEANS

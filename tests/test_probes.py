@@ -98,3 +98,22 @@ def test_probe_rejects_bad_d_tilde(weight: np.ndarray) -> None:
     x = weight.reshape(-1, 9)
     with pytest.raises(InvalidParameterError, match=r"d_tilde=10"):
         run_probe(compute_spectrum(x), x, k=16, d_tilde=10)
+
+
+def test_sampled_heldout_estimate_matches_assigning_every_subvector() -> None:
+    # 24576 subvectors, k = 16 at 16 per centroid: 24320 held out. Sampling 2048 of them (the 1024 largest
+    # exactly) must estimate what assigning all of them measures; a far outlier must never be missed.
+    rng = np.random.default_rng(1)
+    x = rng.laplace(size=(24576, 6)) * np.sqrt(0.7 ** np.arange(6))
+    x[777] *= 40.0
+    spectrum = compute_spectrum(x)
+    for d in (2, 5):
+        exact = run_probe(spectrum, x, k=16, d_tilde=d, seed=3, max_points_per_centroid=16, max_heldout=None)
+        sampled = run_probe(spectrum, x, k=16, d_tilde=d, seed=3, max_points_per_centroid=16, max_heldout=2048)
+        assert sampled.train_error == exact.train_error  # the same training subsample and k-means
+        assert sampled.heldout_capped_error == pytest.approx(exact.heldout_capped_error, rel=0.03)
+        assert sampled.error == pytest.approx(exact.error, rel=0.03)
+        assert exact.n_isolated >= 1 and sampled.n_isolated >= 1  # the outlier sits among the largest rows
+        assert sampled.isolated_error == pytest.approx(exact.isolated_error, rel=0.1)
+    with pytest.raises(InvalidParameterError, match="max_heldout"):
+        run_probe(spectrum, x, k=16, d_tilde=2, max_points_per_centroid=16, max_heldout=1)

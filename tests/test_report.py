@@ -33,7 +33,7 @@ def report() -> Report:
 
 def test_layers_in_model_order_and_skips_reported(report):
     assert [layer.name for layer in report.layers] == ["block1.weight", "block2.weight", "head.weight"]
-    assert "first conv" in report.skipped["stem.weight"].lower() or "first" in report.skipped["stem.weight"]
+    assert report.skipped["stem.weight"].startswith("input stem (reads 1 channel)")
     assert "20" in report.skipped["odd.weight"] and "9" in report.skipped["odd.weight"]
     assert "block1.bias" not in report.skipped  # 1-D tensors are not layers
 
@@ -149,3 +149,42 @@ def test_bad_input():
         analyze({"norm.weight": np.ones(4)}, k=16, m=9, progress=False)
     with pytest.raises(InvalidWeightsError, match="m=7"):
         analyze(state, k=16, m=7, progress=False)  # no layer has a row length divisible by 7
+
+
+def test_coverage_by_hand_and_round_trip(report, tmp_path):
+    # make_state by hand: block1 32·8·9 = 2304, block2 48·32·9 = 13824, head 10·36 = 360 analysed;
+    # stem 8·9 = 72, odd 16·5·4 = 320 (row length 20), block1.bias 32.
+    coverage = report.coverage
+    assert coverage.analysed == 16488 == sum(layer.n_weights for layer in report.layers)
+    assert coverage.by_reason == {
+        "input stem": 72,
+        "m does not divide the row length": 320,
+        "biases and norms (rank 0-1)": 32,
+    }
+    assert coverage.total == sum(v.size for v in make_state().values())
+    assert report.to_frame().attrs["coverage"] == coverage.to_dict()
+    for suffix in (".json", ".npz"):
+        assert Report.load(report.save(tmp_path / f"r{suffix}")).coverage == coverage
+    assert report.with_rho(0.5).coverage == coverage
+
+
+def test_layers_too_small_to_cluster_move_to_their_reason():
+    state = {**make_state(), "tiny.weight": np.ones((4, 9))}  # 4 subvectors of size 9
+    report = analyze(state, k=16, m=9, progress=False)
+    assert "too few" in report.skipped["tiny.weight"]
+    assert report.coverage.by_reason["too few subvectors"] == 36
+    assert report.coverage.analysed == 16488
+
+
+def test_analysis_streams_layers_from_a_file(tmp_path, layer_reads):
+    from safetensors.torch import save_file
+
+    state = {key: torch.as_tensor(value, dtype=torch.bfloat16) for key, value in make_state().items()}
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    streamed = analyze(path, k=16, m=9, progress=False)
+    assert layer_reads.most_alive == 1  # never two layers in memory at once
+    assert layer_reads.reads == {"block1.weight": 2, "block2.weight": 2, "head.weight": 2}  # checked, analysed
+    assert {layer.source_dtype for layer in streamed.layers} == {"bfloat16"}
+    in_memory = analyze({k: v.float() for k, v in state.items()}, k=16, m=9, progress=False)
+    assert [layer.d_tilde for layer in streamed.layers] == [layer.d_tilde for layer in in_memory.layers]

@@ -92,3 +92,34 @@ def test_bad_inputs_name_the_layer_and_the_allowed_values():
         lowrank_error_curve(np.ones((2, 2, 2, 2, 9)), 9)
     with pytest.raises(InvalidWeightsError, match="all zeros"):
         lowrank_error_curve(np.zeros((4, 9)), 9)
+
+
+# -- scale: relative errors do not depend on it ------------------------------------------------------------
+SCALES = [1e-40, 1e-23, 1e-9, 1e9, 1e19, 1e35]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_analysis_is_scale_invariant(scale: float) -> None:
+    # Brute-force reference at scale 1 (numpy SVD); the model at scale s must give the same relative curves,
+    # including subsampled probes (4096 subvectors, k = 16: 256 per centroid, so the probes train on 16 each).
+    from lr2vq_analysis.tradeoff import fit_tradeoff
+
+    rng = np.random.default_rng(0)
+    weight = (rng.laplace(size=(512, 8, 9)) * np.sqrt(0.7 ** np.arange(9))).reshape(512, 8, 3, 3)
+    weight = weight.astype(np.float32).astype(np.float64)  # exactly representable at every float32 scale below
+    reference = fit_tradeoff(weight, k=16, m=9, seed=0)
+    np.testing.assert_allclose(reference.lowrank_curve_, brute_force_lowrank_curve(weight.reshape(-1, 9)), atol=1e-9)
+    scaled = weight * scale
+    for source in (scaled, torch.from_numpy(scaled).float()) if 1e-30 < scale < 1e30 else (scaled,):
+        model = fit_tradeoff(source, k=16, m=9, seed=0)
+        assert np.all(np.isfinite(model.clustering_curve_)) and model.clustering_curve_[0] > 0
+        np.testing.assert_allclose(model.lowrank_curve_, reference.lowrank_curve_, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(model.clustering_curve_, reference.clustering_curve_, rtol=2e-3)
+        assert model.d_tilde == reference.d_tilde
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_weights_beyond_the_float64_range_are_refused(scale: float) -> None:
+    weight = np.random.default_rng(0).normal(size=(16, 18)) * scale
+    with pytest.raises(InvalidWeightsError, match=r"layer 'fc': the largest weight magnitude is .*rescale"):
+        lowrank_error_curve(weight, m=9, name="fc")

@@ -6,7 +6,14 @@ The expected layer lists below are written by hand from the toy model's definiti
 from __future__ import annotations
 
 import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +22,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lr2vq_analysis._validation import InvalidParameterError, InvalidWeightsError, WeightFileError
+from lr2vq_analysis.exceptions import ReportFileError
 from lr2vq_analysis.weights import (
     BUNDLED_MODELS,
     SUPPORTED_EXTENSIONS,
+    Coverage,
     LayerInfo,
     WeightSet,
     bundled_model_path,
     load_state_dict,
     load_weights,
+    read_npz,
 )
 
 
@@ -54,7 +64,7 @@ MODULE_LAYERS = [
 ]
 MODULE_SKIPPED = {
     "position_ids": "floating-point",
-    "conv1.weight": "first convolution",
+    "conv1.weight": "input stem",
     "conv3.weight": "grouped convolution (groups=4)",
     "embed.weight": "embedding",
 }
@@ -66,7 +76,7 @@ STATE_DICT_LAYERS = [
 ]
 STATE_DICT_SKIPPED = {
     "position_ids": "floating-point",
-    "conv1.weight": "first convolution",
+    "conv1.weight": "input stem",
     "embed.weight": "embedding",
 }
 
@@ -233,7 +243,7 @@ def test_first_conv_is_first_3d_or_4d_weight_in_model_order():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 8, 3), nn.Conv1d(8, 8, 3))
     ws = load_weights(model)
     assert list(ws) == ["0.weight", "2.weight"]
-    assert "first convolution" in ws.skipped["1.weight"]
+    assert "input stem" in ws.skipped["1.weight"]
 
 
 def test_first_conv_with_nan_is_not_checked():
@@ -460,3 +470,336 @@ def test_invalid_parameters(kwargs, match):
 def test_unsupported_source_type():
     with pytest.raises(InvalidParameterError, match="source of type int"):
         load_weights(42)
+
+
+# ------------------------------------------------------------------------- names, order and the input stem
+def test_include_selects_any_floating_tensor_whatever_its_name(tmp_path):
+    rng = np.random.default_rng(0)
+    # Paddle names its linear weights *.w_0; ONNX initializers carry no suffix at all.
+    state = {
+        "fc1.w_0": rng.normal(size=(8, 16)).astype(np.float32),
+        "fc1.b_0": rng.normal(size=8).astype(np.float32),
+        "onnx::MatMul_123": rng.normal(size=(4, 8)).astype(np.float32),
+        "conv.w_0": rng.normal(size=(8, 8, 3, 3)).astype(np.float32),
+        "step": np.arange(6).reshape(2, 3),  # an integer array is never a layer
+    }
+    path = tmp_path / "paddle.npz"
+    np.savez(path, **state)
+    for source in (state, path):
+        with pytest.raises(InvalidWeightsError, match="empty model"):
+            load_weights(source)  # the default selection stays "weights of layers"
+        ws = load_weights(source, include=["*.w_0", "onnx::*", "step"])
+        assert layer_list(ws) == [("fc1.w_0", "linear", (8, 16)), ("onnx::MatMul_123", "linear", (4, 8))]
+        assert "input stem" in ws.skipped["conv.w_0"]  # the rank-4 tensor reads 8 channels, but order is known
+        assert "floating-point" in ws.skipped["step"]
+        np.testing.assert_array_equal(ws["onnx::MatMul_123"], state["onnx::MatMul_123"])
+    # A module's non-layer matrix (MultiheadAttention's in_proj_weight) can be selected the same way.
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    ws = load_weights(model, include=["*in_proj_weight", "1"])
+    assert layer_list(ws) == [("0.in_proj_weight", "linear", (24, 8)), ("1.weight", "linear", (8, 8))]
+
+
+def _save_safetensors(path, state):
+    save_file({key: torch.as_tensor(value).contiguous() for key, value in state.items()}, str(path))
+
+
+def test_order_is_natural_and_marked_inferred_only_where_the_source_has_none(tmp_path):
+    state = OrderedDict((f"layer.{i}.weight", torch.ones(4, 4) * (i + 1)) for i in (2, 10, 1))
+    path = tmp_path / "m.safetensors"
+    _save_safetensors(path, state)
+    ws = load_weights(path)
+    assert list(ws) == ["layer.1.weight", "layer.2.weight", "layer.10.weight"]
+    assert ws.order_inferred and ws.coverage.order_inferred and "order inferred" in ws.coverage.summary()
+    np.savez(tmp_path / "m.npz", **{k: v.numpy() for k, v in state.items()})
+    torch.save(state, tmp_path / "m.pt")
+    for source in (state, tmp_path / "m.npz", tmp_path / "m.pt", nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))):
+        ws = load_weights(source)
+        assert not ws.order_inferred and "order inferred" not in ws.coverage.summary()
+    assert list(load_weights(state)) == ["layer.2.weight", "layer.10.weight", "layer.1.weight"]
+
+
+def test_input_stem_is_the_conv_reading_the_image_not_the_first_key(tmp_path):
+    rng = np.random.default_rng(0)
+    # Keys sort "blocks" < "dw" < "stem": position would pick blocks.0 (32 -> 32 channels) as "first conv".
+    state = {
+        "blocks.0.weight": rng.normal(size=(32, 32, 3, 3)),
+        "blocks.1.weight": rng.normal(size=(64, 32, 1, 1)),
+        "dw.weight": rng.normal(size=(64, 1, 3, 3)),  # depthwise, read from a file: one input channel
+        "stem.weight": rng.normal(size=(32, 3, 3, 3)),  # RGB
+    }
+    path = tmp_path / "detector.safetensors"
+    _save_safetensors(path, {k: v.astype(np.float32) for k, v in state.items()})
+    ws = load_weights(path)
+    assert list(ws) == ["blocks.0.weight", "blocks.1.weight", "dw.weight"]
+    assert set(ws.skipped) == {"stem.weight"} and "reads 3 channels" in ws.skipped["stem.weight"]
+    assert "stem.weight" in load_weights(path, keep_first_conv=True)
+    # A grayscale model: the stem reads one channel; no conv reads <= 4 channels -> none skipped (order unknown).
+    _save_safetensors(path, {"a.weight": torch.ones(8, 1, 3, 3), "b.weight": torch.randn(8, 8, 3, 3)})
+    assert set(load_weights(path).skipped) == {"a.weight"}
+    _save_safetensors(path, {"a.weight": torch.randn(8, 16, 3, 3), "b.weight": torch.randn(8, 8, 3, 3)})
+    assert not load_weights(path).skipped
+    # A module knows its order: the first conv reading <= 4 channels, even after other convs' definitions.
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 3, 1), nn.Conv2d(3, 8, 3))
+    assert set(load_weights(model).skipped) == {"1.weight"}
+    # Without any conv reading <= 4 channels (an audio model over 80 mel bins), the first conv in model order.
+    assert set(load_weights(nn.Sequential(nn.Conv1d(80, 16, 3), nn.Conv1d(16, 16, 3))).skipped) == {"0.weight"}
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+def test_coverage_counts_every_parameter_by_reason():
+    ws = load_weights(toy())
+    # By hand from Toy: conv2 16·8·9 = 1152, conv4 4·16·2 = 128, fc 10·12 = 120 analysed; conv1 216 (stem);
+    # conv3 16·4·9 = 576 (grouped); embed 60; biases and norms: conv1 8, bn1 4×8, conv3 16, conv4 4, fc 10 = 70.
+    # position_ids and num_batches_tracked are integers: not parameters.
+    assert ws.coverage.analysed == 1400 == ws.n_weights
+    assert ws.coverage.by_reason == {
+        "input stem": 216,
+        "grouped or depthwise convolution": 576,
+        "embedding table": 60,
+        "biases and norms (rank 0-1)": 70,
+    }
+    assert ws.coverage.total == sum(p.numel() for p in toy().parameters()) + 16  # + bn1's running statistics
+    assert ws.coverage.summary().startswith(f"analysed {1400 / 2322:.1%} of 2,322 parameters; skipped")
+    m9 = load_weights(toy(), m=9).coverage  # conv4 (128) and fc (120) have row lengths 32 and 12
+    assert m9.analysed == 1152 and m9.by_reason["m does not divide the row length"] == 248
+
+
+def test_coverage_dataclass_round_trip_and_skip():
+    coverage = Coverage(90, (("input stem", 10),), order_inferred=True)
+    assert Coverage.from_dict(coverage.to_dict()) == coverage
+    moved = coverage.skip("too few subvectors", 30)
+    assert moved.analysed == 60 and moved.total == 100
+    assert moved.skipped == (("too few subvectors", 30), ("input stem", 10))
+
+
+# ------------------------------------------------------------------------------------ sharded checkpoints
+def _sharded(tmp_path, state, sort_index=True):
+    keys = list(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for shard, names in shards.items():
+        _save_safetensors(tmp_path / shard, {name: state[name] for name in names})
+        weight_map.update(dict.fromkeys(names, shard))
+    index = tmp_path / "model.safetensors.index.json"
+    ordered = dict(sorted(weight_map.items())) if sort_index else {key: weight_map[key] for key in keys}
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": ordered}))
+    return index
+
+
+def test_sharded_checkpoint_by_index_or_folder_equals_the_whole_model(tmp_path):
+    model = toy()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    index = _sharded(tmp_path, state)
+    whole = load_weights(state)
+    for source in (index, tmp_path, str(index)):
+        ws = load_weights(source)
+        assert list(ws) == list(whole)  # Toy's names sort naturally in model order
+        assert ws.skipped.keys() == whole.skipped.keys()
+        for name in whole:
+            np.testing.assert_array_equal(ws[name], whole[name])
+        assert ws.coverage.by_reason == whole.coverage.by_reason and ws.order_inferred
+    assert load_state_dict(index).keys() == state.keys()
+
+
+def test_sharded_index_in_model_order_is_used(tmp_path):
+    state = {f"z{i}.weight": torch.randn(4, 8) for i in (3, 1, 2)}
+    ws = load_weights(_sharded(tmp_path, state, sort_index=False))
+    assert list(ws) == ["z3.weight", "z1.weight", "z2.weight"] and not ws.order_inferred
+
+
+def test_one_shard_of_a_sharded_checkpoint_is_refused_naming_the_index(tmp_path):
+    index = _sharded(tmp_path, {f"l{i}.weight": torch.randn(4, 8) for i in range(4)})
+    with pytest.raises(WeightFileError, match=r"one of 2 shards.*model\.safetensors\.index\.json"):
+        load_weights(tmp_path / "model-00001-of-00002.safetensors")
+    index.unlink()  # no index: the shard is read, with a warning that it is one of several
+    with pytest.warns(UserWarning, match="shard 1 of 2"):
+        assert list(load_weights(tmp_path / "model-00001-of-00002.safetensors")) == ["l0.weight", "l2.weight"]
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "match"),
+    [
+        ({"a.weight": "../outside.safetensors"}, "not a file name inside"),
+        ({"l0.weight": "model-00001-of-00002.safetensors", "zz.weight": "model-00001-of-00002.safetensors"}, "zz"),
+        ({"l0.weight": "model-00001-of-00002.safetensors"}, "does not list"),
+        ({"a.weight": "weights.bin"}, "only sharded .safetensors"),
+        ({}, "weight_map"),
+    ],
+)
+def test_bad_sharded_index(tmp_path, weight_map, match):
+    _sharded(tmp_path, {f"l{i}.weight": torch.randn(4, 8) for i in range(4)})
+    bad = tmp_path / "bad.safetensors.index.json"
+    bad.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(WeightFileError, match=match):
+        load_weights(bad)
+
+
+# ------------------------------------------------------------------------------ source dtype and streaming
+@pytest.mark.parametrize(
+    ("dtype", "name", "bits"),
+    [(torch.bfloat16, "bfloat16", 16), (torch.float16, "float16", 16), (torch.float32, "float32", 32),
+     (torch.float64, "float64", 64)],
+)  # fmt: skip
+def test_source_dtype_is_recorded_and_layers_stay_in_it(tmp_path, dtype, name, bits):
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    _save_safetensors(tmp_path / "m.safetensors", {"fc.weight": weight})
+    np_source = {"fc.weight": weight.numpy()} if dtype != torch.bfloat16 else {"fc.weight": weight}
+    for source in (tmp_path / "m.safetensors", {"fc.weight": weight}, np_source):
+        ws = load_weights(source)
+        assert ws.info["fc.weight"].source_dtype == name and ws.info["fc.weight"].source_bits == bits
+        assert torch.as_tensor(ws.tensor("fc.weight")).dtype == dtype
+        np.testing.assert_array_equal(ws["fc.weight"], weight.float().numpy())
+
+
+def test_file_layers_are_read_one_at_a_time_and_not_kept(tmp_path, layer_reads):
+    _save_safetensors(tmp_path / "m.safetensors", {f"l{i}.weight": torch.randn(16, 8) for i in range(5)})
+    ws = load_weights(tmp_path / "m.safetensors")
+    assert layer_reads.most_alive == 1 and layer_reads.n_alive == 0  # checked one by one, nothing kept
+    first = ws["l0.weight"]
+    assert ws["l0.weight"] is not first  # each access reads the file again
+
+
+# ------------------------------------------------------------------------------------ odd files and bombs
+def test_npz_members_beyond_the_expansion_bound_are_never_decompressed(tmp_path, monkeypatch):
+    from lr2vq_analysis import weights as weights_module
+
+    monkeypatch.setattr(weights_module, "NPZ_SMALL_MEMBER_BYTES", 2**20)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "bomb.npz"
+    # 8 MB of zeros compress ~1000-fold: beyond 200× and 1 MiB. A real bomb is the same with more zeros.
+    np.savez_compressed(path, fc=rng.normal(size=(16, 8)), zeros=np.zeros((1024, 1024)), mask=np.zeros(2**20))
+    decompressed: list[int] = []
+    original = zipfile.ZipExtFile.read
+
+    def counting_read(self, n=-1):
+        data = original(self, n)
+        decompressed.append(len(data))
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting_read)
+    ws = load_weights(path, include=["fc", "zeros"])
+    assert list(ws) == ["fc"] and "8,388,736 bytes" in ws.skipped["zeros"]  # 1024² float64 + its header
+    assert "not decompressed" in ws.skipped["zeros"]
+    assert ws.coverage.by_reason["over the .npz decompression bound"] == 2**20
+    assert sum(decompressed) < 2**16  # headers and the small array only
+    assert list(read_npz(path, ["fc"])) == ["fc"]
+    with pytest.raises(ReportFileError, match=r"'mask' is refused.*not decompressed"):
+        read_npz(path, ["mask"], error=ReportFileError)
+
+
+def test_npz_lying_about_its_size_is_corrupt(tmp_path):
+    path = tmp_path / "liar.npz"
+    np.savez(path, fc=np.ones((4, 4)))
+    data = bytearray(path.read_bytes())
+    # The central directory's uncompressed size of the only member: claim 8 GB.
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 24 : central + 28] = (2**32 - 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightFileError, match="corrupt"):
+        load_weights(path)
+
+
+def test_npy_renamed_npz_is_named(tmp_path):
+    path = tmp_path / "weights.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, np.ones((4, 4)))
+    with pytest.raises(WeightFileError, match=r"single \.npy array"):
+        load_weights(path)
+    with pytest.raises(ReportFileError, match=r"single \.npy array"):
+        read_npz(path, error=ReportFileError)
+
+
+def test_complex_and_string_arrays_are_skipped_with_the_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"a.weight": rng.normal(size=(4, 4)) + 1j, "b.weight": np.array([["x", "yy"], ["z", "w"]]),
+              "c.weight": rng.normal(size=(4, 8))}  # fmt: skip
+    np.savez(tmp_path / "m.npz", **arrays)
+    with pytest.raises(InvalidWeightsError, match=r"empty model.*complex values"):
+        load_weights({"a.weight": torch.ones(4, 4, dtype=torch.complex64)})
+    for source in (arrays, tmp_path / "m.npz"):
+        ws = load_weights(source)
+        assert list(ws) == ["c.weight"]
+        assert "complex values" in ws.skipped["a.weight"] and "strings" in ws.skipped["b.weight"]
+
+
+@pytest.mark.parametrize("shape", [(0, 18), (18, 0), (0, 4, 3, 3), (4, 0, 3)])
+@pytest.mark.parametrize("kind", ["state_dict", ".safetensors", ".npz"])
+def test_empty_tensor_is_reported_as_empty_not_zero(tmp_path, shape, kind):
+    state = {"empty.weight": torch.zeros(shape), "fc.weight": torch.randn(4, 8)}
+    source: object = state
+    if kind == ".safetensors":
+        source = tmp_path / "m.safetensors"
+        _save_safetensors(source, state)
+    elif kind == ".npz":
+        source = tmp_path / "m.npz"
+        np.savez(source, **{k: v.numpy() for k, v in state.items()})
+    ws = load_weights(source, keep_first_conv=True)
+    assert ws.skipped["empty.weight"] == f"empty tensor (shape {shape}) holds no weights"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name", ["w.pt", "w.safetensors", "w.npz", "w.bin", "model.safetensors.index.json"])
+def test_non_regular_file_is_refused_without_opening_it(tmp_path, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the loader opened a FIFO and blocked"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(WeightFileError, match=r"not a regular file \(it is a FIFO"):
+            load_weights(fifo)
+        with pytest.raises(ReportFileError, match="not a regular file"):
+            read_npz(fifo, error=ReportFileError)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_symlink_loop_and_dangling_link_are_named(tmp_path):
+    loop_a, loop_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    with pytest.raises(WeightFileError, match="symbolic link loop") as info:
+        load_weights(loop_a)
+    assert info.value.errno == errno.ELOOP
+    dangling = tmp_path / "gone.pt"
+    dangling.symlink_to(tmp_path / "missing.pt")
+    with pytest.raises(WeightFileError, match="dangling symbolic link"):
+        load_weights(dangling)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".pt"])
+def test_non_utf8_path(tmp_path, suffix):
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9-\xff"))
+    folder.mkdir()
+    path = folder / f"w{suffix}"
+    state = {"fc.weight": torch.randn(4, 8)}
+    if suffix == ".safetensors":
+        from safetensors.torch import save
+
+        path.write_bytes(save(state))
+    elif suffix == ".npz":
+        np.savez(path, **{k: v.numpy() for k, v in state.items()})
+    else:
+        torch.save(state, path)
+    np.testing.assert_array_equal(load_weights(path)["fc.weight"], state["fc.weight"].numpy())
+
+
+def test_file_truncated_while_read_raises_instead_of_sigbus(tmp_path):
+    path = tmp_path / "big.safetensors"
+    _save_safetensors(path, {f"l{i}.weight": torch.randn(64, 64) for i in range(4)})
+    ws = load_weights(path)
+    os.truncate(path, path.stat().st_size // 2)  # in place, as a concurrent writer would
+    with pytest.raises(WeightFileError, match="changed while it was read"):
+        ws["l3.weight"]
+    # The same in a child process that reads through the whole path: it must exit normally, not die of SIGBUS.
+    _save_safetensors(path, {f"l{i}.weight": torch.randn(64, 64) for i in range(4)})
+    script = (
+        "import os, sys\n"
+        "from lr2vq_analysis.exceptions import WeightFileError\n"
+        "from lr2vq_analysis.weights import load_weights\n"
+        "ws = load_weights(sys.argv[1])\n"
+        "os.truncate(sys.argv[1], 200)\n"
+        "try:\n    [ws[name] for name in ws]\nexcept WeightFileError:\n    sys.exit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=120)
+    assert result.returncode == 3, result.stderr.decode()[-500:]
