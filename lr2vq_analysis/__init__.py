@@ -20,9 +20,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .kmeans import KMeans, KMeansConfig, kmeans
     from .nn import CompressedModel, LR2VQConv1d, LR2VQConv2d, LR2VQLinear, compress
     from .plan import LayerPlan, effective_k
+    from .planner import Plan, plan_for_size
     from .probes import clustering_error_curve
     from .report import LayerReport, ModelPrediction, Report, analyze, predict_d_tilde
     from .size import SizeReport, size_report
+    from .specs import CompressionSpecs
     from .spectrum import Spectrum, compute_spectrum, lowrank_error_curve
     from .subvectors import from_subvectors, to_subvectors
     from .tradeoff import DEFAULT_RHO, TradeoffModel, fit_tradeoff
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
 #: ``import lr2vq_analysis`` and the command line's ``--help`` do not import torch.
 _EXPORTS: dict[str, str] = {
     "CompressedModel": "nn",
+    "CompressionSpecs": "specs",
     "DEFAULT_RHO": "tradeoff",
     "FinetuneResult": "finetune",
     "KMeans": "kmeans",
@@ -42,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "LayerPlan": "plan",
     "LayerReport": "report",
     "ModelPrediction": "report",
+    "Plan": "planner",
     "Report": "report",
     "SizeReport": "size",
     "Spectrum": "spectrum",
@@ -59,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "load_compressed": "export",
     "load_weights": "weights",
     "lowrank_error_curve": "spectrum",
+    "plan_for_size": "planner",
     "predict_d_tilde": "report",
     "recalibrate_batchnorm": "finetune",
     "save_compressed": "export",
@@ -71,6 +76,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_RHO",
     "CompressedModel",
+    "CompressionSpecs",
     "FinetuneResult",
     "InvalidParameterError",
     "InvalidWeightsError",
@@ -83,6 +89,7 @@ __all__ = [
     "LayerPlan",
     "LayerReport",
     "ModelPrediction",
+    "Plan",
     "Report",
     "SizeReport",
     "Spectrum",
@@ -102,6 +109,7 @@ __all__ = [
     "kmeans",
     "load_compressed",
     "load_weights",
+    "plan_for_size",
     "lowrank_error_curve",
     "predict_d_tilde",
     "recalibrate_batchnorm",

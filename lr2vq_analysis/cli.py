@@ -209,12 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on its data set (--steps).",
     )
     compress.add_argument("source", metavar="SOURCE", help=f"weight file or model name {list(MODELS)}")
-    compress.add_argument(
+    planned = compress.add_mutually_exclusive_group(required=True)
+    planned.add_argument(
         "--plan",
-        required=True,
         metavar="REPORT",
-        help="report.json from 'lr2vq analyze', or a JSON file {layer: {k, m, d_tilde}}",
+        help="report.json from 'lr2vq analyze', plan.json from 'lr2vq plan', or a JSON file {layer: {k, m, d_tilde}}",
     )
+    planned.add_argument("--specs", metavar="SPECS", help="specs preset or JSON file instead of a plan: PQ (d̃ = m)")
     compress.add_argument(
         "--which",
         choices=("layer", "global"),
@@ -230,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (default: 0)")
     compress.set_defaults(handler=_cmd_compress)
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[common],
+        help="choose (k, m, d̃) per layer for a size target",
+        description="Analyse every layer at candidate k and m and allocate them to minimise the predicted model "
+        "error within --size MiB or --ratio ×; write plan.json (for 'lr2vq compress --plan'), report.md and "
+        "a figure of predicted error vs size (docs/planning.md).",
+    )
+    plan.add_argument("source", metavar="SOURCE", help=f"weight file or model name {list(MODELS)}")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--size", type=float, metavar="MIB", help="target size in MiB")
+    target.add_argument("--ratio", type=float, metavar="X", help="target ratio against the source as stored")
+    plan.add_argument("--specs", default="pqf-small", metavar="SPECS", help="preset or JSON file (default: pqf-small)")
+    plan.add_argument("--rho", type=_rho, metavar="R", help="share of the low-rank error training does not recover")
+    plan.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the k-means probes")
+    plan.add_argument("--jobs", type=_jobs, default=1, metavar="N", help="layers analysed in parallel (-1: all cores)")
+    plan.add_argument("--out", default="lr2vq-plan", metavar="DIR", help="output folder (default: lr2vq-plan)")
+    plan.set_defaults(handler=_cmd_plan)
 
     demo = commands.add_parser(
         "demo",
@@ -260,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=_positive_int, default=256, help="number of centroids (default: 256)")
     parser.add_argument("--m", type=_positive_int, default=9, help="subvector size (default: 9)")
+    parser.add_argument(
+        "--specs",
+        metavar="SPECS",
+        help="k and m per layer kind / name: a preset (pqf-small, pqf-large, ...) or a JSON file; replaces --k, --m",
+    )
     parser.add_argument(
         "--rho",
         type=_rho,
@@ -407,6 +432,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         args.source,
         k=args.k,
         m=args.m,
+        specs=args.specs,
         include=args.include,
         exclude=args.exclude,
         min_size=args.min_size,
@@ -467,8 +493,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     _check_source(args.source)
     from .report_folder import read_plan
+    from .specs import as_specs
 
-    plan = read_plan(args.plan, args.which)
+    plan = as_specs(args.specs).plan(args.source) if args.specs else read_plan(args.plan, args.which)
     out = Path(args.out) if args.out else Path(Path(args.source).stem.replace("-", "_") + ".lr2vq")
     if args.source == DEFAULT_MODEL and is_model_name(args.source):
         return _compress_bundled(args, plan, out)
@@ -485,6 +512,22 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     _say(args, f"size: {_describe_size(result.size)}")
     _say(args, f"wrote {result.path} ({result.path.stat().st_size / 2**20:.4g} MiB on disk); it reloads exactly")
     _say(args, f"reload it with lr2vq_analysis.export.load_compressed(path, {fresh}); fine-tune before use")
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    _check_source(args.source)
+    from .planner import plan_for_size, write_plan_folder
+
+    options = {} if args.rho is None else {"rho": args.rho}
+    _say(args, f"analysing {args.source} at the candidate k and m (specs {args.specs}) ...")
+    plan = plan_for_size(
+        args.source, args.size, ratio=args.ratio, specs=args.specs, seed=args.seed, n_jobs=args.jobs, **options
+    )
+    paths = write_plan_folder(plan, args.out, command=f"{PROG} {shlex.join(args.argv)}")
+    _say(args, plan.summary())
+    _say(args, f"wrote {paths['plan']}, {paths['report'].name} and {paths['figure'].name}")
+    _say(args, f"compress with: {PROG} compress {args.source} --plan {paths['plan']}")
     return EXIT_OK
 
 

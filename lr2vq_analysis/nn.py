@@ -1031,8 +1031,9 @@ def _build(
 
 def compress(
     model: nn.Module,
-    plan: Mapping[str, LayerPlan],
+    plan: Mapping[str, LayerPlan] | None = None,
     *,
+    specs: Any = None,
     seed: int = 0,
     method: str = "lr2vq",
     dkm: DKMConfig | None = None,
@@ -1045,7 +1046,12 @@ def compress(
         The pretrained model; it is deep-copied and left untouched.
     plan : mapping of str to LayerPlan
         State_dict weight key (``"layer1.0.conv1.weight"``) → ``LayerPlan(k, m, d_tilde)``; d̃ = m is PQ.
-        ``Report.plan()`` produces one. Plain dicts ``{"k", "m", "d_tilde"}`` are accepted too.
+        ``Report.plan()`` and :func:`~lr2vq_analysis.planner.plan_for_size` (a ``Plan``) produce one.
+        Plain dicts ``{"k", "m", "d_tilde"}`` are accepted too.
+    specs : CompressionSpecs, preset name, dict or JSON path, optional
+        Instead of ``plan``: k and m per layer kind / name (:mod:`~lr2vq_analysis.specs`); every
+        compressible layer the specs do not skip is compressed at the specs' d̃, else d̃ = m (PQ). For
+        predicted d̃ use ``analyze(model, specs=specs).plan()``.
     seed : int, default 0
         Seed of the k-means that initialises DKM's centroids (the low-rank initialisation is deterministic).
     method : {"lr2vq", "dkm"}, default "lr2vq"
@@ -1084,6 +1090,12 @@ def compress(
     'dkm'
     """
     check_seed(seed)
+    if (plan is None) == (specs is None):
+        raise InvalidParameterError("give exactly one of plan= (a mapping or a Plan) and specs=")
+    if specs is not None:
+        from .specs import as_specs
+
+        plan = as_specs(specs).plan(model)
     if method not in METHODS:
         raise InvalidParameterError(f"method={method!r} is invalid; allowed methods are {METHODS}")
     if method != "dkm" and dkm is not None:

@@ -38,6 +38,7 @@ from ._validation import (
 )
 from .plan import LayerPlan, effective_k
 from .probes import clustering_error_curve
+from .specs import as_specs
 from .subvectors import n_subvectors
 from .tradeoff import DEFAULT_RHO, TradeoffModel, calibrate_models, fit_tradeoff, global_d_tilde, with_output_curves
 from .weights import TOO_FEW_SUBVECTORS, Coverage, LayerInfo, load_weights
@@ -240,9 +241,15 @@ class Report:
         return self.layers[0].rho
 
     def global_total_curve(self) -> np.ndarray:
-        """Size-weighted mean of the layers' modelled total error, d̃ = 1..m."""
+        """Size-weighted mean of the layers' modelled total error, d̃ = 1..max m.
+
+        With per-layer m (specs), a layer's curve stays at its value at d̃ = m beyond its m.
+        """
         weights = np.array([layer.n_weights for layer in self.layers], dtype=np.float64)
-        curves = np.stack([layer.total_curve for layer in self.layers])
+        width = max(layer.m for layer in self.layers)
+        curves = np.stack(
+            [np.pad(c, (0, width - c.size), mode="edge") for c in (lay.total_curve for lay in self.layers)]
+        )
         return weights @ curves / weights.sum()
 
     @property
@@ -278,7 +285,7 @@ class Report:
         if which not in ("layer", "global"):
             raise InvalidParameterError(f"which={which!r} is invalid; allowed: 'layer', 'global'")
         d_global = self.global_d_tilde
-        return {layer.name: layer.plan(d_global if which == "global" else None) for layer in self.layers}
+        return {layer.name: layer.plan(min(d_global, layer.m) if which == "global" else None) for layer in self.layers}
 
     def with_rho(self, rho: float) -> Report:
         """The same analysis with another ρ: curves and probes are kept, d̃ moves."""
@@ -429,6 +436,7 @@ def analyze(
     k: int = 256,
     m: int = 9,
     *,
+    specs: Any = None,
     rho: float = DEFAULT_RHO,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -458,6 +466,10 @@ def analyze(
         Number of centroids.
     m : int, default 9
         Subvector size; layers whose row length it does not divide are skipped with the reason.
+    specs : CompressionSpecs, preset name, dict or JSON path, optional
+        k and m per layer kind and name glob (:mod:`~lr2vq_analysis.specs`), e.g. ``"pqf-small"``;
+        replaces ``k`` and ``m``. Layers the specs skip are listed in ``skipped`` with the reason; a k
+        lowered by PQF's cap shows as the layer's ``k``.
     rho : float, default DEFAULT_RHO
         Share of the low-rank error that end-to-end training does not recover, in (0, 1].
     include, exclude : str or list of str, optional
@@ -507,8 +519,9 @@ def analyze(
     >>> 1 <= report.global_d_tilde <= 9
     True
     """
-    k = check_k(k)
-    m = check_m(m)
+    layer_specs = None if specs is None else as_specs(specs)
+    k = check_k(k) if layer_specs is None else layer_specs.k
+    m = check_m(m) if layer_specs is None else (layer_specs.m or 0)
     rho = check_rho(rho)
     seed = check_seed(seed)
     n_jobs = check_n_jobs(n_jobs)
@@ -517,23 +530,39 @@ def analyze(
     if predictor is not None and not str(predictor).endswith("-output"):
         probe_options["predictor"] = predictor
     weights = load_weights(
-        source, m=m, include=include, exclude=exclude, min_size=min_size, keep_first_conv=keep_first_conv
+        source,
+        m=m if layer_specs is None else None,
+        include=include,
+        exclude=exclude,
+        min_size=min_size,
+        keep_first_conv=keep_first_conv,
     )
     skipped = dict(weights.skipped)
     coverage = weights.coverage
     jobs = []
     for name, info in weights.info.items():  # layers stream: each job reads its own, one at a time per job
-        layer_k = effective_k(k, info.shape, m) if cap_k else k
-        if cap_k and n_subvectors(info.shape, m) < 8:
-            skipped[name] = f"only {n_subvectors(info.shape, m)} subvectors of size m={m}; too few to cluster"
-            coverage = coverage.skip(TOO_FEW_SUBVECTORS, info.size)
-            continue
+        if layer_specs is not None:
+            resolved = layer_specs.resolve(name, info.shape, groups=getattr(info, "groups", None))
+            if resolved.skip_reason is not None or resolved.k is None or resolved.m is None:
+                skipped[name] = str(resolved.skip_reason)
+                coverage = coverage.skip(f"by the specs: {str(resolved.skip_reason).split(' (')[0]}", info.size)
+                continue
+            layer_k, layer_m = resolved.k, resolved.m
+        else:
+            layer_m = m
+            layer_k = effective_k(k, info.shape, m) if cap_k else k
+            if cap_k and n_subvectors(info.shape, m) < 8:
+                skipped[name] = f"only {n_subvectors(info.shape, m)} subvectors of size m={m}; too few to cluster"
+                coverage = coverage.skip(TOO_FEW_SUBVECTORS, info.size)
+                continue
         read = partial(weights.tensor, name)
-        jobs.append(delayed(_analyze_layer)(info, read, layer_k, m, rho, seed, measure_full_curve, probe_options))
+        jobs.append(delayed(_analyze_layer)(info, read, layer_k, layer_m, rho, seed, measure_full_curve, probe_options))
     if not jobs:
         raise InvalidWeightsError(f"no layer of {describe_source(source)} can be analysed at m={m}: {skipped}")
     results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator", pre_dispatch="n_jobs")(jobs)
     layers = list(tqdm(results, total=len(jobs), desc="analyze", unit="layer", disable=not progress))
+    if layer_specs is not None and not m:
+        m = max((lay.m for lay in layers), key=[lay.m for lay in layers].count)  # the most common m
     if calibration is not None or (predictor is not None and str(predictor).endswith("-output")):
         layers = _with_predictor(layers, source if model is None else model, calibration, seed, predictor)
     return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source), coverage=coverage)
@@ -567,6 +596,7 @@ def predict_d_tilde(
     k: int = 256,
     m: int = 9,
     *,
+    specs: Any = None,
     rho: float = DEFAULT_RHO,
     seed: int = 0,
     **options: Any,
@@ -582,6 +612,8 @@ def predict_d_tilde(
         Number of centroids.
     m : int, default 9
         Subvector size.
+    specs : CompressionSpecs, preset name, dict or JSON path, optional
+        k and m by layer kind / name (replaces ``k`` and ``m``); a single layer is resolved by its shape.
     rho : float, default DEFAULT_RHO
         Share of the low-rank error that training does not recover, in (0, 1].
     seed : int, default 0
@@ -606,6 +638,11 @@ def predict_d_tilde(
     True
     """
     if isinstance(weights, np.ndarray) or (hasattr(weights, "detach") and hasattr(weights, "shape")):
+        if specs is not None:
+            resolved = as_specs(specs).resolve(options.get("name") or "", tuple(weights.shape))
+            if resolved.k is None or resolved.m is None:
+                raise InvalidParameterError(f"the specs leave this layer uncompressed: {resolved.skip_reason}")
+            k, m = resolved.k, resolved.m
         calibration = options.pop("calibration", None)
         if calibration is None:
             return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde)
@@ -613,4 +650,4 @@ def predict_d_tilde(
         fitted = fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options)
         return int(with_output_curves(fitted, weights, calibration, seed=seed, predictor=predictor).d_tilde)
     options.setdefault("progress", False)
-    return analyze(weights, k, m, rho=rho, seed=seed, **options).prediction()
+    return analyze(weights, k, m, specs=specs, rho=rho, seed=seed, **options).prediction()

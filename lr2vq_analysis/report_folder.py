@@ -451,6 +451,10 @@ def read_plan(path: str | os.PathLike[str], which: str = "layer") -> dict[str, L
         raise ReportFileError(f"plan file {str(path)!r} is not valid JSON ({exc}); give a report.json") from None
     if isinstance(data, dict) and "layers" in data and "format_version" in data:
         return Report.load(path).plan(which)
+    if isinstance(data, dict) and str(data.get("format", "")).startswith("lr2vq-plan"):
+        from .planner import Plan
+
+        return Plan.from_dict(data).layer_plans()  # plan.json from 'lr2vq plan'
     if not isinstance(data, dict) or not data:
         raise ReportFileError(
             f"plan file {str(path)!r} is neither a report from 'lr2vq analyze' nor a JSON object "

@@ -14,6 +14,12 @@ PQF's own ``compute_model_nbits`` counts them:
   the baseline is exactly the model's parameters at fp32.
 * **Integer buffers** (``num_batches_tracked``, ``position_ids``) are bookkeeping, not weights: not counted.
 * **Baseline**: the same tensors uncompressed, at fp32. Ratio = baseline bits / compressed bits.
+* **Source dtype**: a bf16/fp16 checkpoint is half the size of its fp32 baseline, so its ratio against
+  fp32 overstates the saving 2×. :class:`SizeReport` also states the size of the source as stored
+  (``source_bits``, each tensor at its own dtype, or at ``source_dtype`` when given) and the ratio
+  against it (``ratio_vs_source``); ``ratio`` stays the field's fp32 convention. Uncompressed tensors
+  of the compressed model count at the source dtype when that is narrower than fp32 (a compressed
+  bf16 model keeps its embeddings in bf16), else at fp32; for fp32 sources nothing changes.
 * **MB** are MiB: bits / 8 / 2²⁰.
 
 k is taken from the plan as given. PQF caps k at the largest power of two ≤ (number of subvectors)/4
@@ -38,10 +44,63 @@ from .nn import CompressedModel, _LR2VQLayer
 from .plan import LayerPlan
 from .subvectors import n_subvectors, row_length
 
-__all__ = ["LayerSize", "SizeReport", "size_report", "bits_to_mib"]
+__all__ = ["LayerSize", "SizeReport", "size_report", "bits_to_mib", "dtype_bits"]
 
 _FP32 = 32
+_DTYPE_BITS = {
+    "bf16": 16,
+    "bfloat16": 16,
+    "fp16": 16,
+    "f16": 16,
+    "float16": 16,
+    "half": 16,
+    "fp32": 32,
+    "f32": 32,
+    "float32": 32,
+    "float": 32,
+    "fp64": 64,
+    "f64": 64,
+    "float64": 64,
+    "double": 64,
+    "f8_e4m3": 8,
+    "f8_e5m2": 8,
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
+}
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def dtype_bits(dtype: Any) -> int:
+    """Bits per value of a dtype: a torch or numpy dtype, a name (``"bf16"``, ``"float16"``, safetensors'
+    ``"BF16"``) or an int number of bits.
+
+    Examples
+    --------
+    >>> dtype_bits(torch.bfloat16), dtype_bits("F16"), dtype_bits("fp32"), dtype_bits(16)
+    (16, 16, 32, 16)
+    """
+    if isinstance(dtype, bool):
+        pass
+    elif isinstance(dtype, int):
+        if dtype in (8, 16, 32, 64):
+            return dtype
+    elif isinstance(dtype, torch.dtype):
+        return int(dtype.itemsize) * 8
+    elif isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPE_BITS:
+            return _DTYPE_BITS[key]
+    elif hasattr(dtype, "itemsize"):
+        return int(dtype.itemsize) * 8
+    raise InvalidParameterError(
+        f"source_dtype={dtype!r} is invalid; use a torch/numpy dtype, 8/16/32/64 bits or one of {sorted(_DTYPE_BITS)}"
+    )
+
+
+def _value_bits(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.element_size()) * 8
+    return int(value.dtype.itemsize) * 8
 
 
 def bits_to_mib(bits: float) -> float:
@@ -76,6 +135,8 @@ class LayerSize:
         Values stored as they are, at fp32 (uncompressed tensors, folded batch norms).
     k, m, d_tilde : int or None
         The plan of a compressed layer.
+    source_dtype_bits : int
+        Bits per value in the source checkpoint (16 for bf16/fp16, 32 for fp32).
     """
 
     name: str
@@ -90,11 +151,17 @@ class LayerSize:
     k: int | None = None
     m: int | None = None
     d_tilde: int | None = None
+    source_dtype_bits: int = _FP32
 
     @property
     def compressed_bits(self) -> float:
         """Bits of this part in the compressed model."""
         return self.codes_bits + self.codebook_bits + self.projection_bits + self.dense_bits
+
+    @property
+    def source_bits(self) -> float:
+        """Bits of this part in the source checkpoint, at its own dtype."""
+        return float(self.n_params * self.source_dtype_bits)
 
 
 @dataclass(frozen=True)
@@ -130,6 +197,30 @@ class SizeReport:
         return bits_to_mib(self.compressed_bits)
 
     @property
+    def source_bits(self) -> float:
+        """Size of the source checkpoint as stored (bf16/fp16/fp32 per tensor), in bits."""
+        return float(sum(layer.source_bits for layer in self.layers))
+
+    @property
+    def source_megabytes(self) -> float:
+        """Size of the source checkpoint as stored, in MiB."""
+        return bits_to_mib(self.source_bits)
+
+    @property
+    def ratio_vs_source(self) -> float:
+        """Compression ratio against the source as stored: source bits / compressed bits."""
+        return self.source_bits / self.compressed_bits if self.compressed_bits else math.nan
+
+    @property
+    def source_dtype(self) -> str:
+        """``"fp32"``, ``"16-bit"`` etc.: the source's bits per value, or ``"mixed"``."""
+        widths = {layer.source_dtype_bits for layer in self.layers}
+        if len(widths) != 1:
+            return "mixed"
+        width = widths.pop()
+        return "fp32" if width == 32 else f"{width}-bit"
+
+    @property
     def uncompressed_megabytes(self) -> float:
         """Baseline size in MiB."""
         return bits_to_mib(self.uncompressed_bits)
@@ -147,14 +238,23 @@ class SizeReport:
 
     def __str__(self) -> str:
         n_compressed = sum(layer.kind == "compressed" for layer in self.layers)
+        if self.source_dtype == "fp32":
+            return (
+                f"SizeReport: {self.uncompressed_megabytes:.3f} MiB -> {self.megabytes:.3f} MiB "
+                f"({self.ratio:.1f}x), {n_compressed} compressed layer(s)"
+            )
         return (
-            f"SizeReport: {self.uncompressed_megabytes:.3f} MiB -> {self.megabytes:.3f} MiB "
-            f"({self.ratio:.1f}x), {n_compressed} compressed layer(s)"
+            f"SizeReport: {self.source_megabytes:.3f} MiB as stored ({self.source_dtype}) -> {self.megabytes:.3f} MiB "
+            f"({self.ratio_vs_source:.1f}x vs the {self.source_dtype} source; {self.ratio:.1f}x vs fp32 "
+            f"{self.uncompressed_megabytes:.3f} MiB), {n_compressed} compressed layer(s)"
         )
 
 
-def _shapes_of(model_or_state_dict: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, LayerPlan] | None]:
-    """{key: shape} of the counted (floating) tensors, as in the uncompressed model, and a model's own plan."""
+def _shapes_of(
+    model_or_state_dict: Any,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int], dict[str, LayerPlan] | None]:
+    """{key: shape} of the counted tensors as in the uncompressed model, their bits per value, a model's plan."""
+    bits: dict[str, int] = {}
     if isinstance(model_or_state_dict, CompressedModel):
         shapes: dict[str, tuple[int, ...]] = {}
         modules = model_or_state_dict.module.named_modules()
@@ -166,11 +266,14 @@ def _shapes_of(model_or_state_dict: Any) -> tuple[dict[str, tuple[int, ...]], di
                 layer = layers[owner]
                 weight_key = f"{owner}.weight" if owner else "weight"
                 shapes.setdefault(weight_key, layer.weight_shape)
+                bits.setdefault(weight_key, _FP32)
                 if leaf == "bias":
                     shapes[key] = tuple(tensor.shape)
+                    bits[key] = _value_bits(tensor)
             elif tensor.is_floating_point() or leaf in _BN_STATS:
                 shapes[key] = tuple(tensor.shape)
-        return shapes, model_or_state_dict.plan
+                bits[key] = _value_bits(tensor)
+        return shapes, bits, model_or_state_dict.plan
     if isinstance(model_or_state_dict, nn.Module):
         model_or_state_dict = model_or_state_dict.state_dict()
     if not isinstance(model_or_state_dict, Mapping):
@@ -185,10 +288,16 @@ def _shapes_of(model_or_state_dict: Any) -> tuple[dict[str, tuple[int, ...]], di
         floating = value.is_floating_point() if isinstance(value, torch.Tensor) else value.dtype.kind == "f"
         if floating or key.rpartition(".")[2] in _BN_STATS:
             shapes[key] = tuple(int(s) for s in value.shape)
-    return shapes, None
+            bits[key] = _value_bits(value)
+    return shapes, bits, None
 
 
-def size_report(model_or_state_dict: Any, plan: Mapping[str, LayerPlan] | None = None) -> SizeReport:
+def size_report(
+    model_or_state_dict: Any,
+    plan: Mapping[str, LayerPlan] | None = None,
+    *,
+    source_dtype: Any = None,
+) -> SizeReport:
     """Size of a model, uncompressed and compressed, by the field's convention (see the module docstring).
 
     Parameters
@@ -199,6 +308,10 @@ def size_report(model_or_state_dict: Any, plan: Mapping[str, LayerPlan] | None =
     plan : mapping of str to LayerPlan, optional
         State_dict weight key → ``LayerPlan(k, m, d_tilde)``; layers not in it count as uncompressed.
         Not allowed with a CompressedModel, which carries its plan.
+    source_dtype : dtype, str, int or mapping, optional
+        The dtype the source checkpoint stores its weights in (``torch.bfloat16``, ``"fp16"``, 16, ...),
+        for all tensors or ``{key: dtype}``. Default: each tensor's own floating dtype (a compressed
+        model's weights count as fp32).
 
     Returns
     -------
@@ -219,10 +332,20 @@ def size_report(model_or_state_dict: Any, plan: Mapping[str, LayerPlan] | None =
     (1181696.0, 51776.0)
     >>> round(report.ratio, 2)
     22.82
+    >>> half = size_report(state, {"conv.weight": LayerPlan(k=256, m=9, d_tilde=4)}, source_dtype="bf16")
+    >>> half.source_bits, half.compressed_bits  # 36928·16 ; the bias now at 16 bits: 51776 − 64·16
+    (590848.0, 50752.0)
+    >>> round(half.ratio_vs_source, 2), round(half.ratio, 2)
+    (11.64, 23.28)
     """
     if isinstance(model_or_state_dict, CompressedModel) and plan is not None:
         raise InvalidParameterError("a CompressedModel carries its plan; call size_report(cmodel) without plan")
-    shapes, own_plan = _shapes_of(model_or_state_dict)
+    shapes, widths, own_plan = _shapes_of(model_or_state_dict)
+    if source_dtype is not None:
+        if isinstance(source_dtype, Mapping):
+            widths.update({key: dtype_bits(value) for key, value in source_dtype.items() if key in widths})
+        else:
+            widths = dict.fromkeys(widths, dtype_bits(source_dtype))
     plan = dict(own_plan if own_plan is not None else (plan or {}))
     for key, entry in plan.items():
         if key not in shapes:
@@ -242,8 +365,14 @@ def size_report(model_or_state_dict: Any, plan: Mapping[str, LayerPlan] | None =
         if owner in batchnorms:
             if leaf == "running_mean":  # one entry per batch norm: scale and shift at fp32
                 channels = int(shape[0])
+                width = widths[key]
                 bits = 2.0 * channels * _FP32
-                layers.append(LayerSize(owner, "batchnorm", (channels,), 2 * channels, bits, dense_bits=bits))
+                dense = 2.0 * channels * min(width, _FP32)
+                layers.append(
+                    LayerSize(
+                        owner, "batchnorm", (channels,), 2 * channels, bits, dense_bits=dense, source_dtype_bits=width
+                    )
+                )
             continue
         if leaf in _BN_STATS:
             continue
@@ -263,9 +392,13 @@ def size_report(model_or_state_dict: Any, plan: Mapping[str, LayerPlan] | None =
                     k=entry.k,
                     m=entry.m,
                     d_tilde=entry.d_tilde,
+                    source_dtype_bits=widths[key],
                 )
             )
         else:
             bits = float(n_params * _FP32)
-            layers.append(LayerSize(key, "uncompressed", shape, n_params, bits, dense_bits=bits))
+            dense = float(n_params * min(widths[key], _FP32))
+            layers.append(
+                LayerSize(key, "uncompressed", shape, n_params, bits, dense_bits=dense, source_dtype_bits=widths[key])
+            )
     return SizeReport(tuple(layers))

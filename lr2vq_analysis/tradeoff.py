@@ -1206,7 +1206,8 @@ def global_curves(models: Any, sizes: Any) -> dict[str, np.ndarray | None]:
         curves = [getattr(model, attribute) for model in models]
         if any(curve is None for curve in curves):
             return None
-        return cast(np.ndarray, weights @ np.stack(curves))
+        width = max(curve.size for curve in curves)  # per-layer m (specs): a curve stays at its d̃ = m value
+        return cast(np.ndarray, weights @ np.stack([np.pad(c, (0, width - c.size), mode="edge") for c in curves]))
 
     return {
         "lowrank": mean("lowrank_curve_"),
@@ -1250,9 +1251,10 @@ def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tup
     knee = int(models[int(order[int(np.argmax(cumulative >= 0.5))])].knee_)
     low, clu = cast(np.ndarray, curves["lowrank"]), cast(np.ndarray, curves["clustering"])
     low_out, clu_out = curves["lowrank_output"], curves["clustering_output"]
-    d = choose_d_tilde(rule, first.m, knee, first._rho, low, clu, low_out, clu_out)
+    width = low.size  # the largest m over the layers
+    d = choose_d_tilde(rule, width, knee, first._rho, low, clu, low_out, clu_out)
     inside = [int(v) for v in _within(objective_curve(rule, first._rho, low, clu, low_out, clu_out), first.tolerance)]
-    return d, (min([*inside, d]), max([*inside, d])), first.m in inside
+    return d, (min([*inside, d]), max([*inside, d])), width in inside
 
 
 _RULE_TEXT = {

@@ -147,6 +147,18 @@ def test_finetune_thread_table_runs_and_restores_the_setting():
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_quick_planner_benchmark_checks_presets_and_plans_two_targets(tmp_path):
+    import bench_planner
+
+    assert bench_planner.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "planner_quick.json").read_text())
+    assert all(row["match"] for row in results["presets"])  # PQF's published ResNet-18 sizes
+    plans = results["digits"]["plans"]
+    assert [p["target_ratio"] for p in plans] == [8.0, 12.0]
+    assert all(p["ratio_vs_source"] >= p["target_ratio"] for p in plans)
+    assert (tmp_path / "plan_digits_8x" / "plan.json").is_file()
+
+
 def test_zoo_stages_quick_train_sweep_score(tmp_path):
     """The three zoo stages chain on their --quick paths: weights, runs CSV, scores with every rule."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "zoo"))

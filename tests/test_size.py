@@ -116,3 +116,26 @@ def test_bad_inputs():
         size_report([1, 2, 3])
     with pytest.raises(InvalidParameterError, match="not a tensor"):
         size_report({"w": 3.0})
+
+
+def test_bf16_source_ratio_is_stated_against_its_dtype_and_fp32():
+    """Hand-computed: a bf16 Linear(64 → 64) with bias, PQ at k = 16, m = 4."""
+    import torch
+
+    state = {"fc.weight": torch.zeros(64, 64, dtype=torch.bfloat16), "fc.bias": torch.zeros(64, dtype=torch.bfloat16)}
+    report = size_report(state, {"fc.weight": LayerPlan(k=16, m=4)})
+    # source: 4160 values · 16 bits; compressed: codes 1024 · 4 + codebook 16·4·16 + bias 64 · 16 (kept in bf16)
+    assert report.source_bits == 4160 * 16 == 66560
+    assert report.compressed_bits == 1024 * 4 + 16 * 4 * 16 + 64 * 16 == 6144
+    assert report.ratio_vs_source == pytest.approx(66560 / 6144)  # 10.83×, not the fp32 21.67×
+    assert report.ratio == pytest.approx(4160 * 32 / 6144)
+    assert report.source_dtype == "16-bit"
+    assert "vs the 16-bit source" in str(report) and "vs fp32" in str(report)
+    # the same shapes declared bf16 while stored as fp32 give the same numbers
+    fp32 = {key: value.float() for key, value in state.items()}
+    declared = size_report(fp32, {"fc.weight": LayerPlan(k=16, m=4)}, source_dtype="bf16")
+    assert (declared.source_bits, declared.compressed_bits) == (66560, 6144)
+    plain = size_report(fp32, {"fc.weight": LayerPlan(k=16, m=4)})
+    assert plain.ratio_vs_source == plain.ratio and plain.compressed_bits == 6144 + 64 * 16
+    with pytest.raises(InvalidParameterError, match="source_dtype='int3' is invalid"):
+        size_report(fp32, source_dtype="int3")
