@@ -14,6 +14,7 @@ MODULES = [
     ("lr2vq_analysis.weights", "Loading weights"),
     ("lr2vq_analysis.subvectors", "Subvectors"),
     ("lr2vq_analysis.spectrum", "Spectrum and low-rank error"),
+    ("lr2vq_analysis.calibration", "Output-space errors (calibration data)"),
     ("lr2vq_analysis.kmeans", "k-means"),
     ("lr2vq_analysis.probes", "Clustering error probes"),
     ("lr2vq_analysis.tradeoff", "Trade-off model"),

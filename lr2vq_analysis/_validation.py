@@ -55,7 +55,7 @@ MAX_SEED = 2**32 - 1
 #: Largest ``n_jobs`` accepted; more threads than this cannot help and would only exhaust the machine.
 MAX_JOBS = 1024
 #: Keyword options :func:`~lr2vq_analysis.report.analyze` passes on to the trade-off fit's k-means probes.
-PROBE_OPTIONS = ("n_probes", "max_points_per_centroid", "device")
+PROBE_OPTIONS = ("n_probes", "max_points_per_centroid", "device", "predictor", "tolerance", "stability_seeds")
 
 
 @dataclass(frozen=True)

@@ -399,7 +399,7 @@ class _LayerCurves:
             clustering=np.asarray(model.clustering(d), dtype=np.float64),
             total=total,
             probes=probes,
-            d_tilde=int(np.argmax(total <= total.min() + 1e-12)) + 1,
+            d_tilde=int(getattr(model, "d_tilde_", int(np.argmax(total <= total.min() + 1e-12)) + 1)),
             measured=measured_arr,
             n_subvectors=None if n_sub is None else int(n_sub),
             subsample=subsample,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from joblib import Parallel, delayed
 from tqdm import tqdm  # plain tqdm: tqdm.auto warns (IProgress) in Jupyter without ipywidgets
 
@@ -42,7 +43,7 @@ from .plan import LayerPlan, effective_k
 from .probes import clustering_error_curve
 from .specs import as_specs
 from .subvectors import n_subvectors
-from .tradeoff import DEFAULT_RHO, TradeoffModel, fit_tradeoff
+from .tradeoff import DEFAULT_RHO, TradeoffModel, calibrate_models, fit_tradeoff, global_d_tilde, with_output_curves
 from .weights import TOO_FEW_SUBVECTORS, Coverage, LayerInfo, load_weights
 
 __all__ = ["LayerReport", "ModelPrediction", "Report", "analyze", "predict_d_tilde"]
@@ -340,8 +341,21 @@ class Report(Mapping[str, LayerReport]):
 
     @property
     def global_d_tilde(self) -> int:
-        """One d̃ for the whole model: argmin of :attr:`total_curve`."""
-        return int(np.argmin(self.total_curve)) + 1
+        """One d̃ for the whole model by the layers' rule (``predictor``), size-weighted over layers."""
+        return self._global()[0]
+
+    @property
+    def global_d_tilde_range(self) -> tuple[int, int]:
+        """Smallest and largest d̃ whose size-weighted predicted total is within the tolerance of the minimum."""
+        return self._global()[1]
+
+    @property
+    def global_flat(self) -> bool:
+        """True when d̃ = m (PQ) is within the tolerance for the whole model: d̃ barely matters."""
+        return self._global()[2]
+
+    def _global(self) -> tuple[int, tuple[int, int], bool]:
+        return global_d_tilde([layer.model for layer in self.layers], [layer.n_weights for layer in self.layers])
 
     @property
     def prediction(self) -> ModelPrediction:
@@ -387,6 +401,10 @@ class Report(Mapping[str, LayerReport]):
                     "rho": layer.rho,
                     "knee": layer.knee,
                     "d_tilde": d,
+                    "predictor": layer.model.predictor,
+                    "d_tilde_range": "{}–{}".format(*layer.model.d_tilde_range_),
+                    "flat": layer.model.flat_,
+                    "d_tilde_by_seed": ", ".join(f"{s}:{v}" for s, v in layer.model.d_tilde_by_seed_.items()),
                     "lowrank_error": float(layer.model.lowrank(d)),
                     "clustering_error": float(layer.model.clustering(d)),
                     "total_error": float(layer.model.total(d)),
@@ -577,6 +595,8 @@ def analyze(
     n_jobs: int = 1,
     progress: bool = True,
     measure_full_curve: bool = False,
+    model: Any = None,
+    calibration: Any = None,
     **probe_options: Any,
 ) -> Report:
     """Analyse every compressible layer of a model and predict d̃ per layer and globally.
@@ -618,8 +638,15 @@ def analyze(
         Show a progress bar over layers.
     measure_full_curve : bool, default False
         Also run k-means at every d̃ on all subvectors (slow; for validating the model).
+    model : torch.nn.Module, optional
+        The runnable model for ``calibration`` (default: ``source`` when it is a module).
+    calibration : tensor, list of batches or DataLoader, optional
+        Inputs of ``model``: adds the output-space curves to every layer
+        (:func:`~lr2vq_analysis.tradeoff.calibrate_models`) and makes
+        :data:`~lr2vq_analysis.tradeoff.DEFAULT_CALIBRATED_PREDICTOR` the default rule.
     **probe_options
-        Passed to :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`.
+        Passed to :func:`~lr2vq_analysis.tradeoff.fit_tradeoff` (``predictor=``, ``tolerance=``,
+        ``stability_seeds=``, ``n_probes=``, ...).
 
     Returns
     -------
@@ -647,6 +674,9 @@ def analyze(
     seed = check_seed(seed)
     n_jobs = check_n_jobs(n_jobs)
     probe_options = check_options(probe_options, PROBE_OPTIONS, what="probe option")
+    predictor = probe_options.pop("predictor", None)
+    if predictor is not None and not str(predictor).endswith("-output"):
+        probe_options["predictor"] = predictor
     weights = load_weights(
         source,
         m=m if layer_specs is None else None,
@@ -681,7 +711,25 @@ def analyze(
     layers = list(tqdm(results, total=len(jobs), desc="analyze", unit="layer", disable=not progress))
     if layer_specs is not None and not m:
         m = max((lay.m for lay in layers), key=[lay.m for lay in layers].count)  # the most common m
+    if calibration is not None or (predictor is not None and str(predictor).endswith("-output")):
+        layers = _with_predictor(layers, source if model is None else model, calibration, seed, predictor)
     return Report(layers, k=k, m=m, skipped=skipped, source=describe_source(source), coverage=coverage)
+
+
+def _with_predictor(
+    layers: list[LayerReport], module: Any, calibration: Any, seed: int, predictor: str | None
+) -> list[LayerReport]:
+    """Add output-space curves from ``calibration`` (when given) and set each layer's rule."""
+    if calibration is None:
+        return [replace(layer, model=layer.model.with_predictor(str(predictor))) for layer in layers]
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidParameterError(
+            f"calibration= needs a runnable model: pass model= (a torch.nn.Module), got {type(module).__name__}"
+        )
+    state = module.state_dict()
+    fitted = {layer.name: (state[layer.name], layer.model) for layer in layers}
+    models = calibrate_models(module, calibration, fitted, seed=seed, predictor=predictor)
+    return [replace(layer, model=models[layer.name]) for layer in layers]
 
 
 def describe_source(source: Any) -> str:
@@ -719,8 +767,11 @@ def predict_d_tilde(
     seed : int, default 0
         Seed of the k-means probes.
     **options
-        For a single layer, passed to :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`; for a model, to
-        :func:`analyze` (``progress`` defaults to False here).
+        For a single layer, passed to :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`, except
+        ``calibration=``: the layer's input second moment H (groups × L × L, from
+        :func:`~lr2vq_analysis.calibration.collect_second_moments`), which adds the output-space curves;
+        for a model, to :func:`analyze` (``model=``, ``calibration=`` inputs, ``predictor=``;
+        ``progress`` defaults to False here).
 
     Returns
     -------
@@ -740,6 +791,11 @@ def predict_d_tilde(
             if resolved.k is None or resolved.m is None:
                 raise InvalidParameterError(f"the specs leave this layer uncompressed: {resolved.skip_reason}")
             k, m = resolved.k, resolved.m
-        return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde_)
+        calibration = options.pop("calibration", None)
+        if calibration is None:
+            return int(fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options).d_tilde_)
+        predictor = options.pop("predictor", None)
+        fitted = fit_tradeoff(weights, k, m, rho=rho, seed=seed, **options)
+        return int(with_output_curves(fitted, weights, calibration, seed=seed, predictor=predictor).d_tilde_)
     options.setdefault("progress", False)
     return analyze(weights, k, m, specs=specs, rho=rho, seed=seed, **options).prediction

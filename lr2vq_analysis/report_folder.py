@@ -324,6 +324,7 @@ def write_markdown_report(
     import pandas as pd
 
     from . import __version__
+    from .tradeoff import prediction_note
 
     figures = dict(figures or {})
     lines = [f"# LR²VQ analysis of `{_cell(report.source)}`", ""]
@@ -336,10 +337,10 @@ def write_markdown_report(
         lines += ["", f"Coverage: {report.coverage.summary()}."]
     lines += [
         "",
-        f"**Global d̃ = {report.global_d_tilde}** (minimum of the size-weighted total error of all layers).",
+        f"**Global d̃ = {report.global_d_tilde}** ({prediction_note(report)}).",
         "",
         "Errors are fractions of each layer's ‖W‖²; total = ρ·low-rank + clustering, where ρ is the share of "
-        "the low-rank error that fine-tuning does not recover. d̃ is the minimum of the total.",
+        "the low-rank error that fine-tuning does not recover; the ρ-model's d̃ is the minimum of the total.",
     ]
     if sizes:
         lines += ["", "## Expected size", ""]

@@ -29,9 +29,8 @@ The model (derivation, assumptions, failure modes and measured accuracy: ``docs/
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,12 +48,25 @@ from ._validation import (
     check_seed,
     layer_label,
 )
+from .calibration import block_metric, collect_second_moments, lowrank_output_curve, output_error
+from .kmeans import kmeans
 from .probes import ProbeResult, run_probe
 from .spectrum import Spectrum, compute_spectrum
 from .subvectors import to_subvectors
 
 __all__ = [
     "DEFAULT_RHO",
+    "PREDICTORS",
+    "DEFAULT_PREDICTOR",
+    "DEFAULT_CALIBRATED_PREDICTOR",
+    "DEFAULT_TOLERANCE",
+    "FLAT_MESSAGE",
+    "choose_d_tilde",
+    "crossing_d_tilde",
+    "global_d_tilde",
+    "prediction_note",
+    "with_output_curves",
+    "calibrate_models",
     "DEFAULT_MAX_POINTS_PER_CENTROID",
     "PROBE_COST_POINTS_PER_CENTROID",
     "TradeoffModel",
@@ -74,6 +86,37 @@ put the most predictions inside the plateau of fine-tuned accuracy (3 of 7) and 
 (5 of 7) of any ρ in 0.05–1.00. The ρ consistent with single settings spans 0.25–1.00: it is a default,
 not a law; set ``rho`` for your training budget.
 """
+
+PREDICTORS: tuple[str, ...] = ("rho", "rho-output", "crossing", "crossing-output", "half", "knee", "pq")
+"""The d̃ rules, selectable by name (``predictor=``):
+
+- ``"rho"``: argmin of ``ρ·lowrank + clustering`` (weight space, relative to ‖W‖²);
+- ``"rho-output"``: the same on the output-space curves (needs calibration data);
+- ``"crossing"``: the smallest d̃ whose clustering error reaches the low-rank error (no constant);
+- ``"crossing-output"``: the same on the output-space curves (needs calibration data);
+- ``"half"``: ⌊m/2⌋ (at least 1), blind to the weights;
+- ``"knee"``: the reverse water-filling knee (:func:`water_filling`);
+- ``"pq"``: d̃ = m (no projection: plain PQ).
+"""
+
+DEFAULT_PREDICTOR: str = "half"
+"""The rule used without calibration data: ⌊m/2⌋.
+
+Scored on the existing evidence sweeps (``python benchmarks/zoo/score.py --existing``, docs/results.md):
+on the 6 CNN settings (digits, MNIST-1D) ⌊m/2⌋ has mean regret 0.16 accuracy points against 0.39 for the
+ρ-model (ρ = 0.85, chosen on those same settings) and 0.57 for d̃ = m. On the one MiniLM setting it picks
+d̃ = 4 (one seed: 5.7 cosine points below the best d̃), where the ρ-model's d̃ = m is 0.5 points off;
+MiniLM's output-space errors are the data-aware rules' job. The zoo study
+(``benchmarks/zoo/PREREGISTRATION.md``) will revise this default.
+"""
+
+DEFAULT_CALIBRATED_PREDICTOR: str = "crossing-output"
+"""The rule used when calibration data (a model and its inputs) is given; see docs/results.md."""
+
+DEFAULT_TOLERANCE: float = 0.05
+"""d̃ whose predicted total is within this relative tolerance of the minimum form the reported range."""
+
+FLAT_MESSAGE = "d̃ barely matters here; PQ (d̃ = m) is as good"
 
 DEFAULT_MAX_POINTS_PER_CENTROID: int = 16
 """Probes train on at most this many subvectors per centroid (faiss's knob; faiss's default is 256)."""
@@ -297,6 +340,110 @@ def _capped_curve(quantized: np.ndarray, eigenvalues: np.ndarray, knee: int, ski
     return curve
 
 
+def crossing_d_tilde(lowrank: Any, clustering: Any) -> int:
+    """Smallest d̃ (1-based) at which the clustering error reaches the low-rank error.
+
+    The low-rank error falls to 0 at d̃ = m, so a crossing always exists.
+
+    Parameters
+    ----------
+    lowrank, clustering : array-like of shape (m,)
+        The two error curves at d̃ = 1..m.
+
+    Examples
+    --------
+    >>> crossing_d_tilde([0.5, 0.3, 0.1, 0.0], [0.05, 0.2, 0.35, 0.4])
+    3
+    """
+    low = np.asarray(lowrank, dtype=np.float64)
+    clu = np.asarray(clustering, dtype=np.float64)
+    return int(np.argmax(clu >= low)) + 1
+
+
+def _check_predictor(predictor: Any, has_output: bool, name: str | None = None) -> str:
+    if predictor not in PREDICTORS:
+        raise InvalidParameterError(f"{layer_label(name)}predictor={predictor!r} is invalid; allowed: {PREDICTORS}")
+    if predictor.endswith("-output") and not has_output:
+        raise InvalidParameterError(
+            f"{layer_label(name)}predictor={predictor!r} needs output-space curves: pass calibration= (inputs) and "
+            "model= (the nn.Module) to analyze/predict_d_tilde"
+        )
+    return str(predictor)
+
+
+def objective_curve(
+    predictor: str,
+    rho: float,
+    lowrank: np.ndarray,
+    clustering: np.ndarray,
+    lowrank_output: np.ndarray | None = None,
+    clustering_output: np.ndarray | None = None,
+) -> np.ndarray:
+    """The predicted total each rule trades off, d̃ = 1..m (what the d̃ range is read from).
+
+    ``rho``: ρ·lowrank + clustering; ``crossing``: max(lowrank, clustering), whose minimum sits at the
+    crossing; the ``-output`` rules use the output-space curves; the weight-blind rules (``half``,
+    ``knee``, ``pq``) are judged by the ρ-model's total (output space when available).
+    """
+    output = lowrank_output is not None and clustering_output is not None
+    if predictor in ("crossing", "crossing-output"):
+        low, clu = (lowrank_output, clustering_output) if predictor == "crossing-output" else (lowrank, clustering)
+        return np.maximum(np.asarray(low), np.asarray(clu))
+    if predictor == "rho" or not output:
+        return rho * lowrank + clustering
+    return rho * np.asarray(lowrank_output) + np.asarray(clustering_output)
+
+
+def choose_d_tilde(
+    predictor: str,
+    m: int,
+    knee: int,
+    rho: float,
+    lowrank: np.ndarray,
+    clustering: np.ndarray,
+    lowrank_output: np.ndarray | None = None,
+    clustering_output: np.ndarray | None = None,
+) -> int:
+    """d̃ by the named rule of :data:`PREDICTORS` (curves are d̃ = 1..m; ties go to the smallest d̃).
+
+    Parameters
+    ----------
+    predictor : str
+        A rule of :data:`PREDICTORS`.
+    m, knee : int
+        Subvector size and reverse water-filling knee.
+    rho : float
+        Share of the low-rank error training does not recover (``rho`` rules).
+    lowrank, clustering : numpy.ndarray of shape (m,)
+        Weight-space curves.
+    lowrank_output, clustering_output : numpy.ndarray of shape (m,), optional
+        Output-space curves (the ``-output`` rules).
+
+    Examples
+    --------
+    >>> low, clu = np.array([0.5, 0.2, 0.0]), np.array([0.1, 0.25, 0.3])
+    >>> [choose_d_tilde(p, 3, 3, 0.85, low, clu) for p in ("rho", "crossing", "half", "knee", "pq")]
+    [3, 2, 1, 3, 3]
+    """
+    if predictor == "half":
+        return max(1, m // 2)
+    if predictor == "pq":
+        return m
+    if predictor == "knee":
+        return int(knee)
+    if predictor == "crossing":
+        return crossing_d_tilde(lowrank, clustering)
+    if predictor == "crossing-output":
+        return crossing_d_tilde(lowrank_output, clustering_output)
+    total = objective_curve(predictor, rho, lowrank, clustering, lowrank_output, clustering_output)
+    return int(np.argmax(total <= total.min() + 1e-12)) + 1
+
+
+def _within(total: np.ndarray, tolerance: float) -> np.ndarray:
+    """1-based d̃ whose total is within ``tolerance`` (relative) of the minimum."""
+    return np.nonzero(total <= total.min() * (1.0 + tolerance) + 1e-12)[0] + 1
+
+
 # --------------------------------------------------------------------------------------------------
 # The fitted model
 # --------------------------------------------------------------------------------------------------
@@ -306,9 +453,7 @@ class TradeoffModel:
     """Fitted model of a layer's low-rank, clustering and total error over d̃ = 1..m.
 
     Built by :func:`fit_tradeoff`; constructor arguments are the fitted state (used by
-    :meth:`from_dict`). Errors are fractions of ‖W‖². Fitted names end with ``_`` (scikit-learn's
-    convention); ``d_tilde``, ``total_curve``, ``knee``, ``probes`` and ``params`` are deprecated
-    aliases that warn.
+    :meth:`from_dict`). Errors are fractions of ‖W‖².
 
     Parameters
     ----------
@@ -333,14 +478,25 @@ class TradeoffModel:
         Number of subvectors n.
     name : str, optional
         Layer name.
+    predictor : str, optional
+        The d̃ rule of :data:`PREDICTORS`; default :data:`DEFAULT_CALIBRATED_PREDICTOR` when the
+        output-space curves are given, else :data:`DEFAULT_PREDICTOR`.
+    lowrank_output_curve, clustering_output_curve : array of shape (m,), optional
+        Output-space curves (both or neither; :func:`with_output_curves`).
+    tolerance : float, default DEFAULT_TOLERANCE
+        Relative tolerance of ``d_tilde_range_``.
+    d_tilde_by_seed : mapping int -> int, optional
+        d̃ given by the rule with the probes of other seeds (``fit_tradeoff(stability_seeds=...)``).
 
     Attributes
     ----------
     eigenvalues_, lowrank_curve_, clustering_curve_ : numpy.ndarray
-    total_curve_ : numpy.ndarray
-        ``rho · lowrank_curve_ + clustering_curve_``.
-    d_tilde_ : int
-        Predicted d̃: argmin of ``total_curve_``.
+    lowrank_output_curve_, clustering_output_curve_ : numpy.ndarray or None
+    d_tilde_range_ : tuple of int
+        Smallest and largest d̃ whose predicted total is within ``tolerance`` of the minimum.
+    flat_ : bool
+        d̃ = m is within the tolerance (:data:`FLAT_MESSAGE`).
+    d_tilde_by_seed_ : dict[int, int]
     knee_ : int
     probes_ : dict[int, float]
     params_ : dict[str, float]
@@ -361,6 +517,11 @@ class TradeoffModel:
         params: Mapping[str, float],
         n_subvectors: int,
         name: str | None = None,
+        predictor: str | None = None,
+        lowrank_output_curve: Any = None,
+        clustering_output_curve: Any = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        d_tilde_by_seed: Mapping[int, int] | None = None,
     ) -> None:
         self.k = check_k(k, name=name)
         self.m = check_m(m, name=name)
@@ -386,6 +547,35 @@ class TradeoffModel:
         self.probes_: dict[int, float] = {int(d): float(v) for d, v in sorted(probes.items())}
         self.params_: dict[str, float] = {str(key): float(v) for key, v in params.items()}
         self.n_subvectors_ = int(n_subvectors)
+        outputs: list[np.ndarray | None] = []
+        for label, value in (
+            ("lowrank_output_curve", lowrank_output_curve),
+            ("clustering_output_curve", clustering_output_curve),
+        ):
+            if value is None:
+                outputs.append(None)
+                continue
+            array = np.array(value, dtype=np.float64)
+            if array.shape != (self.m,):
+                raise InvalidParameterError(
+                    f"{layer_label(name)}{label} has shape {array.shape}; it must have shape ({self.m},) for m={self.m}"
+                )
+            array.setflags(write=False)
+            outputs.append(array)
+        if (outputs[0] is None) != (outputs[1] is None):
+            raise InvalidParameterError(f"{layer_label(name)}give both output-space curves or neither")
+        self.lowrank_output_curve_: np.ndarray | None = outputs[0]
+        self.clustering_output_curve_: np.ndarray | None = outputs[1]
+        if predictor is None:
+            predictor = DEFAULT_CALIBRATED_PREDICTOR if outputs[0] is not None else DEFAULT_PREDICTOR
+        self.predictor = _check_predictor(predictor, outputs[0] is not None, name)
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+            raise InvalidParameterError(
+                f"{layer_label(name)}tolerance={tolerance!r} is invalid; it must be a number >= 0"
+            )
+        self.tolerance = float(tolerance)
+        self.d_tilde_by_seed_: dict[int, int] = {int(s): int(d) for s, d in (d_tilde_by_seed or {}).items()}
+        self._seed_clustering_curves: dict[int, np.ndarray] = {}  # set by fit_tradeoff(stability_seeds=...)
 
     # -- curves ---------------------------------------------------------------------------------------
 
@@ -404,12 +594,14 @@ class TradeoffModel:
 
     def total(self, d: Any) -> Any:
         """``rho · lowrank(d̃) + clustering(d̃)`` (int → float, array → array)."""
-        return self._lookup(self.total_curve_, d)
+        return self._lookup(self.total_curve, d)
 
     @property
-    def total_curve_(self) -> np.ndarray:
-        """Total error ``rho · lowrank + clustering`` for d̃ = 1..m."""
+    def total_curve(self) -> np.ndarray:
+        """Total error for d̃ = 1..m."""
         return self._rho * self.lowrank_curve_ + self.clustering_curve_
+
+    # -- read-only summaries --------------------------------------------------------------------------
 
     @property
     def rho(self) -> float:
@@ -417,30 +609,121 @@ class TradeoffModel:
         return self._rho
 
     @property
-    def d_tilde_(self) -> int:
-        """Predicted clustering dimensionality: argmin of the total over d̃ = 1..m (smallest on ties).
+    def has_output(self) -> bool:
+        """True when output-space (calibrated) curves are present."""
+        return self.lowrank_output_curve_ is not None
 
-        Totals within 1e-12 of the minimum count as ties (rounding in the eigenvalue tails).
+    def lowrank_output(self, d: Any) -> Any:
+        """Exact relative output-space low-rank error at d̃ (needs calibration data)."""
+        return self._lookup(self._output("lowrank_output_curve_"), d)
+
+    def clustering_output(self, d: Any) -> Any:
+        """Modelled relative output-space clustering error at d̃ (needs calibration data)."""
+        return self._lookup(self._output("clustering_output_curve_"), d)
+
+    def _output(self, attribute: str) -> np.ndarray:
+        curve = getattr(self, attribute)
+        if curve is None:
+            raise InvalidParameterError(
+                f"{layer_label(self.name)}no output-space curves: fit with calibration data (calibration= and model=)"
+            )
+        return cast(np.ndarray, curve)
+
+    def objective(self, predictor: str | None = None) -> np.ndarray:
+        """The predicted total the rule trades off, d̃ = 1..m (see :func:`objective_curve`)."""
+        rule = self.predictor if predictor is None else _check_predictor(predictor, self.has_output, self.name)
+        return objective_curve(
+            rule,
+            self._rho,
+            self.lowrank_curve_,
+            self.clustering_curve_,
+            self.lowrank_output_curve_,
+            self.clustering_output_curve_,
+        )
+
+    def predict(self, predictor: str | None = None) -> int:
+        """d̃ by a named rule of :data:`PREDICTORS` (default: this model's ``predictor``)."""
+        rule = self.predictor if predictor is None else _check_predictor(predictor, self.has_output, self.name)
+        return choose_d_tilde(
+            rule,
+            self.m,
+            self.knee_,
+            self._rho,
+            self.lowrank_curve_,
+            self.clustering_curve_,
+            self.lowrank_output_curve_,
+            self.clustering_output_curve_,
+        )
+
+    @property
+    def d_tilde(self) -> int:
+        """Predicted clustering dimensionality by this model's ``predictor`` (:data:`PREDICTORS`).
+
+        For ``"rho"``: argmin of the total over d̃ = 1..m (smallest on ties; totals within 1e-12 of the
+        minimum count as ties, rounding in the eigenvalue tails).
         """
-        total = self.total_curve_
-        return int(np.argmax(total <= total.min() + 1e-12)) + 1
+        return self.predict()
 
-    # Deprecated twins of the fitted attributes (scikit-learn's convention: fitted names end with "_").
-    total_curve = property(lambda self: self._deprecated("total_curve"))
-    d_tilde = property(lambda self: self._deprecated("d_tilde"))
-    knee = property(lambda self: self._deprecated("knee"))
-    probes = property(lambda self: self._deprecated("probes"))
-    params = property(lambda self: self._deprecated("params"))
+    @property
+    def d_tilde_set_(self) -> list[int]:
+        """Every d̃ whose predicted total (:meth:`objective`) is within ``tolerance`` of the minimum."""
+        return [int(d) for d in _within(self.objective(), self.tolerance)]
 
-    def _deprecated(self, name: str) -> Any:
-        warnings.warn(f"TradeoffModel.{name} is deprecated; use {name}_", DeprecationWarning, stacklevel=3)
-        value = getattr(self, f"{name}_")
-        return dict(value) if isinstance(value, dict) else value
+    @property
+    def d_tilde_range_(self) -> tuple[int, int]:
+        """(smallest, largest) d̃ whose predicted total is within ``tolerance`` of the minimum, d̃ included."""
+        inside = [*self.d_tilde_set_, self.d_tilde]
+        return min(inside), max(inside)
+
+    @property
+    def flat_(self) -> bool:
+        """True when d = m (PQ) is within the tolerance: the curve is too flat for d̃ to matter."""
+        return self.m in self.d_tilde_set_
+
+    @property
+    def flat_message_(self) -> str:
+        """:data:`FLAT_MESSAGE` for a flat curve, else ``""``."""
+        return FLAT_MESSAGE if self.flat_ else ""
+
+    @property
+    def knee(self) -> int:
+        """Reverse water-filling knee: number of eigenvalues above the water level of log2(k) bits."""
+        return self.knee_
+
+    @property
+    def probes(self) -> dict[int, float]:
+        """Measured clustering error at each probed d̃ (error over all subvectors of the probe's codebook)."""
+        return dict(self.probes_)
+
+    @property
+    def params(self) -> dict[str, float]:
+        """Fitted parameters and probe details."""
+        return dict(self.params_)
 
     def with_rho(self, rho: float) -> TradeoffModel:
-        """The same fitted model with another ρ (no refit); ``d_tilde_`` moves, the curves do not."""
+        """The same fitted model with another ρ (no refit); d̃ moves, the curves do not.
+
+        ρ only acts through the ρ-model, so a model whose rule is not ``"rho"``/``"rho-output"`` switches
+        to ``"rho"``.
+        """
         clone = TradeoffModel.from_dict(self.to_dict())
         clone._rho = check_rho(rho)
+        if clone.predictor not in ("rho", "rho-output"):
+            clone.predictor = "rho"
+        return clone
+
+    def with_clustering(self, clustering_curve: Any, clustering_output_curve: Any = None) -> TradeoffModel:
+        """The same model with other clustering curves (e.g. from other probe seeds); no refit."""
+        data = self.to_dict()
+        data["clustering_curve"] = list(map(float, clustering_curve))
+        if clustering_output_curve is not None:
+            data["clustering_output_curve"] = list(map(float, clustering_output_curve))
+        return TradeoffModel.from_dict(data)
+
+    def with_predictor(self, predictor: str) -> TradeoffModel:
+        """The same fitted model with another rule of :data:`PREDICTORS` (no refit)."""
+        clone = TradeoffModel.from_dict(self.to_dict())
+        clone.predictor = _check_predictor(predictor, self.has_output, self.name)
         return clone
 
     # -- serialisation --------------------------------------------------------------------------------
@@ -459,6 +742,15 @@ class TradeoffModel:
             "probes": {str(d): v for d, v in self.probes_.items()},
             "params": dict(self.params_),
             "n_subvectors": self.n_subvectors_,
+            "predictor": self.predictor,
+            "tolerance": self.tolerance,
+            "lowrank_output_curve": None
+            if self.lowrank_output_curve_ is None
+            else list(map(float, self.lowrank_output_curve_)),
+            "clustering_output_curve": None
+            if self.clustering_output_curve_ is None
+            else list(map(float, self.clustering_output_curve_)),
+            "d_tilde_by_seed": {str(seed): d for seed, d in self.d_tilde_by_seed_.items()},
         }
 
     @classmethod
@@ -477,27 +769,36 @@ class TradeoffModel:
                 params=data["params"],
                 n_subvectors=int(data["n_subvectors"]),
                 name=data.get("name"),
+                predictor=data.get("predictor", "rho"),  # reports written before the rules existed used ρ
+                lowrank_output_curve=data.get("lowrank_output_curve"),
+                clustering_output_curve=data.get("clustering_output_curve"),
+                tolerance=float(data.get("tolerance", DEFAULT_TOLERANCE)),
+                d_tilde_by_seed={int(s): int(d) for s, d in (data.get("d_tilde_by_seed") or {}).items()},
             )
         except KeyError as exc:
             raise InvalidParameterError(f"trade-off model dict lacks the key {exc}") from None
 
-    def __repr__(self) -> str:
-        label = f"name={self.name!r}, " if self.name else ""
-        return (
-            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, d_tilde={self.d_tilde_}, "
-            f"knee={self.knee_}, probes={sorted(self.probes_)})"
-        )
+    @property
+    def d_tilde_(self) -> int:
+        """Fitted-attribute name of :attr:`d_tilde` (scikit-learn's convention)."""
+        return self.d_tilde
+
+    @property
+    def total_curve_(self) -> np.ndarray:
+        """Fitted-attribute name of :attr:`total_curve`."""
+        return self.total_curve
 
     def _repr_html_(self) -> str:
         """The curves over d̃ as a table, for Jupyter."""
         best = self.d_tilde_
+        total = self.total_curve_
         rows = [
             [
                 f"{d}{' ★' if d == best else ''}",
                 f"{self.lowrank_curve_[d - 1]:.4g}",
                 f"{self.clustering_curve_[d - 1]:.4g}",
                 f"{self.probes_[d]:.4g}" if d in self.probes_ else "",
-                f"{self.total_curve_[d - 1]:.4g}",
+                f"{total[d - 1]:.4g}",
             ]
             for d in range(1, self.m + 1)
         ]
@@ -507,6 +808,14 @@ class TradeoffModel:
         )
         header = ["d̃", "low-rank", "clustering (model)", "probe", f"total = {self._rho:.3g}·low-rank + clustering"]
         return html_block(summary, header, rows)
+
+    def __repr__(self) -> str:
+        label = f"name={self.name!r}, " if self.name else ""
+        return (
+            f"TradeoffModel({label}k={self.k}, m={self.m}, rho={self._rho:g}, predictor={self.predictor!r}, "
+            f"d_tilde={self.d_tilde}, d_tilde_range={self.d_tilde_range_}, knee={self.knee_}, "
+            f"probes={sorted(self.probes_)})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,6 +858,9 @@ def fit_tradeoff(
     n_probes: int | None = None,
     max_points_per_centroid: int | None = DEFAULT_MAX_POINTS_PER_CENTROID,
     device: str | torch.device | None = None,
+    predictor: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    stability_seeds: int = 0,
 ) -> TradeoffModel:
     """Fit the trade-off model of one layer: exact low-rank curve, modelled clustering curve, d̃.
 
@@ -580,6 +892,14 @@ def fit_tradeoff(
         Subsample size of each probe per centroid; ``None`` probes on all subvectors.
     device : str or torch.device, optional
         Where the probes run (default CPU).
+    predictor : str, optional
+        The d̃ rule (:data:`PREDICTORS`); default :data:`DEFAULT_PREDICTOR` (no calibration data here;
+        :func:`with_output_curves` adds the output-space curves and rules).
+    tolerance : float, default DEFAULT_TOLERANCE
+        Relative tolerance of the reported d̃ range (``d_tilde_range_``).
+    stability_seeds : int, default 0
+        Refit the probes with this many further seeds (``seed + 1``, …) and keep the d̃ each gives in
+        ``d_tilde_by_seed_`` (the stability of d̃ across probe seeds).
 
     Returns
     -------
@@ -605,7 +925,7 @@ def fit_tradeoff(
     >>> import numpy as np
     >>> w = np.random.default_rng(0).laplace(size=(64, 32, 3, 3))
     >>> model = fit_tradeoff(w, k=32, m=9, rho=0.85)
-    >>> 1 <= model.d_tilde_ <= 9, len(model.probes_) <= 3
+    >>> 1 <= model.d_tilde <= 9, len(model.probes) <= 3
     (True, True)
     >>> round(model.lowrank(9), 12), bool(model.clustering(1) < model.clustering(9))
     (0.0, True)
@@ -619,9 +939,23 @@ def fit_tradeoff(
     k = check_k(k, n, name=name)
     if n_probes is None:
         n_probes = _default_n_probes(n / k, max_points_per_centroid)
+    if not isinstance(stability_seeds, (int, np.integer)) or isinstance(stability_seeds, bool) or stability_seeds < 0:
+        raise InvalidParameterError(f"stability_seeds={stability_seeds!r} is invalid; it must be an integer >= 0")
+    rule = predictor or DEFAULT_PREDICTOR
     with single_threaded(device):
         spectrum = compute_spectrum(x, name=name)
-        return _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
+        model = _fit(spectrum, x, k, rho, seed, name, n_probes, max_points_per_centroid, device)
+        seed_curves = {seed: model.clustering_curve_}
+        for extra in range(1, int(stability_seeds) + 1):
+            other = _fit(spectrum, x, k, rho, seed + extra, name, n_probes, max_points_per_centroid, device)
+            seed_curves[seed + extra] = other.clustering_curve_
+    data = model.to_dict()
+    data.update(predictor=rule, tolerance=tolerance)
+    fitted = TradeoffModel.from_dict(data)
+    if stability_seeds:
+        fitted.d_tilde_by_seed_ = {s: fitted.with_clustering(c).predict() for s, c in seed_curves.items()}
+    fitted._seed_clustering_curves = seed_curves if stability_seeds else {}
+    return fitted
 
 
 def _fit(
@@ -746,3 +1080,252 @@ def _fit(
         n_subvectors=n,
         name=name,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Output space (calibration data)
+# --------------------------------------------------------------------------------------------------
+
+
+def _even_spread_factor(spectrum: Spectrum, hbar: np.ndarray, output_energy: float) -> np.ndarray:
+    """Output / weight ratio of an error spread evenly over the top-d̃ directions, d̃ = 1..m.
+
+    An error with covariance ``s·V_d V_dᵀ`` per subvector costs ``s·tr(V_dᵀ H̄ V_d)`` in the output
+    (:func:`~lr2vq_analysis.calibration.block_metric`), against ``s·d̃`` in weight space.
+    """
+    v = spectrum.eigenvectors
+    per_direction = np.einsum("ai,ab,bi->i", v, hbar, v)
+    dims = np.arange(1, spectrum.m + 1)
+    return np.cumsum(per_direction) / dims * spectrum.total_energy / output_energy
+
+
+def with_output_curves(
+    model: TradeoffModel,
+    weight: Any,
+    metric: Any,
+    *,
+    seed: int = 0,
+    max_points_per_centroid: int | None = DEFAULT_MAX_POINTS_PER_CENTROID,
+    predictor: str | None = None,
+) -> TradeoffModel:
+    """The model with output-space curves: exact low-rank error under H, modelled clustering error under H.
+
+    - **Low rank** (exact): :func:`~lr2vq_analysis.calibration.lowrank_output_curve`, the output error
+      ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` of projecting every subvector on the top-d̃ weight-space directions.
+    - **Clustering** (modelled): k-means residuals are independent between subvectors and, in the
+      high-rate regime, spread evenly over the d̃ kept directions; so the weight-space curve is
+      multiplied by ``‖W‖²·tr(V_dᵀ H̄ V_d)/(d̃·tr(W H Wᵀ))`` (H̄: :func:`~lr2vq_analysis.calibration.block_metric`),
+      then by one constant fitted to k-means at the model's probe d̃ (same seeds and subsample size),
+      whose output-space error is computed exactly (``params_["output_scale"]``, per probe
+      ``probe{i}_output_error``).
+
+    Parameters
+    ----------
+    model : TradeoffModel
+        From :func:`fit_tradeoff` on ``weight``.
+    weight : array-like or torch.Tensor
+        The layer weight.
+    metric : array of shape (groups, L, L)
+        Its input second moment (:func:`~lr2vq_analysis.calibration.collect_second_moments`).
+    seed : int, default 0
+        Seed of the probes (as given to :func:`fit_tradeoff`).
+    max_points_per_centroid : int or None, default 16
+        Subsample of the probes.
+    predictor : str, optional
+        The rule of the returned model; default :data:`DEFAULT_CALIBRATED_PREDICTOR`.
+
+    Returns
+    -------
+    TradeoffModel
+    """
+    name = model.name
+    x = to_subvectors(weight, model.m, name=name)
+    spectrum = compute_spectrum(x)
+    metric = np.asarray(metric, dtype=np.float64)
+    lowrank = lowrank_output_curve(weight, metric, spectrum.eigenvectors, name=name)
+    hbar = block_metric(metric, model.m, name=name)
+    w = np.asarray(weight.detach().cpu() if isinstance(weight, torch.Tensor) else weight, dtype=np.float64)
+    grouped = w.reshape(metric.shape[0], -1, metric.shape[-1])
+    output_energy = float(np.sum((grouped @ metric) * grouped))  # tr(W H Wᵀ)
+    factor = _even_spread_factor(spectrum, hbar, output_energy)
+    params = dict(model.params_)
+    ratios = []
+    probe_dims = [int(params[key]) for key in sorted(params) if key.startswith("probe") and key.endswith("_d_tilde")]
+    n = x.shape[0]
+    subsample = max_points_per_centroid if max_points_per_centroid and n / model.k > max_points_per_centroid else None
+    with single_threaded(None):
+        for i, d in enumerate(probe_dims):
+            z = spectrum.project(x, d)
+            result = kmeans(
+                torch.as_tensor(z, dtype=torch.float32),
+                model.k,
+                seed=seed + i,
+                max_iter=_PROBE_MAX_ITER,
+                max_points_per_centroid=subsample,
+                name=name,
+            )
+            centroids = result.centroids.double().numpy()
+            residual = z - centroids[result.labels.numpy()]
+            weight_error = float(np.sum(residual**2)) / spectrum.total_energy
+            approx = w - (residual @ spectrum.projection(d)).reshape(w.shape)
+            measured = output_error(w, approx, metric, name=name)
+            params[f"probe{i}_output_error"] = measured
+            if weight_error > 0 and measured > 0:
+                ratios.append(math.log(measured / (weight_error * factor[d - 1])))
+    scale = math.exp(float(np.mean(ratios))) if ratios else 1.0
+    params["output_scale"] = scale
+    clustering = np.maximum.accumulate(model.clustering_curve_ * factor * scale)
+    data = model.to_dict()
+    data.update(
+        params=params,
+        lowrank_output_curve=lowrank,
+        clustering_output_curve=clustering,
+        predictor=predictor or DEFAULT_CALIBRATED_PREDICTOR,
+    )
+    calibrated = TradeoffModel.from_dict(data)
+    # d̃ per probe seed: each seed's weight-space clustering curve, mapped to the output by the same factor.
+    seeds = model._seed_clustering_curves
+    calibrated.d_tilde_by_seed_ = {
+        s: calibrated.with_clustering(c, np.maximum.accumulate(c * factor * scale)).predict() for s, c in seeds.items()
+    }
+    return calibrated
+
+
+def calibrate_models(
+    module: torch.nn.Module,
+    calibration: Any,
+    fitted: Mapping[str, tuple[Any, TradeoffModel]],
+    *,
+    seed: int = 0,
+    predictor: str | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, TradeoffModel]:
+    """Add output-space curves to every fitted layer model, one layer's H at a time.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model whose layers were analysed (weights under the same state-dict keys).
+    calibration : tensor, list of batches or DataLoader
+        Inputs (see :func:`~lr2vq_analysis.calibration.collect_second_moments`).
+    fitted : mapping name -> (weight, TradeoffModel)
+        The layers to calibrate.
+    seed : int, default 0
+    predictor : str, optional
+        Rule of the returned models (default :data:`DEFAULT_CALIBRATED_PREDICTOR`).
+    max_bytes : int, optional
+        Memory for H per calibration pass.
+
+    Returns
+    -------
+    dict name -> TradeoffModel
+        The per-layer output-space sensitivity: ``lowrank_output_curve_`` and ``clustering_output_curve_``.
+    """
+    options = {} if max_bytes is None else {"max_bytes": max_bytes}
+    out: dict[str, TradeoffModel] = {}
+    for moment in collect_second_moments(module, calibration, list(fitted), **options):
+        weight, model = fitted[moment.name]
+        out[moment.name] = with_output_curves(model, weight, moment.matrix, seed=seed, predictor=predictor)
+    return out
+
+
+def global_curves(models: Any, sizes: Any) -> dict[str, np.ndarray | None]:
+    """Size-weighted mean curves over layers (lowrank, clustering and, when every layer has them, output)."""
+    weights = np.asarray(sizes, dtype=np.float64)
+    weights = weights / weights.sum()
+
+    def mean(attribute: str) -> np.ndarray | None:
+        curves = [getattr(model, attribute) for model in models]
+        if any(curve is None for curve in curves):
+            return None
+        width = max(curve.size for curve in curves)  # per-layer m (specs): a curve stays at its d̃ = m value
+        return cast(np.ndarray, weights @ np.stack([np.pad(c, (0, width - c.size), mode="edge") for c in curves]))
+
+    return {
+        "lowrank": mean("lowrank_curve_"),
+        "clustering": mean("clustering_curve_"),
+        "lowrank_output": mean("lowrank_output_curve_"),
+        "clustering_output": mean("clustering_output_curve_"),
+    }
+
+
+def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tuple[int, tuple[int, int], bool]:
+    """One d̃ for a whole model by a rule of :data:`PREDICTORS`, size-weighted over layers.
+
+    The curve rules work on the size-weighted mean curves; ``knee`` takes the size-weighted median of
+    the layers' knees.
+
+    Parameters
+    ----------
+    models : sequence of TradeoffModel
+        One per layer, with the same m.
+    sizes : sequence of int
+        Weights per layer.
+    predictor : str, optional
+        Rule (default: the first model's ``predictor``).
+
+    Returns
+    -------
+    d_tilde : int
+    d_tilde_range : (int, int)
+        Smallest and largest d̃ whose size-weighted predicted total is within the tolerance of the minimum.
+    flat : bool
+        True when d̃ = m is within the tolerance (:data:`FLAT_MESSAGE`).
+    """
+    models = list(models)
+    first = models[0]
+    curves = global_curves(models, sizes)
+    has_output = curves["lowrank_output"] is not None
+    rule = _check_predictor(first.predictor if predictor is None else predictor, has_output)
+    weights = np.asarray(sizes, dtype=np.float64)
+    order = np.argsort([model.knee_ for model in models])
+    cumulative = np.cumsum(weights[order]) / weights.sum()
+    knee = int(models[int(order[int(np.argmax(cumulative >= 0.5))])].knee_)
+    low, clu = cast(np.ndarray, curves["lowrank"]), cast(np.ndarray, curves["clustering"])
+    low_out, clu_out = curves["lowrank_output"], curves["clustering_output"]
+    width = low.size  # the largest m over the layers
+    d = choose_d_tilde(rule, width, knee, first._rho, low, clu, low_out, clu_out)
+    inside = [int(v) for v in _within(objective_curve(rule, first._rho, low, clu, low_out, clu_out), first.tolerance)]
+    return d, (min([*inside, d]), max([*inside, d])), width in inside
+
+
+_RULE_TEXT = {
+    "rho": "argmin of ρ·low-rank + clustering (weight space)",
+    "rho-output": "argmin of ρ·low-rank + clustering in the layer outputs (calibration data)",
+    "crossing": "smallest d̃ whose clustering error reaches the low-rank error (weight space)",
+    "crossing-output": "smallest d̃ whose output-space clustering error reaches the output-space low-rank error",
+    "half": "⌊m/2⌋: without calibration data the default, because it beat the ρ-model on the CNN evidence "
+    "sweeps (mean regret 0.16 vs 0.39 points, docs/results.md)",
+    "knee": "the reverse water-filling knee",
+    "pq": "d̃ = m (plain PQ)",
+}
+
+
+def prediction_note(models: Any, sizes: Any = None) -> str:
+    """One sentence for reports: the rule, the d̃ range within the tolerance and the flatness flag.
+
+    Parameters
+    ----------
+    models : list of TradeoffModel, or Report
+        The layers' models (with ``sizes``), or a Report (its layers and sizes).
+    sizes : list of int, optional
+        Weights per layer.
+
+    Examples
+    --------
+    >>> model = TradeoffModel(16, 4, 0.85, eigenvalues=[0.4, 0.3, 0.2, 0.1], lowrank_curve=[0.6, 0.3, 0.1, 0.0],
+    ...     clustering_curve=[0.05, 0.1, 0.2, 0.3], knee=4, probes={}, params={}, n_subvectors=64)
+    >>> prediction_note([model], [256])[:24]
+    'rule `half`: ⌊m/2⌋: with'
+    """
+    if sizes is None:  # a Report
+        sizes = [layer.n_weights for layer in models.layers]
+        models = [layer.model for layer in models.layers]
+    models = list(models)
+    _, (low, high), flat = global_d_tilde(models, sizes)
+    rule = models[0].predictor
+    text = (
+        f"rule `{rule}`: {_RULE_TEXT[rule]}; size-weighted over layers; d̃ whose predicted total is within "
+        f"{models[0].tolerance:.0%} of the minimum: {low}–{high}"
+    )
+    return text + (f"; {FLAT_MESSAGE}" if flat else "")

@@ -165,3 +165,22 @@ def test_quick_planner_benchmark_checks_presets_and_plans_two_targets(tmp_path):
     assert [p["target_ratio"] for p in plans] == [8.0, 12.0]
     assert all(p["ratio_vs_source"] >= p["target_ratio"] for p in plans)
     assert (tmp_path / "plan_digits_8x" / "plan.json").is_file()
+
+
+def test_zoo_stages_quick_train_sweep_score(tmp_path):
+    """The three zoo stages chain on their --quick paths: weights, runs CSV, scores with every rule."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "zoo"))
+    import score as zoo_score
+    import sweep as zoo_sweep
+    import train as zoo_train
+
+    (record,) = zoo_train.main(["--quick", "--out-dir", str(tmp_path)])
+    assert record["id"] == "Z01" and (tmp_path / "Z01.safetensors").is_file()
+    runs = tmp_path / "runs.csv"
+    frame = zoo_sweep.main(["--quick", "--weights-dir", str(tmp_path), "--out", str(runs)])
+    assert sorted(set(frame["seed"])) == [0, 100]  # a tuning seed and a scored seed
+    assert sorted(frame.loc[frame["method"] == "lr2vq", "d_tilde"].unique()) == [1, 9]
+    result = zoo_score.main(["--runs", str(runs), "--half", "all", "--weights-dir", str(tmp_path), "--quick"])
+    predictions = result["predictions"][0]
+    assert predictions["half"] == 4 and predictions["pq"] == 9
+    assert {"rho", "crossing", "crossing-output", "rho-output", "knee"} <= set(predictions)

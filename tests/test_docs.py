@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
     "lr2vq_analysis.weights",
     "lr2vq_analysis.subvectors",
     "lr2vq_analysis.spectrum",
+    "lr2vq_analysis.calibration",
     "lr2vq_analysis.kmeans",
     "lr2vq_analysis.probes",
     "lr2vq_analysis.tradeoff",

