@@ -1166,7 +1166,7 @@ def _run(
                     )
             result.resumed_from = start
             if progress and ddp.is_main and start < total:
-                from tqdm.auto import tqdm
+                from tqdm import tqdm  # plain tqdm: tqdm.auto warns (IProgress) in Jupyter without ipywidgets
 
                 bar = tqdm(total=total, initial=start, desc=f"finetune ({stage})", unit="step")
             model.train()
