@@ -9,7 +9,8 @@ checkpoints). Its rules, also listed in docs/guarantees.md:
 * The temporary file is named ``.<name>.<pid>-<random>.tmp``. A process killed while writing leaves it
   behind; the next write to the same destination deletes such leftovers, but only those whose pid is no
   longer a running process (a concurrent writer's file is left alone). Only names of exactly this pattern
-  for this destination are touched.
+  for this destination are touched. Folders built before a swap (:func:`make_temp_dir`, report folders)
+  follow the same naming and the same cleanup.
 * Overwriting keeps the destination's permission bits (a 0600 file stays 0600); a new file gets
   0666 minus the umask, as ``open()`` would give it.
 * A destination that is a symbolic link is written *through*: the link's target is replaced and the
@@ -22,13 +23,14 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_json", "temp_file_pattern", "write_atomic", "write_json"]
+__all__ = ["make_temp_dir", "read_json", "temp_file_pattern", "write_atomic", "write_json"]
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -68,7 +70,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def _remove_stale_temp_files(path: Path) -> None:
-    """Delete the temporary files of earlier writes to ``path`` whose writing process is gone."""
+    """Delete the temporaries (files, or folders of :func:`make_temp_dir`) of earlier writes to ``path``
+    whose writing process is gone."""
     pattern = temp_file_pattern(path)
     try:
         entries = list(os.scandir(path.parent))
@@ -81,8 +84,30 @@ def _remove_stale_temp_files(path: Path) -> None:
         try:
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
         except OSError:
             pass  # another writer removed it first, or the folder is read-only: nothing is lost either way
+
+
+def make_temp_dir(destination: str | os.PathLike[str]) -> Path:
+    """A fresh hidden sibling folder for building ``destination`` (a folder) before it is swapped in.
+
+    It is named like :func:`write_atomic`'s temporary files (``.<name>.<pid>-<random>.tmp``, in the same
+    parent, so on the same file system), and the same rule cleans up: the stale temporaries of earlier
+    writes to ``destination`` whose process is gone (``kill -9``) are removed first.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "report"
+    >>> bool(temp_file_pattern(out).fullmatch(make_temp_dir(out).name))
+    True
+    """
+    destination = Path(destination)
+    _remove_stale_temp_files(destination)
+    prefix = f".{destination.name}.{os.getpid()}-"
+    return Path(tempfile.mkdtemp(dir=destination.parent, prefix=prefix, suffix=_TEMP_SUFFIX))
 
 
 def _resolve_destination(path: Path) -> Path:

@@ -5,7 +5,7 @@ A report folder holds ``report.json``, ``report.csv``, ``curves.csv``, ``report.
 
 How a folder is written (the guarantees of docs/guarantees.md):
 
-- every file is written into a fresh hidden sibling folder (``.NAME.tmp-*``, in the same parent, so on
+- every file is written into a fresh hidden sibling folder (``.NAME.<pid>-*.tmp``, in the same parent, so on
   the same file system); only when all of them are complete is that folder swapped in with two renames
   (the old folder aside, the new one in its place), then the old one is deleted. A reader sees the old
   folder, briefly no folder, or the new one, never a mix of two runs, and no stale figure of another run
@@ -13,6 +13,8 @@ How a folder is written (the guarantees of docs/guarantees.md):
 - the swap holds an exclusive lock on the parent folder (``fcntl.flock``, POSIX), so two runs writing
   the same folder at once each swap a whole folder in turn: the last one wins, whole;
 - an interrupted write (Ctrl-C, an error) removes its temporary folder; the existing folder is untouched;
+  a killed one (``kill -9``) leaves it behind, and the next write to the same folder removes it (only
+  when its pid is no longer a running process: the rule of :func:`~lr2vq_analysis._io.write_atomic`);
 - a destination that exists and holds anything but report files is refused (:class:`ReportFileError`),
   so ``--out ~`` cannot replace a home folder.
 
@@ -27,13 +29,12 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._io import write_atomic
+from ._io import make_temp_dir, write_atomic
 from .exceptions import InvalidParameterError, ReportFileError
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def _swap_in(staging: Path, out: Path) -> None:
                 raise ReportFileError(
                     f"output folder {str(out)!r} holds files that are not a report; choose a new or empty folder"
                 )
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            aside = make_temp_dir(out)
             os.replace(out, aside / "old")
         os.replace(staging, out)
     if aside is not None:
@@ -225,7 +226,7 @@ def write_report_folder(
 
     out = check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = make_temp_dir(out)
     try:
         write_atomic(staging / _MARKER, b"written by lr2vq_analysis.report_folder\n")
         report.save(staging / "report.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,6 +97,45 @@ def test_interrupted_write_leaves_the_old_folder_whole(report, tmp_path, monkeyp
         write_report_folder(other, out, formats=["png"], per_layer=False)
     assert {name: (out / name).read_bytes() for name in _folder_files(out)} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r"]  # the temporary folder is gone
+
+
+_KILLED_WRITER = """
+import sys, time
+from lr2vq_analysis import report_folder
+from lr2vq_analysis.report import Report
+
+def hang(*args, **kwargs):
+    print("ready", flush=True)
+    time.sleep(120)
+
+report_folder.write_markdown_report = hang  # after json, csv and figures are in the temporary folder
+report_folder.write_report_folder(Report.load(sys.argv[1]), sys.argv[2], formats=["png"], per_layer=False)
+"""
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(report, tmp_path):
+    saved = report.save(tmp_path / "saved.json")
+    out = tmp_path / "r"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(saved), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+    finally:
+        process.kill()  # SIGKILL: no cleanup runs
+        process.wait()
+    stale = [path for path in tmp_path.iterdir() if path.name.startswith(f".r.{process.pid}-")]
+    assert len(stale) == 1 and stale[0].is_dir() and (stale[0] / "report.json").is_file()
+    assert not out.exists()
+    # Look-alikes are never touched: a live process's folder (this one's), another destination's.
+    live = tmp_path / f".r.{os.getpid()}-abcdefgh.tmp"
+    other = tmp_path / f".other.{process.pid}-abcdefgh.tmp"
+    for folder in (live, other):
+        folder.mkdir()
+    write_report_folder(report, out, formats=["png"], per_layer=False)
+    assert not stale[0].exists() and live.is_dir() and other.is_dir()
+    assert Report.load(out / "report.json") == report
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, other.name, "r", "saved.json"])
 
 
 @pytest.mark.slow
