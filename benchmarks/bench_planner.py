@@ -20,7 +20,7 @@ Usage::
     python benchmarks/bench_planner.py --quick                 # seconds: ResNet-18 presets + digits planning
     python benchmarks/bench_planner.py                         # all of 1 and 2 (minutes on 2 loaded cores)
     python benchmarks/bench_planner.py --only finetune --seeds 5 --steps 150
-    python benchmarks/bench_planner.py --only finetune-mnist1d --seeds 5 --steps 300
+    python benchmarks/bench_planner.py --only finetune-mnist1d --seeds 5 --steps 600
 
 The machine these numbers come from may be shared; compare rows of one run, not runs.
 """
