@@ -470,7 +470,9 @@ class Plan(Mapping[str, LayerPlan]):
         return (
             f"{len(self)} compressed layer(s): {size.megabytes:.3f} MiB (target {self.target}), "
             f"{size.ratio_vs_source:.1f}x vs the {size.source_dtype} source ({size.ratio:.1f}x vs fp32), "
-            f"predicted error {self.predicted_error:.4f}\n{uniform}"
+            f"predicted error {self.predicted_error:.4f}"
+            f"{' (calibrated: output-space errors weighted by tr(W H Wᵀ))' if self.objective == 'output' else ''}"
+            f"\n{uniform}"
         )
 
     def __repr__(self) -> str:
