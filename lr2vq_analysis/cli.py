@@ -307,7 +307,11 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-size", type=_non_negative_int, default=0, metavar="N", help="skip layers with < N weights"
     )
-    parser.add_argument("--keep-first-conv", action="store_true", help="analyse the first conv too")
+    parser.add_argument(
+        "--keep-first-conv",
+        action="store_true",
+        help="analyse the input stem too (the conv reading the image, at most 4 channels; skipped by default)",
+    )
     parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the k-means probes")
 
 
