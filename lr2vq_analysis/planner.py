@@ -44,7 +44,6 @@ swaps only lower the error). The returned :class:`Plan` also carries the uniform
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import time
@@ -57,7 +56,7 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 
-from ._io import write_atomic
+from ._io import read_json, write_atomic, write_json
 from ._threads import single_threaded
 from ._validation import PROBE_OPTIONS, check_n_jobs, check_options, check_rho, check_seed
 from .exceptions import InvalidParameterError, InvalidWeightsError, ReportFileError, UnreachableTargetError
@@ -444,17 +443,12 @@ class Plan(Mapping[str, LayerPlan]):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write plan.json atomically; ``lr2vq compress --plan`` and :meth:`load` read it."""
-        return write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan written by :meth:`save`."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ReportFileError(f"cannot read the plan {str(path)!r}: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "the plan"))
 
     # display
     def summary(self) -> str:
