@@ -21,10 +21,8 @@ anywhere else (curves, eigenvalues, probes, ρ) is refused.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from .exceptions import ReportFileError
+from .weights import read_npz
 
-__all__ = ["MAX_REPORT_BYTES", "check_report_data", "dumps_report", "read_npz_member", "read_report_text"]
+__all__ = ["MAX_REPORT_BYTES", "check_report_data", "dumps_report", "read_report_text"]
 
 #: Largest report text accepted, in bytes (a 200-layer LLM report is about 1 MB).
 MAX_REPORT_BYTES: int = 64 * 2**20
@@ -89,60 +88,20 @@ def dumps_report(data: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_npz_member(path: Path, member: str, max_bytes: int) -> bytes:
-    """The raw bytes of one 1-D uint8 array of an ``.npz`` archive, never decompressing more than allowed.
-
-    The archive's central directory declares each member's uncompressed size; a member declared
-    larger than ``max_bytes`` (plus the ``.npy`` header) is refused before any decompression, and
-    the read itself stops at the declared size, so a lying header cannot inflate it either. Other
-    members are never read.
-
-    Raises
-    ------
-    ReportFileError
-        If the file is not a zip archive, lacks the member, declares too large a member, or the
-        member is not a 1-D uint8 array.
-    """
-    name = f"{member}.npy"
-    limit = max_bytes + 4096  # the .npy header is at most a few hundred bytes
+def _npz_report_bytes(path: Path) -> bytes:
+    """The ``report_json`` array of a ``.npz`` report, read with the package's one bounded npz reader."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            try:
-                info = archive.getinfo(name)
-            except KeyError:
-                raise ReportFileError(
-                    f"report file {str(path)!r} has no {member!r} array; it was not written by Report.save"
-                ) from None
-            if info.file_size > limit:
-                raise ReportFileError(
-                    f"report file {str(path)!r}: {member!r} declares {info.file_size} bytes uncompressed; "
-                    f"at most {max_bytes} are allowed (lr2vq_analysis._report_file.MAX_REPORT_BYTES)"
-                )
-            with archive.open(info) as handle:
-                raw = handle.read(limit + 1)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as exc:
-        raise ReportFileError(f"report file {str(path)!r} is not a valid .npz archive: {exc}") from None
-    if len(raw) > limit:
-        raise ReportFileError(f"report file {str(path)!r}: {member!r} is larger than its declared size")
-    buffer = io.BytesIO(raw)
-    try:
-        version = np.lib.format.read_magic(buffer)
-        if version == (1, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
-        else:
-            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
-    except ValueError as exc:
-        raise ReportFileError(f"report file {str(path)!r}: {member!r} is not a .npy array: {exc}") from None
-    if dtype != np.dtype(np.uint8) or len(shape) != 1:
+        array = read_npz(path, ["report_json"], error=ReportFileError, max_bytes=MAX_REPORT_BYTES)["report_json"]
+    except ReportFileError as exc:
         raise ReportFileError(
-            f"report file {str(path)!r}: {member!r} is a {dtype} array of shape {shape}; expected 1-D uint8 text"
-        )
-    payload = raw[buffer.tell() :]
-    if len(payload) != shape[0]:
+            f"report file {str(path)!r} is not a valid .npz report (see Report.save): {exc}"
+        ) from None
+    if array.dtype != np.dtype(np.uint8) or array.ndim != 1:
         raise ReportFileError(
-            f"report file {str(path)!r}: {member!r} holds {len(payload)} bytes but declares {shape[0]}"
+            f"report file {str(path)!r}: 'report_json' is a {array.dtype} array of shape {array.shape}; "
+            "expected 1-D uint8 text"
         )
-    return payload
+    return array.tobytes()
 
 
 def read_report_text(path: Path) -> str:
@@ -157,7 +116,7 @@ def read_report_text(path: Path) -> str:
             raise ReportFileError(f"report file {str(path)!r} has {size} bytes; at most {MAX_REPORT_BYTES} are allowed")
         raw = path.read_bytes()
     elif path.suffix == ".npz":
-        raw = read_npz_member(path, "report_json", MAX_REPORT_BYTES)
+        raw = _npz_report_bytes(path)
     else:
         raise ReportFileError(f"cannot read a report from {path.name!r}; allowed suffixes: .json, .npz")
     try:

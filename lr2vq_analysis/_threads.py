@@ -1,7 +1,9 @@
 """Thread limits for the small numerical steps of the analysis, k-means and other CPU compute paths.
 
 The package's one helper for this is :func:`single_threaded`: every compute path that would otherwise
-stall on a busy machine (k-means, the probes, the trade-off fit) runs inside it.
+stall on a busy machine (k-means, the probes, the trade-off fit) runs inside it. Setting torch's
+thread count and restoring it is done in one place, :func:`torch_threads` (fine-tuning uses it with the
+count its ``num_threads`` policy picks).
 """
 
 from __future__ import annotations
@@ -12,9 +14,43 @@ from collections.abc import Iterator
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["single_threaded"]
+__all__ = ["single_threaded", "torch_threads"]
 
 _controller: ThreadpoolController | None = None
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)``; restore the caller's count on exit.
+
+    ``None`` leaves the setting alone. The previous count comes back also when the block raises,
+    unless another Python thread changed the (process-wide) setting meanwhile: its setting is kept.
+
+    Parameters
+    ----------
+    count : int or None
+        Torch intra-op threads inside the block (at least 1), or None for no change.
+
+    Examples
+    --------
+    >>> import torch
+    >>> before = torch.get_num_threads()
+    >>> with torch_threads(1):
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() == count:
+            torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -22,15 +58,8 @@ def _one_thread(user_api: str | None) -> Iterator[None]:
     global _controller
     if _controller is None:  # inspecting the loaded libraries takes milliseconds: do it once
         _controller = ThreadpoolController()
-    previous = torch.get_num_threads()
-    if previous != 1:
-        torch.set_num_threads(1)
-    try:
-        with _controller.limit(limits=1, user_api=user_api):
-            yield
-    finally:
-        if previous != 1 and torch.get_num_threads() == 1:
-            torch.set_num_threads(previous)
+    with torch_threads(1), _controller.limit(limits=1, user_api=user_api):
+        yield
 
 
 def single_threaded(

@@ -66,6 +66,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from ._io import write_atomic
+from ._threads import torch_threads
 from ._validation import InvalidParameterError, LR2VQError, check_count, check_param, check_seed
 from .exceptions import CheckpointError, NonFiniteError, ResumeMismatchError
 
@@ -884,18 +885,6 @@ def _resolve_threads(setting: ThreadSetting, model: nn.Module, device: torch.dev
     return free if free < torch.get_num_threads() else None
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count is not None and count != previous:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------
 # the loop
 
@@ -1016,7 +1005,7 @@ def finetune(
         temperature=distill.temperature,
     )
     ddp, device = _setup_distributed(device)
-    with _torch_threads(_resolve_threads(training.num_threads, model, device)):
+    with torch_threads(_resolve_threads(training.num_threads, model, device)):
         return _run(
             model, train_loader, stage, training, objective, checkpoint, eval_fn, eval_every, ddp, device, seed,
             progress, loss_fn,
@@ -1177,7 +1166,7 @@ def _run(
                     )
             result.resumed_from = start
             if progress and ddp.is_main and start < total:
-                from tqdm.auto import tqdm
+                from tqdm import tqdm  # plain tqdm: tqdm.auto warns (IProgress) in Jupyter without ipywidgets
 
                 bar = tqdm(total=total, initial=start, desc=f"finetune ({stage})", unit="step")
             model.train()
@@ -1324,7 +1313,7 @@ def recalibrate_batchnorm(
         first = next(iter(model.parameters()), None)
         device = (first if first is not None else next(iter(model.buffers()))).device
     _check_threads(num_threads)
-    with _torch_threads(_resolve_threads(num_threads, model, torch.device(device))):
+    with torch_threads(_resolve_threads(num_threads, model, torch.device(device))):
         _reestimate(model, norms, loader, batches, torch.device(device))
     return model
 

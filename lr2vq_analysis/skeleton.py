@@ -197,7 +197,7 @@ def compress_weight_file(
     WeightFileError, NonFiniteError, LR2VQError
         If the source cannot be read, or the written file does not reload to the compressed weights.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain tqdm: tqdm.auto warns (IProgress) in Jupyter without ipywidgets
 
     from .export import load_compressed, save_compressed
     from .nn import compress

@@ -559,6 +559,7 @@ def read_npz(
     keys: Iterable[str] | None = None,
     *,
     error: type[Exception] = WeightFileError,
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Read named arrays of an ``.npz`` archive without trusting its sizes or running pickles.
 
@@ -576,6 +577,9 @@ def read_npz(
         Names of the arrays to read (without ``.npy``); default all of them.
     error : type of Exception, default WeightFileError
         Raised for every problem (e.g. ``ReportFileError`` when reading a report).
+    max_bytes : int, optional
+        A hard bound on each requested array: one whose declared uncompressed size (``.npy`` header
+        included) is larger is refused before any member of the archive is decompressed.
 
     Returns
     -------
@@ -596,11 +600,12 @@ def read_npz(
     >>> read_npz(path, ["small"])
     {'small': array([0, 1, 2])}
     """
-    archive = _NpzArchive(Path(path), error)
-    wanted = list(archive.members) if keys is None else list(keys)
+    requested = None if keys is None else list(keys)
+    archive = _NpzArchive(Path(path), error, max_bytes=max_bytes, bounded=requested)
+    wanted = list(archive.members) if requested is None else requested
     missing = [key for key in wanted if key not in archive.members]
     if missing:
-        raise error(f"'{path}' has no array named {missing[0]!r}; it holds {list(archive.members)[:20]}")
+        raise error(f"'{path}' has no {missing[0]!r} array; it holds {list(archive.members)[:20]}")
     return {key: archive.read(key) for key in wanted}
 
 
@@ -1080,7 +1085,15 @@ class _NpyMember:
 class _NpzArchive:
     """An ``.npz`` archive with every member's declared size and ``.npy`` header checked; arrays read on demand."""
 
-    def __init__(self, path: Path, error: type[Exception]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        error: type[Exception],
+        *,
+        max_bytes: int | None = None,
+        bounded: Sequence[str] | None = None,
+    ) -> None:
+        """``max_bytes`` bounds the declared size of the members named in ``bounded`` (default all)."""
         self.path, self.error = path, error
         size = _regular_file(path, error).st_size
         what = "an .npz archive"
@@ -1093,6 +1106,8 @@ class _NpzArchive:
                     "save with numpy.savez(path, name=array, ...)"
                 )
             with zipfile.ZipFile(path) as archive:
+                if max_bytes is not None:  # before any member is opened: even a header read inflates
+                    self._check_bound(archive.infolist(), max_bytes, bounded)
                 self.members: dict[str, _NpyMember] = {}
                 for entry in archive.infolist():
                     if not entry.filename.endswith(".npy"):
@@ -1121,6 +1136,15 @@ class _NpzArchive:
         if self.error is WeightFileError:
             return _corrupt(self.path, what, exc)
         return self.error(f"cannot read '{self.path}' as {what} (corrupt or truncated file?): {exc}")
+
+    def _check_bound(self, entries: list[zipfile.ZipInfo], max_bytes: int, bounded: Sequence[str] | None) -> None:
+        for entry in entries:
+            key = entry.filename[:-4]
+            if entry.filename.endswith(".npy") and (bounded is None or key in bounded) and entry.file_size > max_bytes:
+                raise self.error(
+                    f"'{self.path}': array {key!r} declares {entry.file_size} bytes uncompressed; "
+                    f"at most {max_bytes} are allowed; it is not decompressed"
+                )
 
     @staticmethod
     def _check_size(entry: zipfile.ZipInfo, archive_size: int) -> str | None:

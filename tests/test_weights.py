@@ -687,6 +687,20 @@ def test_npz_members_beyond_the_expansion_bound_are_never_decompressed(tmp_path,
         read_npz(path, ["mask"], error=ReportFileError)
 
 
+def test_read_npz_max_bytes_bounds_only_the_requested_arrays_before_any_read(tmp_path, monkeypatch):
+    path = tmp_path / "a.npz"
+    np.savez_compressed(path, small=np.arange(3, dtype=np.int64), big=np.zeros(10_000, np.uint8))
+    assert read_npz(path, ["small"], max_bytes=1000)["small"].tolist() == [0, 1, 2]  # big is not bounded
+
+    def no_decompression(*args, **kwargs):
+        raise AssertionError("a member was decompressed")
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", no_decompression)
+    # 10,000 bytes + a 128-byte .npy header, counted by hand.
+    with pytest.raises(ReportFileError, match="'big' declares 10128 bytes uncompressed; at most 1000"):
+        read_npz(path, ["big"], error=ReportFileError, max_bytes=1000)
+
+
 def test_npz_lying_about_its_size_is_corrupt(tmp_path):
     path = tmp_path / "liar.npz"
     np.savez(path, fc=np.ones((4, 4)))
