@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lr2vq_analysis._io import write_atomic
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.probes import clustering_error_curve
 from lr2vq_analysis.registry import weights_path
 from lr2vq_analysis.tradeoff import DEFAULT_RHO, fit_tradeoff

@@ -56,9 +56,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compress import digits_cnn, minilm_encoder, plans  # the models, shared
 
-from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.datasets import digits_loaders
 from lr2vq_analysis.finetune import TrainingConfig, finetune, main_output, recalibrate_batchnorm, split_batch
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.nn import compress, compressible_layers
 from lr2vq_analysis.plan import LayerPlan
 

@@ -45,7 +45,7 @@ from sklearn.cluster import KMeans as SklearnKMeans
 from sklearn.metrics import pairwise_distances_argmin_min
 from threadpoolctl import threadpool_limits
 
-from lr2vq_analysis._io import write_atomic
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.kmeans import KMeansConfig, kmeans
 from lr2vq_analysis.registry import weights_path
 from lr2vq_analysis.spectrum import compute_spectrum

@@ -15,8 +15,8 @@ Usage::
     python benchmarks/bench_quantize.py --digits-finetune --seeds 2   # fine-tuned accuracy, capped vs converged
 
 ``--digits-finetune`` runs the digits demo (:func:`~lr2vq_analysis.pipeline.compress_digits_demo`, quick
-setting: 40 steps per stage) once with each k-means setting per seed and reports the test accuracy after
-quantizing and after the codebook stage.
+setting: 80 steps in all, 40 low-rank + 40 codebook) once with each k-means setting per seed and
+reports the test accuracy after quantizing and after the codebook stage.
 """
 
 from __future__ import annotations

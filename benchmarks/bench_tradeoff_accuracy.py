@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lr2vq_analysis._io import write_atomic
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.plan import effective_k
 from lr2vq_analysis.probes import clustering_error_curve
 from lr2vq_analysis.registry import weights_path

@@ -22,8 +22,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.experimental.sweeps import save_json
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.tradeoff import DEFAULT_RHO
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.experimental.sweeps import (
     BUDGETS,
     TASKS,
@@ -48,6 +47,7 @@ from lr2vq_analysis.experimental.sweeps import (
     save_json,
     select_learning_rates,
 )
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.report import analyze
 from lr2vq_analysis.size import size_report
 from lr2vq_analysis.tradeoff import DEFAULT_RHO

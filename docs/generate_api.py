@@ -29,6 +29,7 @@ MODULES = [
     ("lr2vq_analysis.size", "Size accounting"),
     ("lr2vq_analysis.export", "Compressed files"),
     ("lr2vq_analysis.skeleton", "Weight files without model code"),
+    ("lr2vq_analysis.io", "Atomic file writing"),
     ("lr2vq_analysis.datasets", "Data sets"),
     ("lr2vq_analysis.models", "Models"),
     ("lr2vq_analysis.registry", "Named models"),

@@ -19,14 +19,16 @@ checkpoints). Its rules, also listed in docs/guarantees.md:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["write_atomic", "temp_file_pattern"]
+__all__ = ["read_json", "temp_file_pattern", "write_atomic", "write_json"]
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -147,3 +149,25 @@ def write_atomic(path: str | os.PathLike[str], payload: bytes | Iterable[bytes])
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as JSON text (indent 1) with :func:`write_atomic`; the plan and specs files use it."""
+    return write_atomic(path, json.dumps(data, indent=1).encode())
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The parsed JSON of a file written by :func:`write_json` (or by hand).
+
+    Raises
+    ------
+    ReportFileError
+        If the file cannot be read or is not JSON: ``"cannot read <what> '<path>': <reason>"``.
+    """
+    from .exceptions import ReportFileError  # here: this module also loads on its own, without the package
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportFileError(f"cannot read {what} {str(path)!r}: {exc}") from None

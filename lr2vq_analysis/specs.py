@@ -31,7 +31,6 @@ published 1×1 m of ResNet-18 large, 4). Add such a rule to any preset with :met
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -39,9 +38,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._io import write_atomic
+from ._io import read_json, write_json
 from ._validation import _is_int, check_d_tilde, check_k, check_m
-from .exceptions import InvalidParameterError, ReportFileError
+from .exceptions import InvalidParameterError
 from .plan import LayerPlan, effective_k
 from .subvectors import n_subvectors, row_length
 
@@ -466,17 +465,12 @@ class CompressionSpecs:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the specs as JSON, atomically."""
-        return write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CompressionSpecs:
         """Read specs written by :meth:`save` (or by hand)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ReportFileError(f"cannot read specs from {str(path)!r}: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "specs from"))
 
     def __repr__(self) -> str:
         if self.preset:

@@ -31,6 +31,7 @@ PUBLIC_MODULES = [
     "lr2vq_analysis.planner",
     "lr2vq_analysis.report_folder",
     "lr2vq_analysis.skeleton",
+    "lr2vq_analysis.io",
     "lr2vq_analysis.nn",
     "lr2vq_analysis.finetune",
     "lr2vq_analysis.recipe",

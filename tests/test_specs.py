@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lr2vq_analysis import analyze, compress, predict_d_tilde
-from lr2vq_analysis.exceptions import InvalidParameterError
+from lr2vq_analysis.exceptions import InvalidParameterError, ReportFileError
 from lr2vq_analysis.models.resnet import resnet18, resnet50
 from lr2vq_analysis.plan import LayerPlan
 from lr2vq_analysis.size import size_report
@@ -160,6 +160,17 @@ def test_json_round_trip(tmp_path):
     assert as_specs(str(path)) == specs
     assert json.loads(path.read_text())["names"] == {"fc": {"k": 1024}, "layer4.*": {"d_tilde": 2}}
     assert LayerSpec.from_dict({"k": 32}) == LayerSpec(k=32)
+
+
+def test_unreadable_specs_and_plan_files_are_report_file_errors(tmp_path):
+    from lr2vq_analysis.planner import Plan
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ReportFileError, match=r"cannot read specs from .*broken\.json"):
+        CompressionSpecs.load(broken)
+    with pytest.raises(ReportFileError, match=r"cannot read the plan .*missing\.json"):
+        Plan.load(tmp_path / "missing.json")
 
 
 def test_old_global_k_m_still_work_and_match_uniform_specs():

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lr2vq_analysis._io import write_atomic
+from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.report import Report, analyze
 from lr2vq_analysis.tradeoff import PREDICTORS, global_d_tilde
 

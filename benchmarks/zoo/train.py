@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from networks import WEIGHTS, ZOO, weights_path
 
-from lr2vq_analysis._io import write_atomic
 from lr2vq_analysis.datasets import accuracy
+from lr2vq_analysis.io import write_atomic
 
 
 def train_network(network_id: str, out_dir: Path, epochs: int | None = None, seed: int = 0) -> dict[str, Any]:
