@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/bench_kmeans.py                 # full grid, 3 repeats: ~5-10 min on 2 shared cores
     python benchmarks/bench_kmeans.py --repeats 5
+    python benchmarks/bench_kmeans.py --d 4 9 --k 256 --no-sklearn   # a subset of the grid
     python benchmarks/bench_kmeans.py --quick         # tiny, correctness only (a test runs it)
 
 Writes ``benchmarks/results/kmeans.csv`` (one row per case, engine and repeat) atomically.
@@ -138,14 +139,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--quick", action="store_true", help="three tiny Gaussian cases, 1 repeat (correctness only)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per case and engine (median), default 3")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="our engine's kernel")
+    parser.add_argument("--d", type=int, nargs="*", help="only the cases of these dimensions")
+    parser.add_argument("--k", type=int, nargs="*", help="only the cases of these k")
+    parser.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn (the slowest engine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else max(1, args.repeats)
     torch.set_num_threads(1)
     engines: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
-        "ours": lambda x, k, s: run_ours(x, k, s, args.backend),
-        "sklearn": run_sklearn,
+        "ours": lambda x, k, s: run_ours(x, k, s, args.backend)
     }
+    if not args.no_sklearn:
+        engines["sklearn"] = run_sklearn
     if faiss is not None:
         faiss.omp_set_num_threads(1)
         engines["faiss"] = run_faiss
@@ -159,8 +164,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows: list[dict[str, object]] = []
     with threadpool_limits(limits=1):
         for name, k, load in cases(args.quick):
+            if args.k and k not in args.k:
+                continue
             x = load()
             n, d = x.shape
+            if args.d and d not in args.d:
+                continue
             order = list(engines)
             for repeat in range(repeats):
                 for engine in order if repeat % 2 == 0 else order[::-1]:

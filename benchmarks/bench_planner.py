@@ -9,14 +9,18 @@ Sections (each writes one JSON file and adds to one markdown table in ``--out``)
    parameters analysed / skipped by reason with ``pqf-small``; the time of one ``analyze(specs=...)``;
    :func:`plan_for_size` at two targets: analysis time (all candidate (k, m)), allocation time, re-plan
    time for the second target, chosen (k, m, d̃) histogram, predicted error against the best uniform plan.
-3. ``--finetune digits``: allocated plan vs best uniform plan at equal size budget, fine-tuned with the
+3. ``--only finetune``: allocated plan vs best uniform plan at equal size budget, fine-tuned with the
    bundled digits pipeline, over seeds and two targets (accuracy on the test split, mean ± std).
+4. ``--only finetune-mnist1d``: the same on the bundled MNIST-1D CNN (its three inner Conv1d layers at
+   m = 6 or 12, as in the sweeps), fine-tuned with the sweeps' recipe (cross-entropy, Adam, one learning
+   rate for both plans), with the paired difference per seed (``planner_finetune_mnist1d.csv`` / ``.md``).
 
 Usage::
 
     python benchmarks/bench_planner.py --quick                 # seconds: ResNet-18 presets + digits planning
     python benchmarks/bench_planner.py                         # all of 1 and 2 (minutes on 2 loaded cores)
     python benchmarks/bench_planner.py --only finetune --seeds 5 --steps 150
+    python benchmarks/bench_planner.py --only finetune-mnist1d --seeds 5 --steps 600
 
 The machine these numbers come from may be shared; compare rows of one run, not runs.
 """
@@ -36,7 +40,7 @@ import numpy as np
 from lr2vq_analysis import analyze
 from lr2vq_analysis.planner import Plan, plan_for_size, write_plan_folder
 from lr2vq_analysis.size import size_report
-from lr2vq_analysis.specs import as_specs
+from lr2vq_analysis.specs import CompressionSpecs, as_specs
 from lr2vq_analysis.weights import load_state_dict
 
 PUBLISHED = {  # design notes: PQF / "And the bit goes down", ImageNet
@@ -183,13 +187,106 @@ def finetune_section(seeds: int, steps: int, targets: list[float], out: Path) ->
     return rows
 
 
+#: MNIST-1D: the sweeps' compressed layers (every Conv1d but the input one; fc stays fp32) at m = 6 (and 12).
+MNIST1D_SPECS = CompressionSpecs(k=256, kinds={"conv1d": {"m": 6}})
+
+
+def paired(allocated: list[float], uniform: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-seed difference allocated − uniform."""
+    diff = np.asarray(allocated) - np.asarray(uniform)
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+
+def finetune_task_section(
+    task_name: str, seeds: int, steps: int, targets: list[float], lr: float, out: Path, **plan_options: Any
+) -> list[dict[str, Any]]:
+    """Allocated vs best uniform plan on a sweep task, same recipe, budget and learning rate for both plans."""
+    import pandas as pd
+    import torch
+
+    from lr2vq_analysis.datasets import make_loaders
+    from lr2vq_analysis.experimental.sweeps import TASKS
+    from lr2vq_analysis.finetune import TrainingConfig
+    from lr2vq_analysis.recipe import Budget, run_recipe
+
+    task = TASKS[task_name]
+    splits = task.load_splits(task.train_cut_seed)
+    rows: list[dict[str, Any]] = []
+    base = plan_for_size(task.load_model(), ratio=targets[0], specs=MNIST1D_SPECS, **plan_options)
+    for ratio in targets:
+        plan = plan_for_size(base, ratio=ratio)
+        best = plan.best_uniform()
+        if best is None:
+            continue
+        scores: dict[str, list[float]] = {}
+        for label, layer_plan, size_bits in (
+            ("allocated", plan.layer_plans(), plan.size_report().compressed_bits),
+            (best.label, best.plan, best.bits),
+        ):
+            scores[label] = []
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                loaders = make_loaders(splits, task.budget.batch_size, seed)
+                model = run_recipe(
+                    task.load_model(),
+                    layer_plan,
+                    loaders["train"],
+                    budget=Budget(steps),
+                    loss_fn=task.loss,
+                    training=TrainingConfig(lr=lr),
+                    seed=seed,
+                    device="cpu",
+                    progress=False,
+                ).model
+                scores[label].append(float(task.evaluate(model, loaders["test"])))
+            rows.append(
+                {
+                    "task": task_name,
+                    "target_ratio": ratio,
+                    "plan": label,
+                    "plan_km": " ".join(
+                        f"{name.split('.')[0]}:k{p.k}/m{p.m}/d{p.d_tilde}" for name, p in layer_plan.items()
+                    ),
+                    "MiB": size_bits / 8 / 2**20,
+                    "accuracy_mean": float(np.mean(scores[label])),
+                    "accuracy_sd": float(np.std(scores[label], ddof=1)) if seeds > 1 else 0.0,
+                    "accuracies": " ".join(f"{a:.4f}" for a in scores[label]),
+                    "seeds": seeds,
+                    "steps": steps,
+                    "lr": lr,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        diff, se = paired(scores["allocated"], scores[best.label])
+        rows[-2]["paired_diff"], rows[-2]["paired_se"] = diff, se
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / f"planner_finetune_{task_name}.csv", index=False)
+    lines = [
+        "| target | plan | size | accuracy (mean ± sd) | allocated − uniform (paired, ± SE) |",
+        "|---|---|---:|---|---|",
+    ]
+    for row in rows:
+        paired_text = (
+            f"{100 * row['paired_diff']:+.2f} ± {100 * row['paired_se']:.2f} points" if "paired_diff" in row else ""
+        )
+        lines.append(
+            f"| {row['target_ratio']:g}× | {row['plan']} | {row['MiB'] * 1024:.2f} KiB | "
+            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} % | {paired_text} |"
+        )
+    (out / f"planner_finetune_{task_name}.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-18 presets and digits planning only")
-    parser.add_argument("--only", choices=("presets", "efficientnet", "minilm", "finetune"), action="append")
+    parser.add_argument(
+        "--only", choices=("presets", "efficientnet", "minilm", "finetune", "finetune-mnist1d"), action="append"
+    )
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=3e-3, help="MNIST-1D learning rate (both plans)")
     parser.add_argument("--out", default="benchmarks/results/planner")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -203,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         results["digits"] = plan_section(
             "digits", "digits-cnn", [8.0, 12.0], out, args.jobs, candidates={"k": [16, 32]}
         )
+        results["finetune_mnist1d"] = finetune_task_section(
+            "mnist1d", 1, 2, [10.0], args.lr, out, candidates={"k": [16, 32]}
+        )
     else:
         if "efficientnet" in sections:
             results["efficientnet"] = plan_section(
@@ -214,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results["minilm"], indent=1), flush=True)
         if "finetune" in sections:
             results["finetune"] = finetune_section(args.seeds, args.steps, [10.0, 16.0], out)
+        if "finetune-mnist1d" in sections:
+            results["finetune_mnist1d"] = finetune_task_section(
+                "mnist1d", args.seeds, args.steps, [10.0, 16.0], args.lr, out
+            )
     name = "planner_quick.json" if args.quick else f"planner_{'_'.join(sorted(sections))}.json"
     (out / name).write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out / name}")

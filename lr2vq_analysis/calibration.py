@@ -35,6 +35,7 @@ __all__ = [
     "lowrank_output_curve",
     "block_metric",
     "activation_aware_projection",
+    "load_exported_model",
 ]
 
 DEFAULT_MAX_BYTES: int = 256 * 2**20
@@ -219,7 +220,7 @@ def collect_second_moments(
             groups.append([name])
             used = size
     was_training = model.training
-    model.eval()
+    _set_training(model, False)
     try:
         for group in groups:
             sums: dict[str, torch.Tensor] = {}
@@ -243,7 +244,15 @@ def collect_second_moments(
                 matrix = (sums.pop(name) / counts[name]).cpu().numpy()
                 yield SecondMoment(name=name, matrix=matrix, n_vectors=counts[name])
     finally:
-        model.train(was_training)
+        _set_training(model, was_training)
+
+
+def _set_training(model: nn.Module, mode: bool) -> None:
+    """``model.train(mode)``; a ``torch.export`` module, whose mode was fixed at export, is left as it is."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        pass
 
 
 def _as_groups(weight: Any, metric: np.ndarray, name: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -413,3 +422,100 @@ def activation_aware_projection(
     basis = inverse_root @ u[:, ::-1][:, :d]  # (m, d): spans the optimal subspace
     q, _ = np.linalg.qr(basis)
     return np.ascontiguousarray(q.T)
+
+
+_EXPORTED_OPS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d}
+
+
+def load_exported_model(path: str | Any) -> nn.Module:
+    """A ``torch.export`` archive (``.pt2``) as a module whose layers forward hooks can see.
+
+    ``torch.export.load(path).module()`` runs the exported graph with ``aten.linear`` / ``aten.conv1d`` /
+    ``aten.conv2d`` calls, not ``nn.Linear`` / ``nn.Conv*`` modules, so
+    :func:`collect_second_moments` would find no layer. Each such call whose weight is a parameter of
+    the graph (``get_attr``) is replaced by the equivalent module (same stride, padding, dilation and
+    groups), registered under the weight's prefix and sharing its parameters: ``"fc.weight"`` stays
+    the state-dict key, so analysis and calibration agree on names.
+
+    Parameters
+    ----------
+    path : str or path
+        A ``.pt2`` file written by ``torch.export.save``.
+
+    Returns
+    -------
+    torch.nn.Module
+        A ``torch.fx.GraphModule`` (its train/eval behaviour is the one fixed at export).
+
+    Raises
+    ------
+    InvalidParameterError
+        If the graph holds no linear or convolution with a parameter weight.
+    """
+    gm = cast(Any, torch.export.load(path).module())
+    graph = gm.graph
+    found = 0
+    for node in list(graph.nodes):
+        op = getattr(node.target, "__name__", "")
+        kind = next((key for key in _EXPORTED_OPS if op.startswith(f"{key}.")), None)
+        if node.op != "call_function" or kind is None:
+            continue
+        args = list(node.args)
+        if len(args) < 2 or getattr(args[1], "op", None) != "get_attr":
+            continue
+        weight_name = str(args[1].target)
+        if not weight_name.endswith(".weight"):
+            continue
+        bias_node = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        if bias_node is not None and getattr(bias_node, "op", None) != "get_attr":
+            continue
+        weight = gm.get_parameter(weight_name)
+        bias = gm.get_parameter(str(bias_node.target)) if bias_node is not None else None
+        layer = _layer_like(kind, weight, bias, args[3:], node.kwargs)
+        prefix = weight_name[: -len(".weight")]
+        parent_name, _, child = prefix.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        old = getattr(parent, child, None)
+        if isinstance(old, nn.Module):
+            for key, value in old.named_children():
+                layer.add_module(key, value)
+        setattr(parent, child, layer)
+        with graph.inserting_before(node):
+            replacement = graph.call_module(prefix, (args[0],))
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        found += 1
+    if not found:
+        raise InvalidParameterError(
+            f"the exported model {str(path)!r} has no linear or convolution with a parameter weight to calibrate"
+        )
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return cast(nn.Module, gm)
+
+
+def _layer_like(kind: str, weight: Any, bias: Any, rest: Sequence[Any], kwargs: Mapping[str, Any]) -> nn.Module:
+    """An nn.Linear/Conv1d/Conv2d computing the aten call with these (already built) parameters."""
+    layer: nn.Module
+    if kind == "linear":
+        layer = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=bias is not None, device="meta")
+    else:
+        names = ("stride", "padding", "dilation", "groups")
+        values = {key: kwargs[key] for key in names if key in kwargs}
+        values.update(zip(names, rest, strict=False))
+        groups = int(values.get("groups", 1))
+        cls = nn.Conv1d if kind == "conv1d" else nn.Conv2d
+        layer = cls(
+            int(weight.shape[1]) * groups,
+            int(weight.shape[0]),
+            tuple(weight.shape[2:]),
+            stride=values.get("stride", 1),
+            padding=values.get("padding", 0),
+            dilation=values.get("dilation", 1),
+            groups=groups,
+            bias=bias is not None,
+            device="meta",
+        )
+    layer.weight = weight
+    layer.bias = bias
+    return layer

@@ -33,7 +33,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .exceptions import (
     DataFileError,
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_MODEL})",
     )
     _add_analysis_options(analyze)
+    _add_calibration_options(analyze)
     analyze.add_argument(
         "--out", default=DEFAULT_REPORT_DIR, metavar="DIR", help=f"output folder (default: {DEFAULT_REPORT_DIR})"
     )
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the k-means probes")
     plan.add_argument("--jobs", type=_jobs, default=1, metavar="N", help="layers analysed in parallel (-1: all cores)")
     plan.add_argument("--out", default="lr2vq-plan", metavar="DIR", help="output folder (default: lr2vq-plan)")
+    _add_calibration_options(plan)
     plan.set_defaults(handler=_cmd_plan)
 
     demo = commands.add_parser(
@@ -311,6 +313,75 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
         help="analyse the input stem too (the conv reading the image, at most 4 channels; skipped by default)",
     )
     parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the k-means probes")
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="the runnable model for --calibration: a torch.export archive (.pt2, from torch.export.save)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="inputs of --model: .pt (a tensor or a list of tensors = batches) or .npz (one array per batch); "
+        "errors are then measured in the layer outputs (docs/cli.md)",
+    )
+
+
+#: What --model and --calibration accept.
+_MODEL_SUFFIXES = (".pt2",)
+_CALIBRATION_SUFFIXES = (".pt", ".npz")
+
+
+def _calibration(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"model": module, "calibration": inputs}`` from --model/--calibration, or {} when neither is given."""
+    model_path, data_path = getattr(args, "model", None), getattr(args, "calibration", None)
+    if model_path is None and data_path is None:
+        return {}
+    if model_path is None or data_path is None:
+        missing = "--model" if model_path is None else "--calibration"
+        raise UsageError(f"--model and --calibration go together; {missing} is missing")
+    if Path(model_path).suffix.lower() not in _MODEL_SUFFIXES:
+        raise UsageError(
+            f"--model {model_path!r} is not allowed; give a torch.export archive (.pt2, written by torch.export.save)"
+        )
+    if Path(data_path).suffix.lower() not in _CALIBRATION_SUFFIXES:
+        raise UsageError(
+            f"--calibration {data_path!r} is not allowed; give a .pt (tensor or list of tensors) or an .npz file"
+        )
+    for path in (model_path, data_path):
+        if not os.path.isfile(path):
+            raise DataFileError(f"{path!r} is no such file")
+    import torch
+
+    from .calibration import load_exported_model
+
+    try:
+        model = load_exported_model(model_path)
+    except LR2VQError:
+        raise
+    except Exception as exc:
+        raise DataFileError(f"cannot load the exported model {model_path!r}: {type(exc).__name__}: {exc}") from None
+    inputs: Any
+    if data_path.lower().endswith(".npz"):
+        from .weights import read_npz
+
+        arrays = [torch.from_numpy(array.copy()) for array in read_npz(data_path, error=DataFileError).values()]
+        inputs = arrays[0] if len(arrays) == 1 else arrays
+    else:
+        try:
+            inputs = torch.load(data_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataFileError(f"cannot read {data_path!r}: {type(exc).__name__}: {exc}") from None
+        batches = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if not batches or not all(isinstance(batch, torch.Tensor) for batch in batches):
+            raise DataFileError(
+                f"{data_path!r} holds {type(inputs).__name__}; it must hold a tensor or a list of tensors"
+            )
+    if isinstance(inputs, list) and not inputs:
+        raise DataFileError(f"{data_path!r} holds no arrays")
+    return {"model": model, "calibration": inputs}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,7 +508,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .report import analyze
     from .weights import load_state_dict
 
-    options = {} if args.rho is None else {"rho": args.rho}
+    options: dict[str, Any] = {} if args.rho is None else {"rho": args.rho}
+    options.update(_calibration(args))
     report = analyze(
         args.source,
         k=args.k,
@@ -464,6 +536,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         wording=_FLAGS,
     )
     _print_summary(args, report, folder.sizes)
+    if "calibration" in options:
+        from .tradeoff import prediction_note
+
+        _say(args, f"d̃ {prediction_note(report)}")
     _say(args, f"\nwrote {out}/: report.json, report.csv, curves.csv, report.md, {folder.n_figure_files} figure files")
     return EXIT_OK
 
@@ -529,7 +605,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     _check_source(args.source)
     from .planner import plan_for_size, write_plan_folder
 
-    options = {} if args.rho is None else {"rho": args.rho}
+    options: dict[str, Any] = {} if args.rho is None else {"rho": args.rho}
+    options.update(_calibration(args))
     _say(args, f"analysing {args.source} at the candidate k and m (specs {args.specs}) ...")
     plan = plan_for_size(
         args.source, args.size, ratio=args.ratio, specs=args.specs, seed=args.seed, n_jobs=args.jobs, **options

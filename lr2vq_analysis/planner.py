@@ -13,6 +13,20 @@ fitted curve, never measured.
 relative error ρ·lowrank + clustering and w_l is the layer's share of the analysed weights (the same
 weighting as the report's global d̃), or a data-aware sensitivity passed as ``calibration``.
 
+**Data-aware objective** (``model=`` and ``calibration=`` inputs): each layer's input second moment
+H_l = E[x xᵀ] is collected once (:func:`~lr2vq_analysis.calibration.collect_second_moments`, one
+layer's H in memory at a time) and every candidate (k, m) fit gets its output-space curves
+(:func:`~lr2vq_analysis.tradeoff.with_output_curves`: the exact low-rank error under H and the
+modelled clustering error, whose scale is set by re-running the fit's own ≤ 3 probes — no k-means at
+any other candidate). The layer's term is then
+
+    w_l · total_l = tr(W_l H_l W_lᵀ) / Σ_j tr(W_j H_j W_jᵀ) · (ρ·lowrank_out_l(d̃) + clustering_out_l(d̃)),
+
+i.e. the objective is the predicted output error energy Σ_l tr(ΔW_l H_l ΔW_lᵀ) relative to the
+model's total output energy Σ_l tr(W_l H_l W_lᵀ) — the output-space analogue of the weight-space
+objective Σ‖ΔW_l‖² / Σ‖W_l‖². A layer whose inputs are small or that only excites directions the
+compression keeps costs little and is compressed harder.
+
 **Allocation**: a multiple-choice knapsack. We use the classic Lagrangian / marginal-gain allocation of
 bit allocation across sources (Shoham & Gersho 1988; Everett 1963): each layer's candidates are reduced
 to their lower convex hull in (bits, error); the steps along all hulls are taken in order of error
@@ -33,7 +47,7 @@ import html
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +103,7 @@ class Option:
     plan : LayerPlan or None
         The setting; None leaves the layer uncompressed.
     relative_error : float
-        The unweighted relative error ρ·lowrank + clustering.
+        The unweighted relative error ρ·lowrank + clustering (in the layer's output with calibration data).
     """
 
     bits: float
@@ -263,6 +277,9 @@ class Plan(Mapping[str, LayerPlan]):
         The allocation's Lagrangian frontier.
     notes : dict of str to str
         Per-layer notes (k capped, left uncompressed, skipped and why).
+    objective : str
+        ``"weight"`` (errors relative to ‖W‖², layers weighted by size), ``"output"`` (calibration data:
+        output-space errors weighted by tr(W H Wᵀ) share) or ``"sensitivity"`` (given sensitivities).
     specs : CompressionSpecs
     source : str
     shapes : dict of str to (shape, bits)
@@ -290,8 +307,10 @@ class Plan(Mapping[str, LayerPlan]):
         source: str = "",
         timings: Mapping[str, float] | None = None,
         analysis: Any = None,
+        objective: str = "weight",
     ) -> None:
         self._layers = dict(layers)
+        self.objective = objective
         self.analysis_ = analysis
         self.target_bits = float(target_bits)
         self.target = target
@@ -387,6 +406,7 @@ class Plan(Mapping[str, LayerPlan]):
             "shapes": {key: {"shape": list(shape), "bits": bits} for key, (shape, bits) in self._shapes.items()},
             "specs": self.specs.to_dict(),
             "timings": self.timings,
+            "objective": self.objective,
         }
 
     @classmethod
@@ -416,6 +436,7 @@ class Plan(Mapping[str, LayerPlan]):
                 specs=CompressionSpecs.from_dict(data["specs"]),
                 source=str(data.get("source", "")),
                 timings=data.get("timings"),
+                objective=str(data.get("objective", "weight")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReportFileError(f"plan is damaged: {type(exc).__name__}: {exc}") from None
@@ -443,7 +464,9 @@ class Plan(Mapping[str, LayerPlan]):
         return (
             f"{len(self)} compressed layer(s): {size.megabytes:.3f} MiB (target {self.target}), "
             f"{size.ratio_vs_source:.1f}x vs the {size.source_dtype} source ({size.ratio:.1f}x vs fp32), "
-            f"predicted error {self.predicted_error:.4f}\n{uniform}"
+            f"predicted error {self.predicted_error:.4f}"
+            f"{' (calibrated: output-space errors weighted by tr(W H Wᵀ))' if self.objective == 'output' else ''}"
+            f"\n{uniform}"
         )
 
     def __repr__(self) -> str:
@@ -486,10 +509,17 @@ class _Layer:
     m_values: list[int]
     models: dict[tuple[int, int], TradeoffModel]
     notes: list[str]
+    output_energy: float | None = None  # tr(W H Wᵀ) with calibration data
 
 
 def _fit_layer(
-    layer: _Layer, k_values: Sequence[int], rho: float, seed: int, cap_k: bool, probe_options: Mapping[str, Any]
+    layer: _Layer,
+    k_values: Sequence[int],
+    rho: float,
+    seed: int,
+    cap_k: bool,
+    probe_options: Mapping[str, Any],
+    keep_weight: bool = False,
 ) -> _Layer:
     assert layer.weight is not None
     max_ppc = probe_options.get("max_points_per_centroid", DEFAULT_MAX_POINTS_PER_CENTROID)
@@ -508,8 +538,35 @@ def _fit_layer(
                 layer.models[(k, m)] = _fit(
                     spectrum, x, k, rho, seed, layer.name, n_probes, max_ppc, probe_options.get("device")
                 )
-    layer.weight = None  # free memory
+    if not keep_weight:
+        layer.weight = None  # free memory
     return layer
+
+
+def _calibrate_layers(
+    layers: Sequence[_Layer], module: Any, calibration: Any, seed: int, probe_options: Mapping[str, Any]
+) -> None:
+    """Output-space curves on every candidate fit and tr(W H Wᵀ) per layer, one layer's H at a time."""
+    from .calibration import _as_groups, _quadratic, collect_second_moments
+    from .tradeoff import with_output_curves
+
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidParameterError(
+            f"calibration inputs need a runnable model: pass model= (a torch.nn.Module), got {type(module).__name__}"
+        )
+    max_ppc = probe_options.get("max_points_per_centroid", DEFAULT_MAX_POINTS_PER_CENTROID)
+    by_name = {layer.name: layer for layer in layers}
+    for moment in collect_second_moments(module, calibration, list(by_name)):
+        layer = by_name[moment.name]
+        assert layer.weight is not None
+        with single_threaded(probe_options.get("device")):
+            for key, model in layer.models.items():
+                layer.models[key] = with_output_curves(
+                    model, layer.weight, moment.matrix, seed=seed, max_points_per_centroid=max_ppc
+                )
+        w, h = _as_groups(layer.weight, moment.matrix, layer.name)
+        layer.output_energy = _quadratic(w, h)
+        layer.weight = None
 
 
 def _m_candidates(m0: int, shape: tuple[int, ...], extra: Sequence[int] | None) -> list[int]:
@@ -566,6 +623,12 @@ def _parse_candidates(candidates: Any) -> tuple[tuple[int, ...], Any, Any]:
 
 
 def _sensitivities(layers: Sequence[_Layer], calibration: Any) -> dict[str, float]:
+    energies = [layer.output_energy for layer in layers]
+    if calibration is None and all(e is not None for e in energies):  # data-aware: tr(W H Wᵀ) shares
+        total_energy = sum(e for e in energies if e is not None)
+        if not total_energy > 0:
+            raise InvalidParameterError("the calibration inputs give every analysed layer a zero output energy")
+        return {layer.name: float(layer.output_energy or 0.0) / total_energy for layer in layers}
     if calibration is None:
         sizes = {layer.name: float(math.prod(layer.shape)) for layer in layers}
         total = sum(sizes.values())
@@ -603,6 +666,13 @@ def _layers_from_reports(reports: Sequence[Any]) -> tuple[list[_Layer], str]:
     return list(pooled.values()), str(reports[0].source)
 
 
+def _relative_error(layer: _Layer, model: TradeoffModel, d: int) -> float:
+    """ρ·lowrank + clustering at d̃: in the layer's output with calibration data, else relative to ‖W‖²."""
+    if layer.output_energy is not None and model.has_output:
+        return float(model.rho * model.lowrank_output(d) + model.clustering_output(d))
+    return float(model.total(d))
+
+
 def _options(layer: _Layer, weight: float, fixed_d_mode: str | None, dense_bits: float) -> list[Option]:
     options = [Option(dense_bits, 0.0, None, 0.0)]
     for (k, m), model in sorted(layer.models.items()):
@@ -615,7 +685,7 @@ def _options(layer: _Layer, weight: float, fixed_d_mode: str | None, dense_bits:
         for d in dims:
             plan = LayerPlan(k=k, m=m, d_tilde=d)
             bits = sum(plan.compressed_bits(layer.shape).values())
-            relative = float(model.total(d))
+            relative = _relative_error(layer, model, d)
             options.append(Option(bits, weight * relative, plan, relative))
     return options
 
@@ -626,7 +696,8 @@ def plan_for_size(
     *,
     ratio: float | None = None,
     candidates: Mapping[str, Any] | None = None,
-    calibration: Mapping[str, float] | Callable[[str], float] | None = None,
+    calibration: Any = None,
+    model: Any = None,
     specs: Any = "pqf-small",
     rho: float = DEFAULT_RHO,
     seed: int = 0,
@@ -653,9 +724,16 @@ def plan_for_size(
         ``{"k": [...], "m": [...] or {glob: [...]}, "d_tilde": "all" | "predicted"}``. Defaults: k in
         :data:`DEFAULT_K_CANDIDATES`; m = the specs' m of the layer and twice it (PQF's small and
         large blocks) where it divides the row length; every d̃ (its error read off the trade-off curve).
-    calibration : mapping or callable, optional
-        Data-aware sensitivity per layer (``{name: s}`` or ``f(name) -> s``); the predicted model error
-        is then Σ s_l · relative error_l. Default: each layer's share of the analysed weights.
+    calibration : tensor, list of batches, DataLoader, mapping or callable, optional
+        Calibration inputs of ``model`` (a tensor, a list of batches or a DataLoader, as
+        :func:`~lr2vq_analysis.calibration.collect_second_moments` takes): the objective becomes the
+        data-aware one of the module docstring (output-space errors weighted by each layer's share of
+        tr(W H Wᵀ)). Or given sensitivities per layer (``{name: s}`` or ``f(name) -> s``): the predicted
+        model error is then Σ s_l · relative error_l. Default: each layer's share of the analysed weights.
+    model : torch.nn.Module, optional
+        The runnable model that ``calibration`` inputs are fed to (its Linear/Conv1d/Conv2d weights under
+        the source's state-dict keys; :func:`~lr2vq_analysis.calibration.load_exported_model` turns a
+        ``torch.export`` archive into one). Default: ``source_or_report`` when it is a module.
     specs : CompressionSpecs, preset name, dict or JSON path, default "pqf-small"
         Which layers are compressed (skip rules, the first-conv rule), their base m, and fixed d̃.
     rho : float, default DEFAULT_RHO
@@ -705,6 +783,19 @@ def plan_for_size(
     probe_options = check_options(probe_options, PROBE_OPTIONS, what="probe option")
     specs = as_specs(specs)
     k_values, m_rules, d_mode = _parse_candidates(candidates)
+    inputs = calibration is not None and not isinstance(calibration, Mapping) and not callable(calibration)
+    if model is not None and not inputs:
+        raise InvalidParameterError(
+            "model= is the runnable model for calibration inputs: pass calibration= (a tensor of inputs, a list of "
+            "batches or a DataLoader) with it"
+        )
+    if inputs and model is None:
+        model = source_or_report if isinstance(source_or_report, torch.nn.Module) else None
+        if model is None:
+            raise InvalidParameterError(
+                "calibration inputs need a runnable model: pass model= (a torch.nn.Module, e.g. "
+                "calibration.load_exported_model('model.pt2'))"
+            )
     timings: dict[str, float] = {}
     start = time.perf_counter()
     reports: list[Any] = []
@@ -721,6 +812,10 @@ def plan_for_size(
     if isinstance(source_or_report, Plan):
         pass
     elif reports:
+        if inputs:
+            raise InvalidParameterError(
+                "calibration inputs need the weights: pass the model or weight file, not a Report (its fits hold no H)"
+            )
         notes = {}
         layers, source = _layers_from_reports(reports)
         try:
@@ -750,13 +845,25 @@ def plan_for_size(
             layers.append(_Layer(name, resolved.kind, info.shape, array, resolved.d_tilde, m_values, {}, []))
         if not layers:
             raise InvalidWeightsError(f"no layer of {source} can be compressed with these specs: {notes}")
-        jobs = [delayed(_fit_layer)(layer, k_values, rho, seed, specs.cap_k, probe_options) for layer in layers]
+        jobs = [delayed(_fit_layer)(layer, k_values, rho, seed, specs.cap_k, probe_options, inputs) for layer in layers]
         layers = list(Parallel(n_jobs=n_jobs, prefer="threads")(jobs))
+        if inputs:
+            _calibrate_layers(layers, model, calibration, seed, probe_options)
     timings["analysis_s"] = time.perf_counter() - start
     analysis = _Analysis(layers, state_shapes, dict(notes), str(source), specs, tuple(k_values))
     start = time.perf_counter()
 
-    weights_by_layer = _sensitivities(layers, calibration)
+    if inputs and isinstance(source_or_report, Plan):
+        raise InvalidParameterError(
+            "re-planning from a Plan reuses its analyses; calibrate in the first plan_for_size call"
+        )
+    weights_by_layer = _sensitivities(layers, None if inputs else calibration)
+    if calibration is not None and not inputs:
+        objective = "sensitivity"
+    elif all(layer.output_energy is not None for layer in layers):
+        objective = "output"
+    else:
+        objective = "weight"
     base = size_report(_placeholder_state(state_shapes))  # nothing compressed: the size_report rules
     dense = {layer.name: layer.compressed_bits for layer in base.layers}
     fixed_bits = base.compressed_bits - sum(dense.get(layer.name, 0.0) for layer in layers)
@@ -820,6 +927,7 @@ def plan_for_size(
         source=str(source),
         timings=timings,
         analysis=analysis,
+        objective=objective,
     )
 
 
@@ -848,7 +956,7 @@ def _uniform_plans(
                 entry = LayerPlan(k=model.k, m=m, d_tilde=min(d, m))
                 plan[layer.name] = entry
                 bits += sum(entry.compressed_bits(layer.shape).values())
-                error += weights[layer.name] * float(model.total(entry.d_tilde))
+                error += weights[layer.name] * _relative_error(layer, model, entry.d_tilde)
             label = f"uniform k={k}, m={'small' if rule == 0 else 'large'}"
             out.append(UniformPlan(label, plan, bits, error))
     return out
@@ -890,6 +998,13 @@ def plot_plan(plan: Plan, ax: Any = None) -> Any:
     return figure
 
 
+_OBJECTIVE_TEXT = {
+    "weight": "Σ layer share of the weights × (ρ·low-rank + clustering), relative to ‖W‖²",
+    "output": "calibrated: Σ layer share of tr(W H Wᵀ) × (ρ·low-rank + clustering) in the layer's output",
+    "sensitivity": "Σ given sensitivity × (ρ·low-rank + clustering)",
+}
+
+
 def write_plan_folder(plan: Plan, out: str | os.PathLike[str], *, command: str = "") -> dict[str, Path]:
     """Write plan.json, report.md (chosen (k, m, d̃) per layer) and plan.png / plan.svg into ``out``.
 
@@ -925,7 +1040,7 @@ def write_plan_folder(plan: Plan, out: str | os.PathLike[str], *, command: str =
         f"- target: {plan.target} ({bits_to_mib(plan.target_bits):.4f} MiB)",
         f"- planned size: {size.megabytes:.4f} MiB; {size.ratio_vs_source:.2f}× vs the {size.source_dtype} source "
         f"({size.source_megabytes:.3f} MiB), {size.ratio:.2f}× vs fp32 ({size.uncompressed_megabytes:.3f} MiB)",
-        f"- predicted model error: {plan.predicted_error:.5f} (Σ layer share × (ρ·low-rank + clustering))",
+        f"- predicted model error: {plan.predicted_error:.5f} ({_OBJECTIVE_TEXT.get(plan.objective, plan.objective)})",
         f"- specs: {plan.specs!r}",
         f"- time: analysis {plan.timings.get('analysis_s', math.nan):.1f} s, "
         f"allocation {plan.timings.get('allocation_s', math.nan):.2f} s",

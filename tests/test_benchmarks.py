@@ -9,6 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lr2vq_analysis.registry import load_model
+from lr2vq_analysis.size import size_report
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_figures
@@ -165,6 +168,12 @@ def test_quick_planner_benchmark_checks_presets_and_plans_two_targets(tmp_path):
     assert [p["target_ratio"] for p in plans] == [8.0, 12.0]
     assert all(p["ratio_vs_source"] >= p["target_ratio"] for p in plans)
     assert (tmp_path / "plan_digits_8x" / "plan.json").is_file()
+    allocated, uniform = results["finetune_mnist1d"]  # one target: the allocation and the best uniform plan
+    assert allocated["plan"] == "allocated" and uniform["plan"].startswith("uniform")
+    budget = size_report(load_model("mnist1d-cnn")).megabytes / 10.0
+    assert allocated["MiB"] <= budget and uniform["MiB"] <= budget
+    assert allocated["lr"] == uniform["lr"] and allocated["steps"] == uniform["steps"] == 2
+    assert (tmp_path / "planner_finetune_mnist1d.csv").is_file()
 
 
 def test_zoo_stages_quick_train_sweep_score(tmp_path):

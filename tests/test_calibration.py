@@ -281,3 +281,100 @@ def test_analyze_with_calibration_end_to_end(tmp_path) -> None:
     )
     with pytest.raises(InvalidParameterError, match="model="):
         analyze(net.state_dict(), k=8, m=4, progress=False, calibration=x)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.export archives and the command line (--model, --calibration)
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_layer_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A weight file, its torch.export archive (dynamic batch) and calibration inputs as .pt and .npz."""
+    folder = tmp_path_factory.mktemp("exported")
+    net = _two_layer_net()
+    torch.save(net.state_dict(), folder / "net.pt")
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(net, (torch.randn(4, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, folder / "net.pt2")
+    torch.manual_seed(1)
+    inputs = torch.randn(100, 16) * torch.linspace(2.0, 0.05, 16)  # uneven input energy: H is not ∝ I
+    torch.save(inputs, folder / "inputs.pt")
+    np.savez(folder / "inputs.npz", a=inputs[:60].numpy(), b=inputs[60:].numpy())
+    return folder, net, inputs
+
+
+def test_exported_model_gives_the_same_second_moments_as_the_module(exported):
+    from lr2vq_analysis.calibration import load_exported_model
+
+    folder, net, inputs = exported
+    module = load_exported_model(folder / "net.pt2")
+    with torch.no_grad():
+        assert torch.allclose(module(inputs), net(inputs))
+    first = inputs.double().numpy()
+    for moment in collect_second_moments(module, inputs, batch_size=32):
+        if moment.name == "0.weight":  # H of the first layer, formed directly
+            np.testing.assert_allclose(moment.matrix[0], first.T @ first / len(first), rtol=1e-10)
+    assert [m.name for m in collect_second_moments(module, inputs)] == ["0.weight", "2.weight"]
+
+
+def test_cli_analyze_and_plan_with_an_exported_model_use_the_calibrated_rule(exported, tmp_path, capsys):
+    from lr2vq_analysis.cli import main
+    from lr2vq_analysis.planner import Plan
+
+    folder, net, inputs = exported
+    calib = ["--model", str(folder / "net.pt2"), "--calibration", str(folder / "inputs.pt")]
+    out = tmp_path / "report"
+    argv = ["analyze", str(folder / "net.pt"), "--k", "8", "--m", "4", "--out", str(out), *calib]
+    assert main(argv) == 0
+    assert "crossing-output" in capsys.readouterr().out
+    report = Report.load(out / "report.json")
+    assert {layer.model.predictor for layer in report.layers} == {"crossing-output"}
+    # the reported output-space low-rank curve of the first layer, against a direct computation
+    w = net[0].weight.detach().double().numpy()
+    x = w.reshape(-1, 4)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    h = inputs.double().numpy().T @ inputs.double().numpy() / len(inputs)
+    expected = []
+    for d in range(1, 5):
+        delta = (x - x @ vt[:d].T @ vt[:d]).reshape(w.shape)
+        expected.append(np.trace(delta @ h @ delta.T) / np.trace(w @ h @ w.T))
+    np.testing.assert_allclose(report["0.weight"].model.lowrank_output_curve_, expected, rtol=1e-6, atol=1e-12)
+
+    specs = tmp_path / "specs.json"
+    specs.write_text('{"m": 4}')
+    plan_dir = tmp_path / "plan"
+    npz = [calib[0], calib[1], "--calibration", str(folder / "inputs.npz")]
+    argv = ["plan", str(folder / "net.pt"), "--ratio", "4", "--specs", str(specs), "--out", str(plan_dir), "-q", *npz]
+    assert main(argv) == 0
+    plan = Plan.load(plan_dir / "plan.json")
+    assert plan.objective == "output" and plan.size_report().ratio >= 4
+    assert "calibrated" in (plan_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "{folder}/net.pt2"], "--calibration is missing"),
+        (["--calibration", "{folder}/inputs.pt"], "--model is missing"),
+        (["--model", "{folder}/net.pt", "--calibration", "{folder}/inputs.pt"], "(.pt2"),
+        (["--model", "{folder}/net.pt2", "--calibration", "{folder}/inputs.csv"], ".npz"),
+    ],
+)
+def test_cli_calibration_usage_errors_exit_2(exported, extra, message, tmp_path, capsys):
+    from lr2vq_analysis.cli import main
+
+    folder, _, _ = exported
+    extra = [item.format(folder=folder) for item in extra]
+    for command in (
+        ["analyze", str(folder / "net.pt"), "--out", str(tmp_path / "o")],
+        ["plan", str(folder / "net.pt"), "--ratio", "4"],
+    ):
+        assert main([*command, *extra, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -177,22 +177,34 @@ def test_no_subsampling_when_n_is_within_the_cap():
     assert torch.equal(capped.centroids, kmeans(x, 4, seed=0).centroids)
 
 
-def test_kmeans_plusplus_picks_k_distinct_data_points():
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_kmeans_plusplus_picks_k_distinct_data_points(use_numpy):
     x = torch.from_numpy(np.random.default_rng(6).normal(size=(2000, 4)).astype(np.float32))
-    centres = _kmeans_plusplus(x, 64, torch.Generator().manual_seed(0))
+    centres = _kmeans_plusplus(x, 64, torch.Generator().manual_seed(0), use_numpy=use_numpy)
     rows = [(x == c).all(1).nonzero().flatten().tolist() for c in centres]
     assert all(len(r) == 1 for r in rows)
     assert len({r[0] for r in rows}) == 64
 
 
-def test_kmeans_plusplus_never_picks_a_duplicate_of_a_chosen_point():
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_kmeans_plusplus_never_picks_a_duplicate_of_a_chosen_point(use_numpy):
     # 40 distinct integer points, each 10 times: a chosen point and its copies carry no probability mass,
     # so 40 centres must be the 40 distinct points.
     distinct = np.random.default_rng(7).choice(1000, size=(40, 2), replace=False).astype(np.float32)
     x = torch.from_numpy(np.repeat(distinct, 10, axis=0))
     for seed in range(3):
-        centres = _kmeans_plusplus(x, 40, torch.Generator().manual_seed(seed))
+        centres = _kmeans_plusplus(x, 40, torch.Generator().manual_seed(seed), use_numpy=use_numpy)
         assert {tuple(c) for c in centres.tolist()} == {tuple(p) for p in distinct.tolist()}
+
+
+def test_kmeans_plusplus_numpy_and_torch_paths_choose_the_same_points():
+    # The CPU (numpy) loop and the torch loop (CUDA) consume the same draws: in float64 they must pick
+    # the same centres in the same order.
+    x = torch.from_numpy(np.random.default_rng(9).normal(size=(3000, 6)) * np.linspace(2.0, 0.5, 6))
+    for seed in range(3):
+        by_numpy = _kmeans_plusplus(x, 48, torch.Generator().manual_seed(seed), use_numpy=True)
+        by_torch = _kmeans_plusplus(x, 48, torch.Generator().manual_seed(seed), use_numpy=False)
+        assert torch.equal(by_numpy, by_torch)
 
 
 def test_duplicated_points_give_zero_distortion_and_full_clusters():

@@ -198,3 +198,56 @@ def test_replanning_from_a_plan_reuses_its_analyses(mlp_plan, tmp_path):
     assert looser.size_report().ratio >= 4 and looser.predicted_error <= plan.predicted_error
     with pytest.raises(InvalidParameterError, match="holds no analyses"):
         plan_for_size(Plan.load(plan.save(tmp_path / "plan.json")), ratio=4)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * x
+
+
+def test_calibrated_plan_compresses_a_layer_with_near_zero_inputs_harder():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), _Scale(1e-4), nn.Linear(64, 64), nn.ReLU(), _Scale(1e4), nn.Linear(64, 16)
+    )
+    inputs = torch.randn(256, 32)
+    quiet = "3.weight"  # its inputs are 1e-4 of the others': its output barely matters
+    options = {"ratio": 12, "specs": {"m": 4}, "candidates": {"k": [4, 16, 64]}}
+    plain = plan_for_size(model, **options)
+    calibrated = plan_for_size(model, **options, calibration=inputs)
+    assert plain.objective == "weight" and calibrated.objective == "output"
+
+    def layer_bits(p, key):
+        return next(layer.compressed_bits for layer in p.size_report().layers if layer.name == key)
+
+    assert layer_bits(calibrated, quiet) < layer_bits(plain, quiet)
+    # the target is still met, recounted on the compressed model
+    params = sum(p.numel() for p in model.parameters())
+    counted = size_report(compress(model, plan=calibrated))
+    assert counted.compressed_bits == calibrated.size_report().compressed_bits <= 32 * params / 12
+    # the objective: output error energy relative to Σ tr(W H Wᵀ) = Σ E‖W x‖² (computed here by brute force)
+    energies = {}
+    x = inputs
+    with torch.no_grad():
+        for index, layer in enumerate(model):
+            if isinstance(layer, nn.Linear):
+                energies[f"{index}.weight"] = float((x.double() @ layer.weight.double().T).pow(2).sum(1).mean())
+            x = layer(x)
+    total = sum(energies.values())
+    expected = 0.0
+    for key, entry in calibrated.items():
+        model_fit = calibrated.analysis_.layers[[la.name for la in calibrated.analysis_.layers].index(key)].models[
+            (entry.k, entry.m)
+        ]
+        out = model_fit.rho * model_fit.lowrank_output(entry.d_tilde) + model_fit.clustering_output(entry.d_tilde)
+        assert calibrated.layer_errors[key] == pytest.approx(out)
+        expected += energies[key] / total * out
+    assert calibrated.predicted_error == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(InvalidParameterError, match="runnable model"):
+        plan_for_size(model.state_dict(), **options, calibration=inputs)
+    with pytest.raises(InvalidParameterError, match="model= is the runnable model"):
+        plan_for_size(model, **options, model=model)
