@@ -489,7 +489,14 @@ def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tup
     frame = report.to_frame()[["name", "kind", "shape", "k", "knee", "d_tilde", "total_error"]]
     _say(args, frame.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
     capped = [f"{layer.name} → {layer.k}" for layer in report.layers if layer.k < report.k]
-    _say(args, f"\nglobal d̃ = {report.global_d_tilde}  (k = {report.k}, m = {report.m}, ρ = {report.rho:.3g})")
+    low, high = report.global_d_tilde_range
+    rule = report.layers[0].model.predictor if report.layers else "?"
+    _say(
+        args,
+        f"\nglobal d̃ = {report.global_d_tilde} by the rule '{rule}'; near-best range {low}–{high}"
+        f"{' (flat: PQ is as good)' if report.global_flat else ''}"
+        f"  (k = {report.k}, m = {report.m}, ρ = {report.rho:.3g})",
+    )
     if capped:
         _say(args, f"k capped at a quarter of the layer's subvectors on {len(capped)} layer(s): " + ", ".join(capped))
     for label, size in sizes:
