@@ -493,7 +493,7 @@ def _print_summary(args: argparse.Namespace, report: Report, sizes: Sequence[tup
     rule = report.layers[0].model.predictor if report.layers else "?"
     _say(
         args,
-        f"\nglobal d̃ = {report.global_d_tilde} by the rule '{rule}'; near-best range {low}–{high}"
+        f"\nglobal d̃ = {report.global_d_tilde} by the rule '{rule}'; with the near-best d̃ it spans {low}–{high}"
         f"{' (flat: PQ is as good)' if report.global_flat else ''}"
         f"  (k = {report.k}, m = {report.m}, ρ = {report.rho:.3g})",
     )

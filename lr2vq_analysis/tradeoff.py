@@ -1325,7 +1325,7 @@ def prediction_note(models: Any, sizes: Any = None) -> str:
     _, (low, high), flat = global_d_tilde(models, sizes)
     rule = models[0].predictor
     text = (
-        f"rule `{rule}`: {_RULE_TEXT[rule]}; size-weighted over layers; d̃ whose predicted total is within "
-        f"{models[0].tolerance:.0%} of the minimum: {low}–{high}"
+        f"rule `{rule}`: {_RULE_TEXT[rule]}; size-weighted over layers; the chosen d̃ and every d̃ whose predicted "
+        f"total is within {models[0].tolerance:.0%} of the minimum span {low}–{high}"
     )
     return text + (f"; {FLAT_MESSAGE}" if flat else "")
