@@ -3,6 +3,8 @@
 ::
 
     python benchmarks/zoo/sweep.py --networks Z01            # -> benchmarks/results/zoo_runs.csv (resumable)
+    # as run for the scored study (PREREGISTRATION.md, deviation 1): first setting, tuning seed 100
+    python benchmarks/zoo/sweep.py --networks Z01,Z05 --settings 1 --tune-seeds 100 --out benchmarks/results/zoo_runs_a.csv
     python benchmarks/zoo/sweep.py --quick --weights-dir /tmp/zoo --out /tmp/zoo_runs.csv   # smoke test
 
 Per setting: LR²VQ at every d̃ of :func:`d_tilde_grid`, PQ at the same (k, m) and PQ at equal size (the
@@ -65,13 +67,19 @@ def equal_size_pq(shapes: dict[str, tuple[int, ...]], k: int, m: int) -> tuple[i
 
 
 def configs_for(
-    network_id: str, seeds: tuple[int, ...], lrs: tuple[float, ...], quick: bool, folder: Path
+    network_id: str,
+    seeds: tuple[int, ...],
+    lrs: tuple[float, ...],
+    quick: bool,
+    folder: Path,
+    settings: int | None = None,
 ) -> list[RunConfig]:
+    """The runs of one network: its first ``settings`` (k, m) settings (all when None; the first when quick)."""
     net = ZOO[network_id]
     state = load_network(network_id, folder).state_dict()
     shapes = {name: tuple(state[name].shape) for name in net.layers}
     out = []
-    for k, m in net.settings[:1] if quick else net.settings:
+    for k, m in net.settings[: 1 if quick else settings]:
         grid = [1, m] if quick else d_tilde_grid(m)
         methods = [("lr2vq", k, m, d) for d in grid] + [("pq", k, m, m)]
         if not quick:
@@ -90,17 +98,24 @@ def chosen_rates(runs: pd.DataFrame) -> dict[tuple[str, int, int], float]:
     return {(str(r.method), int(r.k), int(r.m)): float(r.lr) for r in best.itertuples()}
 
 
-def sweep_network(network_id: str, out: Path, folder: Path, quick: bool) -> pd.DataFrame:
+def sweep_network(
+    network_id: str,
+    out: Path,
+    folder: Path,
+    quick: bool,
+    settings: int | None = None,
+    tune_seeds: tuple[int, ...] = TUNE_SEEDS,
+) -> pd.DataFrame:
+    """Tune the rate per (method, k, m) on ``tune_seeds``, then run the scored seeds at the chosen rates."""
     task = as_task(network_id, folder)
     budget = BUDGETS["quick" if quick else "full"]
-    tune_seeds, scored, lrs = (
-        ((TUNE_SEEDS[0],), (0,), LEARNING_RATES[:1]) if quick else (TUNE_SEEDS, SCORED_SEEDS, LEARNING_RATES)
-    )
-    runs = run_sweep(task, configs_for(network_id, tune_seeds, lrs, quick, folder), out, budget=budget)
-    rates = chosen_rates(runs[runs["task"] == network_id])
+    scored, lrs = ((0,), LEARNING_RATES[:1]) if quick else (SCORED_SEEDS, LEARNING_RATES)
+    tune_seeds = tune_seeds[:1] if quick else tune_seeds
+    runs = run_sweep(task, configs_for(network_id, tune_seeds, lrs, quick, folder, settings), out, budget=budget)
+    rates = chosen_rates(runs[(runs["task"] == network_id) & runs["seed"].isin(tune_seeds)])
     later = [
         RunConfig(c.method, c.k, c.m, c.d_tilde, c.seed, rates[(c.method, c.k, c.m)])
-        for c in configs_for(network_id, scored, lrs[:1], quick, folder)
+        for c in configs_for(network_id, scored, lrs[:1], quick, folder, settings)
     ]
     return run_sweep(task, later, out, budget=budget)
 
@@ -110,12 +125,21 @@ def main(argv: list[str] | None = None) -> Any:
     parser.add_argument("--networks", default=",".join(ZOO))
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS)
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo_runs.csv")
+    parser.add_argument(
+        "--settings", type=int, default=None, help="sweep only the first N (k, m) settings of each network"
+    )
+    parser.add_argument(
+        "--tune-seeds", default=",".join(map(str, TUNE_SEEDS)), help="seeds the learning rate is chosen on"
+    )
     parser.add_argument("--quick", action="store_true", help="Z01, first setting, d̃ ∈ {1, m}, 20 steps, 1 seed")
     args = parser.parse_args(argv)
     ids = ["Z01"] if args.quick else args.networks.split(",")
+    tune_seeds = tuple(int(s) for s in args.tune_seeds.split(","))
+    if any(seed in SCORED_SEEDS for seed in tune_seeds):
+        parser.error(f"--tune-seeds {args.tune_seeds} overlaps the scored seeds {SCORED_SEEDS}")
     frame = None
     for network_id in ids:
-        frame = sweep_network(network_id, args.out, args.weights_dir, args.quick)
+        frame = sweep_network(network_id, args.out, args.weights_dir, args.quick, args.settings, tune_seeds)
     return frame
 
 
