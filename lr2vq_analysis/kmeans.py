@@ -65,9 +65,11 @@ _DEVICE_CHUNK_PAIRS = 1 << 24
 # Up to this k the packed integer minimum beats numpy's argmin over rows of k scores (measured: 0.75 vs
 # 2.3 ns per score at k = 32, even at k = 64).
 _PACKED_MAX_K = 32
-# From this many dimensions on (and k > _PACKED_MAX_K) faiss's fused BLAS distance + argmin, when faiss is
-# importable, beat the GEMM + numpy argmin on CPU (1.5-3x at k = 256, d = 8..16); below it faiss is slower.
-_FAISS_MIN_D = 8
+# faiss 1.15's nearest-centroid search (knn, IndexFlatL2) takes its fast BLAS path only from about this many
+# coordinates (n·d) per call on (measured on this machine: 0.6-1.4 ns per distance above, 6-10 ns below, at
+# d = 2..64, k = 64..1024); there, with k > _PACKED_MAX_K, it beat our GEMM + numpy argmin 1.1-2.2x, below
+# it ours was 2-5x faster. One exception measured: d = 32, k = 256 (faiss 1.25x slower).
+_FAISS_MIN_COORDS = 1 << 17
 # The k-means++ start subsamples only beyond this many points (small sets: little to save, more noise).
 _MIN_INIT_POINTS = 4096
 _faiss: Any = None
@@ -84,6 +86,21 @@ def _faiss_module() -> Any:
         else:
             _faiss = faiss
     return _faiss or None
+
+
+def _use_faiss(backend: str, n: int, d: int, k: int, x: torch.Tensor) -> bool:
+    """Whether faiss computes the nearest centroids of these n points (``backend`` "auto": where it measured faster)."""
+    if backend == "faiss":
+        return True
+    return (
+        backend == "auto"
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and d >= 2
+        and k > _PACKED_MAX_K
+        and n * d >= _FAISS_MIN_COORDS
+        and _faiss_module() is not None
+    )
 
 
 @dataclass
@@ -281,8 +298,7 @@ class _PointSet:
         if d == 1:
             self.mode = "line"
             return
-        faiss_fits = use_numpy and x.dtype == torch.float32 and k > _PACKED_MAX_K
-        if backend == "faiss" or (backend == "auto" and faiss_fits and d >= _FAISS_MIN_D and _faiss_module()):
+        if use_numpy and _use_faiss(backend, n, d, k, x):
             self.mode = "faiss"
             self.faiss = _faiss_module()
             return
@@ -535,6 +551,49 @@ def _update_centres(
     return torch.where(counts.unsqueeze(1) > 0, means, centres)
 
 
+def _faiss_clustering(x: np.ndarray, k: int, niter: int, seed: int) -> Any:
+    """A ``faiss.Clustering`` that trains on exactly the given points (our sample, no further subsampling)."""
+    faiss = _faiss_module()
+    params = faiss.ClusteringParameters()
+    params.niter = niter
+    params.seed = seed
+    params.max_points_per_centroid = x.shape[0] // k + 1  # k · this > n: faiss keeps every point
+    params.min_points_per_centroid = 1  # no warning for few points per centroid
+    params.check_input_data_for_NaNs = False  # checked at the public door
+    return faiss.Clustering(x.shape[1], k, params)
+
+
+def _faiss_kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """faiss's k-means++ start on the rows of x (CPU, float32), seeded from ``generator``."""
+    faiss = _faiss_module()
+    points = np.ascontiguousarray(x.numpy())
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    clustering = _faiss_clustering(points, k, 0, seed)
+    clustering.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    clustering.train(points, faiss.IndexFlatL2(points.shape[1]))
+    return torch.from_numpy(faiss.vector_to_array(clustering.centroids).reshape(k, -1))
+
+
+def _faiss_lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int, list[float]]:
+    """faiss's Lloyd loop from the given centres: final centres, iterations run, objective per iteration.
+
+    faiss stops at ``max_iter`` or when the objective repeats exactly (the labels repeated one
+    iteration earlier: our ``tol = 0`` rule, one iteration later). Its objective is the same as ours
+    (the assignment step's sum of squared distances, before the update). An empty cluster is re-seeded
+    by splitting a large one (faiss's rule) rather than by scikit-learn's farthest-point relocation.
+    """
+    faiss = _faiss_module()
+    points = np.ascontiguousarray(x.numpy())
+    k, d = centres.shape
+    clustering = _faiss_clustering(points, k, max_iter, 0)  # the seed is unused: every centre is given
+    faiss.copy_array_to_vector(np.ascontiguousarray(centres.numpy(), dtype=np.float32).ravel(), clustering.centroids)
+    clustering.train(points, faiss.IndexFlatL2(d))
+    stats = clustering.iteration_stats
+    objective = [float(stats.at(i).obj) for i in range(stats.size())]
+    final = torch.from_numpy(faiss.vector_to_array(clustering.centroids).reshape(k, d))
+    return final, len(objective), objective
+
+
 def _lloyd(
     points: _PointSet, centres: torch.Tensor, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[float]]:
@@ -675,25 +734,42 @@ def _kmeans(points: torch.Tensor, k: int, seed: int, options: KMeansConfig, init
         train_rows = torch.randperm(n, generator=generator)[: k * max_points_per_centroid].to(device)
         train = data[train_rows]
 
+    # Where faiss's search is the faster kernel and the stopping rule is faiss's own (tol = 0: stop when the
+    # labels repeat; faiss stops when the objective repeats, which happens one iteration later), the whole
+    # loop goes to faiss: its Lloyd is the same algorithm with less per-iteration overhead (1.2-2x measured,
+    # docs/kmeans.md). With tol > 0 the shift rule needs every iteration's centres, so our loop runs, with
+    # faiss's search inside it where that is faster.
+    hand_over = tol == 0 and d > 1 and _use_faiss(options.backend, train.shape[0], d, k, train)
     if init is None:
         seeds = train
         n_seeds = max(k * init_points_per_centroid, _MIN_INIT_POINTS) if init_points_per_centroid else n
         if d > 1 and train.shape[0] > n_seeds:
             # faiss-style: the start needs far fewer points than Lloyd (measured in docs/kmeans.md)
             seeds = train[torch.randperm(train.shape[0], generator=generator)[:n_seeds].to(device)]
-        centres = _kmeans_plusplus(seeds, k, generator)
+        if hand_over:
+            # faiss's k-means++ on the same sample: 5-8x cheaper than the greedy start, same distortion
+            # after Lloyd (measured in docs/kmeans.md).
+            centres = _faiss_kmeans_plusplus(seeds, k, generator)
+        else:
+            centres = _kmeans_plusplus(seeds, k, generator)
     else:
         centres = (init.to(device=device, dtype=torch.float64) - mean).to(dtype)
 
-    tol_abs = tol * float(train.to(torch.float64).var(0, unbiased=False).mean())
-    point_set = _PointSet(train, k, chunk_size, backend=options.backend)
-    centres, labels, sqdist, n_iter, objective = _lloyd(point_set, centres, max_iter, tol_abs)
-    train_inertia = float(sqdist.sum(dtype=torch.float64))
-    inertia = train_inertia
-    if train_rows is not None:
+    if hand_over:
+        centres, n_iter, objective = _faiss_lloyd(train, centres, max_iter)
         labels, sqdist = _assign_exact(data, centres, chunk_size)
         inertia = float(sqdist.sum(dtype=torch.float64))
-        train_inertia = float(sqdist[train_rows].sum(dtype=torch.float64))
+        train_inertia = inertia if train_rows is None else float(sqdist[train_rows].sum(dtype=torch.float64))
+    else:
+        tol_abs = tol * float(train.to(torch.float64).var(0, unbiased=False).mean())
+        point_set = _PointSet(train, k, chunk_size, backend=options.backend)
+        centres, labels, sqdist, n_iter, objective = _lloyd(point_set, centres, max_iter, tol_abs)
+        train_inertia = float(sqdist.sum(dtype=torch.float64))
+        inertia = train_inertia
+        if train_rows is not None:
+            labels, sqdist = _assign_exact(data, centres, chunk_size)
+            inertia = float(sqdist.sum(dtype=torch.float64))
+            train_inertia = float(sqdist[train_rows].sum(dtype=torch.float64))
     return KMeansResult(
         centroids=(centres.to(torch.float64) + mean).to(dtype),
         labels=labels.to(device),

@@ -353,7 +353,7 @@ def _nearest_is_brute_force(x, centroids, labels):
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_backends_match_sklearn_from_the_same_start(backend):
-    # d = 8, k = 64: the size where "auto" picks faiss when it is installed. Same start, float32: the
+    # d = 8, k = 64, tol = 0: backend "faiss" hands Lloyd's loop to faiss. Same start, float32: the
     # distortion equals scikit-learn's Lloyd to float32 rounding, and every label is the nearest centroid.
     if backend == "faiss" and _faiss_module() is None:
         pytest.skip("faiss is not installed")
