@@ -3,8 +3,9 @@
 Every engine clusters the same float32 points with a k-means++ start and the same number of Lloyd
 iterations (25, faiss's default; no early stop on a tolerance), one thread each:
 
-- ours: ``kmeans(x, k, seed=s, config=KMeansConfig(max_iter=25, tol=0))`` (backend "auto": faiss's
-  search kernel where it measured faster, when faiss is importable; ``--backend torch`` without it);
+- ours: ``kmeans(x, k, seed=s, config=KMeansConfig(max_iter=25, tol=0))`` (backend "auto": with faiss
+  importable, faiss's k-means++ on our start sample and faiss's Lloyd loop where it measured faster;
+  ``--backend torch``: the built-in kernels only, as without faiss);
 - faiss: ``faiss.Kmeans(d, k, niter=25, seed=s)`` with ``init_method = KMEANS_PLUS_PLUS`` and no
   subsampling (``max_points_per_centroid`` above n);
 - scikit-learn: ``KMeans(k, n_init=1, init="k-means++", max_iter=25, tol=0, random_state=s)``.

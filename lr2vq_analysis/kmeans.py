@@ -29,6 +29,12 @@ Implementation notes (measurements in ``docs/kmeans.md``):
   (``KMeansConfig.backend``), and the call runs single-threaded, torch's threads included (see
   :func:`~lr2vq_analysis._threads.single_threaded`).
 - The k-means++ start runs on a seeded subsample of at most ``max(16·k, 4096)`` points for d ≥ 2.
+- Where faiss is importable and its search measured faster (float32 on CPU, d ≥ 2, k > 32 or d ≥ 8, and
+  at least 2^17 coordinates) and ``tol == 0`` (stop only when the labels repeat), the start and the Lloyd
+  loop are faiss's (``faiss.Clustering``: k-means++ on the same subsample, seeded from ``seed``; no
+  further subsampling); labels and inertia over all points are still computed here. Same algorithm
+  (faiss stops one iteration later, when the objective repeats; it splits a large cluster to fill an
+  empty one), 1.2–2× less time. With ``tol > 0`` the engine's own loop runs, with faiss's search inside.
 - All random draws come from a CPU ``torch.Generator`` seeded with ``seed``, so a seed fixes the result
   on any device (up to floating-point differences between devices).
 - With ``max_points_per_centroid`` (faiss's knob), at most ``k · max_points_per_centroid`` randomly
@@ -70,6 +76,9 @@ _PACKED_MAX_K = 32
 # d = 2..64, k = 64..1024); there, with k > _PACKED_MAX_K, it beat our GEMM + numpy argmin 1.1-2.2x, below
 # it ours was 2-5x faster. One exception measured: d = 32, k = 256 (faiss 1.25x slower).
 _FAISS_MIN_COORDS = 1 << 17
+# At k <= _PACKED_MAX_K our packed kernel beats faiss's search, but from this d on faiss's whole Lloyd loop
+# beats ours (k = 16, d = 8..16: 0.95-1.12x faiss's time handed over, 1.16-1.88x with the packed kernel).
+_FAISS_LOOP_MIN_D = 8
 # The k-means++ start subsamples only beyond this many points (small sets: little to save, more noise).
 _MIN_INIT_POINTS = 4096
 _faiss: Any = None
@@ -88,8 +97,11 @@ def _faiss_module() -> Any:
     return _faiss or None
 
 
-def _use_faiss(backend: str, n: int, d: int, k: int, x: torch.Tensor) -> bool:
-    """Whether faiss computes the nearest centroids of these n points (``backend`` "auto": where it measured faster)."""
+def _use_faiss(backend: str, n: int, d: int, k: int, x: torch.Tensor, *, whole_loop: bool = False) -> bool:
+    """Whether faiss computes the nearest centroids of these n points, or with ``whole_loop`` runs all of Lloyd.
+
+    ``backend`` "faiss": always; "auto": where faiss measured faster (see the constants above).
+    """
     if backend == "faiss":
         return True
     return (
@@ -97,7 +109,7 @@ def _use_faiss(backend: str, n: int, d: int, k: int, x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and d >= 2
-        and k > _PACKED_MAX_K
+        and (k > _PACKED_MAX_K or (whole_loop and d >= _FAISS_LOOP_MIN_D))
         and n * d >= _FAISS_MIN_COORDS
         and _faiss_module() is not None
     )
@@ -164,10 +176,13 @@ class KMeansConfig:
         Points per distance block; the default keeps a block at 2^18 (point, centroid) pairs on CPU
         (1 MiB of scores) and 2^24 on CUDA.
     backend : {"auto", "torch", "faiss"}, default "auto"
-        Nearest-centroid kernel on CPU. "auto" uses faiss's fused BLAS search where it measured
-        faster (float32, k > 32, d ≥ 8) when faiss is importable, the built-in GEMM kernel
-        otherwise; "torch" always uses the built-in kernel; "faiss" requires faiss (CPU, float32).
-        The algorithm (start, updates, stopping rule) is the same on every backend.
+        Kernel on CPU. "auto", when faiss is importable, uses faiss where it measured faster (float32,
+        d ≥ 2, at least 2^17 coordinates, and k > 32 — or d ≥ 8 for the whole loop): with ``tol == 0``
+        faiss runs the k-means++ start (on the same subsample) and the whole Lloyd loop, otherwise its
+        search is the nearest-centroid step of the engine's loop; elsewhere the built-in kernels run.
+        "torch" always uses the built-in kernels; "faiss" always uses faiss (CPU, float32; needs faiss).
+        The algorithm is Lloyd's on every backend; faiss's loop stops when the objective repeats (one
+        iteration after the labels did) and splits a large cluster to fill an empty one.
 
     Raises
     ------
@@ -739,7 +754,7 @@ def _kmeans(points: torch.Tensor, k: int, seed: int, options: KMeansConfig, init
     # loop goes to faiss: its Lloyd is the same algorithm with less per-iteration overhead (1.2-2x measured,
     # docs/kmeans.md). With tol > 0 the shift rule needs every iteration's centres, so our loop runs, with
     # faiss's search inside it where that is faster.
-    hand_over = tol == 0 and d > 1 and _use_faiss(options.backend, train.shape[0], d, k, train)
+    hand_over = tol == 0 and d > 1 and _use_faiss(options.backend, train.shape[0], d, k, train, whole_loop=True)
     if init is None:
         seeds = train
         n_seeds = max(k * init_points_per_centroid, _MIN_INIT_POINTS) if init_points_per_centroid else n

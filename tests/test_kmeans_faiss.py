@@ -113,11 +113,12 @@ def test_same_seed_same_result_other_seed_differs(faiss_calls):
 def test_no_hand_over_with_a_tolerance_small_inputs_or_backend_torch(faiss_calls):
     kmeans(points(), 64, seed=0, config=KMeansConfig(max_iter=5))  # tol > 0: our loop
     kmeans(points(n=8000), 64, seed=0, config=CAPPED)  # n·d below faiss's fast search
-    kmeans(points(), 16, seed=0, config=CAPPED)  # k <= 32: the packed kernel
+    kmeans(points(d=4, n=40000), 16, seed=0, config=CAPPED)  # k <= 32 and d < 8: the packed kernel
     kmeans(points(), 64, seed=0, config=KMeansConfig(max_iter=25, tol=0.0, backend="torch"))
     assert faiss_calls == []
+    kmeans(points(), 16, seed=0, config=CAPPED)  # k <= 32 but d >= 8: faiss's loop
     kmeans(points(n=2000), 64, seed=0, config=KMeansConfig(max_iter=5, tol=0.0, backend="faiss"))
-    assert len(faiss_calls) == 1
+    assert len(faiss_calls) == 2
 
 
 def test_backend_torch_and_auto_without_faiss_give_the_same_result(monkeypatch):
