@@ -57,7 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compress import digits_cnn, minilm_encoder, plans  # the models, shared
 
 from lr2vq_analysis.datasets import digits_loaders
-from lr2vq_analysis.finetune import TrainingConfig, finetune, main_output, recalibrate_batchnorm, split_batch
+from lr2vq_analysis.finetune import (
+    TrainingConfig,
+    _resolve_threads,  # the count num_threads="auto" picks
+    finetune,
+    main_output,
+    recalibrate_batchnorm,
+    split_batch,
+)
 from lr2vq_analysis.io import write_atomic
 from lr2vq_analysis.nn import compress, compressible_layers
 from lr2vq_analysis.plan import LayerPlan
@@ -193,8 +200,13 @@ def thread_cliff(user_threads: int, *, steps: int, rounds: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def minilm_cliff(user_threads: int, *, rounds: int) -> dict[int, list[float]]:
-    """Seconds of one low-rank step of all-MiniLM-L6-v2 (LR²VQ d̃ = 4) at 1 and at ``user_threads``, one core busy."""
+def minilm_cliff(user_threads: int, *, rounds: int) -> dict[str, list[float]]:
+    """Seconds of one low-rank step of all-MiniLM-L6-v2 (LR²VQ d̃ = 4), one core busy, per thread setting.
+
+    Settings: 1 thread, ``user_threads``, and what ``num_threads="auto"`` (the default of ``finetune``)
+    picks at the start of each round, the user's setting being in force (label ``auto``; the counts it
+    picked are under ``auto threads``).
+    """
     model, _, _, _ = minilm_encoder()
     generator = torch.Generator().manual_seed(0)
     inputs = {
@@ -205,17 +217,25 @@ def minilm_cliff(user_threads: int, *, rounds: int) -> dict[int, list[float]]:
         target = main_output(model.eval()(**inputs))
     keys = [key for key in compressible_layers(model) if key.startswith("encoder.layer.")]
     plan = next(plan for label, plan in plans(model, 8, keys).items() if label.startswith("LR"))
-    step = _step_function(compress(model, plan), inputs, lambda out: F.mse_loss(out, target))
-    seconds: dict[int, list[float]] = {1: [], user_threads: []}
+    cmodel = compress(model, plan)
+    step = _step_function(cmodel, inputs, lambda out: F.mse_loss(out, target))
+    labels = ["1 thread", "auto", f"{user_threads} threads"]
+    seconds: dict[str, list[float]] = {label: [] for label in [*labels, "auto threads"]}
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         for round_index in range(rounds + 1):  # round 0 warms up
-            for threads in [1, user_threads] if round_index % 2 == 0 else [user_threads, 1]:
+            for label in labels[round_index % 3 :] + labels[: round_index % 3]:
+                torch.set_num_threads(user_threads)
+                threads = 1 if label == "1 thread" else user_threads
+                if label == "auto":
+                    threads = _resolve_threads("auto", cmodel, torch.device("cpu")) or user_threads
+                    if round_index:
+                        seconds["auto threads"].append(threads)
                 torch.set_num_threads(threads)
                 began = time.perf_counter()
                 step()
                 if round_index:
-                    seconds[threads].append(time.perf_counter() - began)
+                    seconds[label].append(time.perf_counter() - began)
     finally:
         busy.kill()
         busy.wait()
@@ -242,9 +262,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     if args.cliff_minilm:
         seconds = minilm_cliff(args.user_threads, rounds=args.rounds or 3)
-        ratios = [round(a / b, 2) for a, b in zip(seconds[args.user_threads], seconds[1], strict=True)]
-        print(f"all-MiniLM-L6-v2 low-rank step, one core busy: {seconds} s; ratio {ratios}")
-        return pd.DataFrame({"threads": list(seconds), "seconds": [statistics.median(v) for v in seconds.values()]})
+        picked = seconds.pop("auto threads")
+        single = seconds["1 thread"]
+        table = pd.DataFrame(
+            {
+                "setting": list(seconds),
+                "seconds": [round(statistics.median(v), 3) for v in seconds.values()],
+                "ratio_vs_1_thread": [
+                    round(statistics.median(a / b for a, b in zip(v, single, strict=True)), 2) for v in seconds.values()
+                ],
+            }
+        )
+        print(f"all-MiniLM-L6-v2 low-rank step, one core busy; auto picked {picked} thread(s); per round: {seconds}")
+        print(table.to_string(index=False))
+        return table
     steps = 10 if args.quick else 50
     cliff = thread_cliff(args.user_threads, steps=steps, rounds=2 if args.quick else 5)
     print(

@@ -13,6 +13,7 @@ Usage::
     python benchmarks/bench_quantize.py --blocks 1     # encoder block 0 only (6 linears)
     python benchmarks/bench_quantize.py --quick        # the digits CNN only (seconds)
     python benchmarks/bench_quantize.py --digits-finetune --seeds 2   # fine-tuned accuracy, capped vs converged
+    python benchmarks/bench_quantize.py --backends     # capped, k-means with faiss importable vs backend torch
 
 ``--digits-finetune`` runs the digits demo (:func:`~lr2vq_analysis.pipeline.compress_digits_demo`, quick
 setting: 80 steps in all, 40 low-rank + 40 codebook) once with each k-means setting per seed and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -41,6 +43,12 @@ from lr2vq_analysis.kmeans import QUANTIZE_KMEANS, KMeansConfig
 from lr2vq_analysis.nn import compress, compressible_layers
 
 SETTINGS: dict[str, dict[str, Any]] = {"capped (default)": {}, "converged": {"config": KMeansConfig()}}
+# --backends: the default (capped) k-means with backend "auto" (faiss where it measured faster, when
+# importable) against the built-in kernels only (what runs without faiss).
+BACKENDS: dict[str, dict[str, Any]] = {
+    "capped, auto": {},
+    "capped, torch": {"config": dataclasses.replace(QUANTIZE_KMEANS, backend="torch")},
+}
 
 
 def digits_finetune(seeds: int) -> list[dict[str, Any]]:
@@ -68,7 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--digits-finetune", action="store_true", help="fine-tuned digits accuracy instead of times")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=6, help="MiniLM encoder blocks to quantize (6: all 36 linears)")
+    parser.add_argument("--backends", action="store_true", help="capped k-means: backend auto vs torch")
     args = parser.parse_args(argv)
+    settings = BACKENDS if args.backends else SETTINGS
     if args.digits_finetune:
         return digits_finetune(args.seeds)
     if args.quick:
@@ -87,11 +97,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for label, plan in plans(model, m, keys).items():
         compressed = compress(model, plan)
-        order = list(SETTINGS) if len(rows) % 4 == 0 else list(SETTINGS)[::-1]
+        order = list(settings) if len(rows) % 4 == 0 else list(settings)[::-1]
         for setting in order:
             cmodel = copy.deepcopy(compressed)
             start, cpu = time.perf_counter(), time.process_time()
-            cmodel.quantize(seed=0, **SETTINGS[setting])
+            cmodel.quantize(seed=0, **settings[setting])
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
             error = float((_output(cmodel, inputs) - reference).norm() / reference.norm())
             rows.append(
