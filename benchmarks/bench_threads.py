@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import multiprocessing
 import os
 import statistics
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from lr2vq_analysis import kmeans as kmeans_module
 from lr2vq_analysis import probes as probes_module
 from lr2vq_analysis.kmeans import assign, kmeans
 from lr2vq_analysis.probes import clustering_error_curve
+
+# The module, not the function the package exports under the same name (patched by --unpinned).
+kmeans_module = importlib.import_module("lr2vq_analysis.kmeans")
 
 
 def _spin(stop: Any) -> None:

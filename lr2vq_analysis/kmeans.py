@@ -249,9 +249,12 @@ def _as_points(x: Any, *, name: str | None, what: str = "x") -> torch.Tensor:
         raise InvalidWeightsError(f"{layer_label(name)}{what} of shape {tuple(points.shape)} is empty")
     if points.is_complex() or points.dtype == torch.bool:
         raise InvalidWeightsError(f"{layer_label(name)}{what} has dtype {points.dtype}; a real-valued array is needed")
-    if not points.is_floating_point():
-        points = points.to(torch.float64)
-    n_bad = int((~torch.isfinite(points)).sum())
+    # One thread on CPU here too: at the user's setting each of these full passes is a parallel region
+    # that waits a scheduler slice on a busy machine (measured 70x slower at 2 threads, one core busy).
+    with single_threaded(points.device):
+        if not points.is_floating_point():
+            points = points.to(torch.float64)
+        n_bad = int((~torch.isfinite(points)).sum())
     if n_bad:
         raise InvalidWeightsError(
             f"{layer_label(name)}{what} holds {n_bad} NaN/Inf value(s); only finite points can be clustered"
