@@ -439,6 +439,28 @@ def test_single_threaded_pins_torch_threads_and_restores_them():
         torch.set_num_threads(previous)
 
 
+def test_every_pass_over_the_points_runs_single_threaded(monkeypatch):
+    # Input validation included: a full pass at the user's threads waits a scheduler slice per parallel
+    # region on a busy machine (the thread cliff).
+    seen = []
+    real_isfinite = torch.isfinite
+
+    def isfinite(tensor):
+        seen.append(torch.get_num_threads())
+        return real_isfinite(tensor)
+
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kmeans(np.random.default_rng(0).normal(size=(500, 3)), 4, seed=0)
+        KMeans(4).fit(np.random.default_rng(1).normal(size=(500, 3)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert seen and set(seen) == {1}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     x, k = anisotropic_gaussian()
