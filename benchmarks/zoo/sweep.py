@@ -4,7 +4,8 @@
 
     python benchmarks/zoo/sweep.py --networks Z01            # -> benchmarks/results/zoo_runs.csv (resumable)
     # as run for the scored study (PREREGISTRATION.md, deviation 1): first setting, tuning seed 100
-    python benchmarks/zoo/sweep.py --networks Z01,Z05 --settings 1 --tune-seeds 100 --out benchmarks/results/zoo_runs_a.csv
+    python benchmarks/zoo/sweep.py --networks Z01,Z05 --settings 1 --tune-seeds 100 \
+        --out benchmarks/results/zoo_runs_a.csv
     python benchmarks/zoo/sweep.py --quick --weights-dir /tmp/zoo --out /tmp/zoo_runs.csv   # smoke test
 
 Per setting: LR²VQ at every d̃ of :func:`d_tilde_grid`, PQ at the same (k, m) and PQ at equal size (the
