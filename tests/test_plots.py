@@ -436,7 +436,7 @@ def test_tradeoff_plot_draws_output_space_curves_beside_the_weight_space_ones():
     assert "output" in output_ax.get_title(loc="left") and "Wx" in output_ax.get_ylabel()
     assert len(fig.legends) == 1
     assert len(plot_tradeoff(model, space="output").axes) == 1
-    with pytest.raises(InvalidParameterError, match="hand.weight.*output-space"):
+    with pytest.raises(InvalidParameterError, match=r"hand\.weight.*output-space"):
         plot_tradeoff(hand_model(), space="output")
     with pytest.raises(InvalidParameterError, match="two panels"):
         plot_tradeoff(model, space="both", ax=weight_ax)
