@@ -854,7 +854,10 @@ class TradeoffModel:
         ]
         summary = (
             f"<b>TradeoffModel</b>{' of ' + html_text(self.name) if self.name else ''}: k = {self.k}, m = {self.m}, "
-            f"ρ = {self._rho:.3g}, knee = {self.knee_}, <b>d̃ = {best}</b> (errors: fraction of ‖W‖²)"
+            f"ρ = {self._rho:.3g}, knee = {self.knee_}, <b>d̃ = {best}</b> by rule {html_text(self.predictor)}, "
+            "near-best {}–{} (within {:.0%} of the rule's minimum){} (errors: fraction of ‖W‖²)".format(
+                *self.d_tilde_range_, self.tolerance, f"; {FLAT_MESSAGE}" if self.flat_ else ""
+            )
         )
         header = ["d̃", "low-rank", "clustering (model)", "probe", f"total = {self._rho:.3g}·low-rank + clustering"]
         return html_block(summary, header, rows)
