@@ -366,39 +366,12 @@ def test_figure_band_uses_the_reports_tolerance():
         assert plots.FLAT_TOLERANCE == DEFAULT_TOLERANCE
 
 
-def hand_model(predictor=None, output=False):
-    """m = 6, ρ = 0.5: total = [0.31, 0.183, 0.175, 0.1815, 0.23, 0.3] (hand-computed)."""
-    from lr2vq_analysis.tradeoff import TradeoffModel
-
-    curves = {}
-    if output:
-        curves = {
-            "lowrank_output_curve": [0.2, 0.08, 0.03, 0.01, 0.004, 0.0],
-            "clustering_output_curve": [0.0, 0.02, 0.05, 0.09, 0.12, 0.15],
-        }
-    return TradeoffModel(
-        16,
-        6,
-        0.5,
-        eigenvalues=[0.4, 0.3, 0.15, 0.09, 0.04, 0.02],
-        lowrank_curve=[0.6, 0.3, 0.15, 0.06, 0.02, 0.0],
-        clustering_curve=[0.01, 0.033, 0.1, 0.1515, 0.22, 0.3],
-        knee=4,
-        probes={},
-        params={},
-        n_subvectors=512,
-        name="hand.weight",
-        predictor=predictor,
-        **curves,
-    )
-
-
 def shaded(ax):
     [band] = [patch for patch in ax.patches if patch.get_label().startswith("near-best")]
     return round(band.get_x() + 0.45, 6), round(band.get_x() + band.get_width() - 0.45, 6)
 
 
-def test_tradeoff_plot_shades_the_reported_range_against_a_hand_computed_band():
+def test_tradeoff_plot_shades_the_reported_range_against_a_hand_computed_band(hand_model):
     ax = plot_tradeoff(hand_model("rho")).axes[0]
     assert shaded(ax) == (2, 4)  # within 5 % of the minimum 0.175: d̃ = 2, 3, 4
     assert "within 5% of the rule's minimum" in ax.patches[0].get_label()
@@ -417,7 +390,7 @@ def test_tradeoff_plot_shows_the_same_range_as_the_report(report):
         plt.close("all")
 
 
-def test_tradeoff_plot_draws_output_space_curves_beside_the_weight_space_ones():
+def test_tradeoff_plot_draws_output_space_curves_beside_the_weight_space_ones(hand_model):
     model = hand_model(output=True)  # calibrated: the default rule is the output-space crossing
     assert model.predictor == "crossing-output"
     fig = plot_tradeoff(model)

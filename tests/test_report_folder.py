@@ -284,36 +284,16 @@ def test_module_help_does_not_import_torch():
     assert out.stdout.strip().endswith("NO-TORCH")
 
 
-def _hand_report(predictor: str, tolerance: float = 0.05) -> Report:
-    """One layer, m = 6, ρ = 0.5: total = [0.31, 0.183, 0.175, 0.1815, 0.23, 0.3] (hand-computed)."""
+def test_report_md_and_html_show_each_layers_near_best_range_and_flat_flag(tmp_path, hand_model):
     from lr2vq_analysis.report import LayerReport
-    from lr2vq_analysis.tradeoff import TradeoffModel
 
-    model = TradeoffModel(
-        16,
-        6,
-        0.5,
-        eigenvalues=[0.4, 0.3, 0.15, 0.09, 0.04, 0.02],
-        lowrank_curve=[0.6, 0.3, 0.15, 0.06, 0.02, 0.0],
-        clustering_curve=[0.01, 0.033, 0.1, 0.1515, 0.22, 0.3],
-        knee=4,
-        probes={},
-        params={},
-        n_subvectors=512,
-        name="hand.weight",
-        predictor=predictor,
-        tolerance=tolerance,
-    )
-    return Report([LayerReport("hand.weight", "linear", (64, 48), model)], k=16, m=6, source="hand")
-
-
-def test_report_md_and_html_show_each_layers_near_best_range_and_flat_flag(tmp_path):
     for predictor, tolerance, d_tilde, near_best, flat in (
         ("rho", 0.05, 3, "2–4", False),  # within 5 % of 0.175: d̃ = 2, 3, 4
         ("pq", 0.05, 6, "2–6", False),  # the rule's d̃ = 6 widens the range; d̃ = 6 itself is not near-best
         ("rho", 0.75, 3, "2–6", True),  # ≤ 0.30625: d̃ = 2..6, m included: flat
     ):
-        report = _hand_report(predictor, tolerance)
+        model = hand_model(predictor, tolerance=tolerance)  # total = [0.31, 0.183, 0.175, 0.1815, 0.23, 0.3]
+        report = Report([LayerReport("hand.weight", "linear", (64, 48), model)], k=16, m=6, source="hand")
         markdown = report_folder.write_markdown_report(report, tmp_path).read_text()
         assert "| d̃ | near-best d̃ | flat |" in markdown
         row = next(line for line in markdown.splitlines() if line.startswith("| hand.weight"))
