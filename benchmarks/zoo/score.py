@@ -5,7 +5,7 @@ Stage 3 of the zoo study (``PREREGISTRATION.md``); ``--existing`` scores the evi
 
     python benchmarks/zoo/score.py --existing              # writes benchmarks/results/predictors_existing.{json,md}
     python benchmarks/zoo/score.py --existing --quick      # digits only, 64 calibration samples, no output files
-    python benchmarks/zoo/score.py --runs benchmarks/results/zoo_runs.csv --half dev
+    python benchmarks/zoo/score.py --runs benchmarks/results/zoo_runs_a.csv benchmarks/results/zoo_runs_b.csv --half dev
 
 Regret of a predictor on a setting (network, k, m) = best mean test metric over the swept d̃ − mean at
 the predicted d̃, in points (accuracy or cosine × 100), means over the scored seeds; a predicted d̃
@@ -178,8 +178,77 @@ def existing(tasks: Sequence[str], calibration_samples: int) -> tuple[list[dict[
     return settings, predictions
 
 
+def pq_comparison(
+    runs: pd.DataFrame, settings: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, int]], rule: str
+) -> list[dict[str, Any]]:
+    """Per setting: LR²VQ at ``rule``'s d̃ against PQ at the same (k, m) and PQ at equal size (scored seeds)."""
+
+    def summary(rows: pd.DataFrame) -> dict[str, Any]:
+        values = 100.0 * rows["accuracy"].to_numpy(dtype=float)
+        return {
+            "k": int(rows["k"].iloc[0]),
+            "m": int(rows["m"].iloc[0]),
+            "KiB": 1024.0 * float(rows["layers_megabytes"].mean()),
+            "mean": float(values.mean()),
+            "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+            "n": int(values.size),
+        }
+
+    out = []
+    for setting, prediction in zip(settings, predictions, strict=True):
+        net = runs[(runs["task"] == setting["network"]) & runs["seed"].between(0, 99)]
+        same = (net["k"] == setting["k"]) & (net["m"] == setting["m"])
+        lr2vq = net[(net["method"] == "lr2vq") & same & (net["d_tilde"] == prediction[rule])]
+        pq_same = net[(net["method"] == "pq") & same]
+        pq_equal = net[(net["method"] == "pq") & ~same]
+        if lr2vq.empty or pq_same.empty:
+            continue
+        row = {"network": setting["network"], "rule": rule, "d_tilde": prediction[rule]}
+        row["lr2vq"], row["pq_same"] = summary(lr2vq), summary(pq_same)
+        row["pq_equal_size"] = summary(pq_equal) if not pq_equal.empty else None
+        out.append(row)
+    return out
+
+
+def pq_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        f"LR²VQ at the d̃ of `{rows[0]['rule']}` against PQ (d̃ = m), test accuracy of the compressed layers' "
+        "network, mean ± sd over the scored seeds (size = compressed layers only):",
+        "",
+        "| network | LR²VQ (k, m, d̃) | size | accuracy | PQ same (k, m) | size | accuracy | PQ equal size (k', m') "
+        "| size | accuracy |",
+        "|---|---|---:|---|---|---:|---|---|---:|---|",
+    ]
+    for r in rows:
+        a, b, c = r["lr2vq"], r["pq_same"], r["pq_equal_size"]
+        cells = [
+            r["network"],
+            f"({a['k']}, {a['m']}, {r['d_tilde']})",
+            f"{a['KiB']:.2f} KiB",
+            f"{a['mean']:.2f} ± {a['sd']:.2f}",
+            f"({b['k']}, {b['m']})",
+            f"{b['KiB']:.2f} KiB",
+            f"{b['mean']:.2f} ± {b['sd']:.2f}",
+        ]
+        cells += (
+            [f"({c['k']}, {c['m']})", f"{c['KiB']:.2f} KiB", f"{c['mean']:.2f} ± {c['sd']:.2f}"]
+            if c
+            else ["–", "–", "–"]
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_runs(paths: Sequence[Path]) -> pd.DataFrame:
+    """The zoo runs of one or more CSVs (one per sweep process), duplicates of a run dropped."""
+    frame = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    return frame.drop_duplicates(["task", "method", "k", "m", "d_tilde", "seed", "lr"], keep="last")
+
+
 def zoo(
-    runs_path: Path,
+    runs_path: Sequence[Path],
     half: str,
     weights_dir: Path | None,
     calibration_samples: int,
@@ -191,7 +260,7 @@ def zoo(
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from networks import WEIGHTS, ZOO, load_network
 
-    runs = pd.read_csv(runs_path)
+    runs = read_runs(runs_path)
     runs = runs[runs["seed"].between(0, 99)]  # scored seeds only; tuning seeds are >= 100
     settings, predictions = [], []
     for network_id in sorted(set(runs["task"])):
@@ -261,7 +330,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--quick", action="store_true", help="digits only (--existing), 64 calibration samples, no files"
     )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--runs", type=Path, default=None, help="a zoo runs CSV (from sweep.py) to score")
+    parser.add_argument("--runs", type=Path, nargs="+", default=None, help="zoo runs CSVs (from sweep.py) to score")
+    parser.add_argument(
+        "--pq-rule", default="half", help="the rule whose d̃ LR²VQ is compared with PQ at (the chosen default)"
+    )
     parser.add_argument("--half", choices=("dev", "held-out", "all"), default="dev")
     parser.add_argument("--weights-dir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -289,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text += "\n## CNN settings only\n\n" + markdown(
             result["cnn"], [settings[i] for i in cnn], [predictions[i] for i in cnn], command
         )
+    if args.runs is not None:
+        result["pq_comparison"] = pq_comparison(read_runs(args.runs), settings, predictions, args.pq_rule)
+        text += "\n## LR²VQ against PQ\n\n" + pq_markdown(result["pq_comparison"])
     print(text)
     if not args.quick:
         write_atomic(args.out_dir / f"{stem}.json", (json.dumps(result, indent=1, default=float) + "\n").encode())

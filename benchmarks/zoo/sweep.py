@@ -4,12 +4,14 @@
 
     python benchmarks/zoo/sweep.py --networks Z01            # -> benchmarks/results/zoo_runs.csv (resumable)
     # as run for the scored study (PREREGISTRATION.md, deviation 1): first setting, tuning seed 100
-    python benchmarks/zoo/sweep.py --networks Z01,Z05 --settings 1 --tune-seeds 100 --out benchmarks/results/zoo_runs_a.csv
+    python benchmarks/zoo/sweep.py --networks Z01,Z05 --settings 1 --tune-seeds 100 \
+        --out benchmarks/results/zoo_runs_a.csv
     python benchmarks/zoo/sweep.py --quick --weights-dir /tmp/zoo --out /tmp/zoo_runs.csv   # smoke test
 
 Per setting: LR²VQ at every d̃ of :func:`d_tilde_grid`, PQ at the same (k, m) and PQ at equal size (the
 PQ (k', m') with k' ∈ {k/2, k, 2k}, m' ∈ {m, 2m}, other than (k, m), whose size is closest to LR²VQ's
-at the middle d̃), all at the budget ``lr2vq_analysis.experimental.sweeps.BUDGETS["full"]``. The learning rate is tried
+at the middle d̃), all at the same budget: ``ZOO_BUDGET`` (300 steps, 150 of them low-rank, batch 32;
+PREREGISTRATION.md, deviation 2) unless ``--budget full``. The learning rate is tried
 on the tuning seeds (100, 101) only and chosen per (method, k, m) — never per d̃ — by the validation
 accuracy averaged over every d̃; the scored seeds 0–4 then run at the chosen rate only.
 """
@@ -27,13 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from networks import WEIGHTS, ZOO, as_task, load_network
 
-from lr2vq_analysis.experimental.sweeps import BUDGETS, RunConfig, run_sweep
+from lr2vq_analysis.experimental.sweeps import BUDGETS, Budget, RunConfig, run_sweep
 from lr2vq_analysis.plan import LayerPlan, effective_k
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TUNE_SEEDS = (100, 101)
 SCORED_SEEDS = (0, 1, 2, 3, 4)
 LEARNING_RATES = (1e-3, 3e-3)
+#: The zoo's training budget (deviation 2 of PREREGISTRATION.md): a quarter of the evidence sweeps' "full"
+#: budget in examples seen, so that 12 networks × 5 scored seeds fit one session on 2 cores.
+ZOO_BUDGET = Budget(300, 150, 32)
 
 
 def d_tilde_grid(m: int) -> list[int]:
@@ -105,10 +110,11 @@ def sweep_network(
     quick: bool,
     settings: int | None = None,
     tune_seeds: tuple[int, ...] = TUNE_SEEDS,
+    budget: Budget = ZOO_BUDGET,
 ) -> pd.DataFrame:
     """Tune the rate per (method, k, m) on ``tune_seeds``, then run the scored seeds at the chosen rates."""
     task = as_task(network_id, folder)
-    budget = BUDGETS["quick" if quick else "full"]
+    budget = BUDGETS["quick"] if quick else budget
     scored, lrs = ((0,), LEARNING_RATES[:1]) if quick else (SCORED_SEEDS, LEARNING_RATES)
     tune_seeds = tune_seeds[:1] if quick else tune_seeds
     runs = run_sweep(task, configs_for(network_id, tune_seeds, lrs, quick, folder, settings), out, budget=budget)
@@ -131,6 +137,9 @@ def main(argv: list[str] | None = None) -> Any:
     parser.add_argument(
         "--tune-seeds", default=",".join(map(str, TUNE_SEEDS)), help="seeds the learning rate is chosen on"
     )
+    parser.add_argument(
+        "--budget", choices=("zoo", "full"), default="zoo", help="zoo: ZOO_BUDGET; full: BUDGETS['full']"
+    )
     parser.add_argument("--quick", action="store_true", help="Z01, first setting, d̃ ∈ {1, m}, 20 steps, 1 seed")
     args = parser.parse_args(argv)
     ids = ["Z01"] if args.quick else args.networks.split(",")
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> Any:
         parser.error(f"--tune-seeds {args.tune_seeds} overlaps the scored seeds {SCORED_SEEDS}")
     frame = None
     for network_id in ids:
-        frame = sweep_network(network_id, args.out, args.weights_dir, args.quick, args.settings, tune_seeds)
+        budget = ZOO_BUDGET if args.budget == "zoo" else BUDGETS["full"]
+        frame = sweep_network(network_id, args.out, args.weights_dir, args.quick, args.settings, tune_seeds, budget)
     return frame
 
 
