@@ -20,6 +20,7 @@ The machine these numbers come from may be shared; compare the rows of one run, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -33,6 +34,7 @@ from torch import nn
 
 from lr2vq_analysis.experimental.models.minilm import load_minilm
 from lr2vq_analysis.export import load_compressed, save_compressed
+from lr2vq_analysis.kmeans import QUANTIZE_KMEANS, KMeansConfig
 from lr2vq_analysis.nn import compress, compressible_layers
 from lr2vq_analysis.plan import LayerPlan, effective_k
 from lr2vq_analysis.registry import build_model, load_model
@@ -121,14 +123,14 @@ def run_one(
     skeleton: Callable[[], nn.Module],
     inputs: Any,
     plan: dict[str, LayerPlan],
-    **kmeans: Any,
+    kmeans: KMeansConfig = QUANTIZE_KMEANS,
 ) -> dict[str, Any]:
     reference = _output(model, inputs)
     start = time.perf_counter()
     cmodel = compress(model, plan)
     compress_s = time.perf_counter() - start
     start = time.perf_counter()
-    cmodel.quantize(seed=0, **kmeans)
+    cmodel.quantize(seed=0, config=kmeans)
     quantize_s = time.perf_counter() - start
     output = _output(cmodel, inputs)
     report = size_report(cmodel)
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     parser.add_argument("--skip-minilm", action="store_true", help="digits CNN only")
     args = parser.parse_args(argv)
-    kmeans = {"max_points_per_centroid": 64} if args.quick else {}
+    kmeans = dataclasses.replace(QUANTIZE_KMEANS, max_points_per_centroid=64) if args.quick else QUANTIZE_KMEANS
     rows = []
 
     model, skeleton, inputs, note = digits_cnn()
     keys = [key for key in compressible_layers(model) if key.startswith(("conv2", "conv3", "conv4"))]
     for label, plan in plans(model, 9, keys).items():
-        rows.append({**run_one(f"digits-cnn ({note}) {label}", model, skeleton, inputs, plan, **kmeans)})
+        rows.append({**run_one(f"digits-cnn ({note}) {label}", model, skeleton, inputs, plan, kmeans)})
 
     if not args.skip_minilm:
         try:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if args.quick:
                 keys = [key for key in keys if key.startswith(("encoder.layer.0.", "encoder.layer.1."))]
             for label, plan in plans(model, 8, keys).items():
-                rows.append(run_one(f"all-MiniLM-L6-v2 {label}", model, skeleton, inputs, plan, **kmeans))
+                rows.append(run_one(f"all-MiniLM-L6-v2 {label}", model, skeleton, inputs, plan, kmeans))
 
     header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs (maybe shared)"
     print(header + (", --quick" if args.quick else ""))

@@ -66,6 +66,7 @@ from lr2vq_analysis.finetune import (
     split_batch,
 )
 from lr2vq_analysis.io import write_atomic
+from lr2vq_analysis.kmeans import KMeansConfig
 from lr2vq_analysis.nn import compress, compressible_layers
 from lr2vq_analysis.plan import LayerPlan
 
@@ -74,7 +75,7 @@ THREAD_RESULTS = Path(__file__).resolve().parent / "results" / "finetune_threads
 #: The thread settings compared in the cliff table.
 THREAD_SETTINGS: dict[str, Any] = {"1 thread": 1, "auto (default)": "auto", "user threads, no policy": None}
 #: Cheap k-means for building the quantized models (the step time does not depend on its quality).
-CHEAP_KMEANS: dict[str, Any] = {"max_iter": 5, "max_points_per_centroid": 16}
+CHEAP_KMEANS = KMeansConfig(max_iter=5, tol=0.0, max_points_per_centroid=16)
 
 
 def _step_function(model: nn.Module, batch: Any, loss: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
@@ -126,7 +127,7 @@ def variants(model: nn.Module, keys: list[str], m: int) -> dict[str, nn.Module]:
     for label, plan in plans(model, m, keys).items():
         method = label.split()[0]
         built[f"{method} lowrank"] = compress(model, plan)
-        built[f"{method} codebook"] = compress(model, plan).quantize(seed=0, **CHEAP_KMEANS)
+        built[f"{method} codebook"] = compress(model, plan).quantize(seed=0, config=CHEAP_KMEANS)
     return built
 
 

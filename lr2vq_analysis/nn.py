@@ -37,8 +37,10 @@ would mix unrelated filters, so such layers are left uncompressed (naming one in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_k, check_m, check_param, check_seed
+from ._validation import check_k, check_m, check_param, check_seed, layer_label
 from .exceptions import InvalidParameterError, InvalidWeightsError, NonFiniteError, StateError
 from .kmeans import QUANTIZE_KMEANS, KMeansConfig, assign, kmeans
 from .plan import LayerPlan
@@ -447,17 +449,13 @@ class _LR2VQLayer(nn.Module):
         self.state = target
         return self
 
-    def _initial_centroids(self, z: Tensor, seed: int, kmeans_options: Mapping[str, Any]) -> Tensor:
-        options = dict(kmeans_options)
-        config = options.pop("config", None) or QUANTIZE_KMEANS  # capped iterations: see docs/kmeans.md
+    def _initial_centroids(self, z: Tensor, seed: int, config: KMeansConfig) -> Tensor:
         exponent = _unit_exponent(z)
-        result = kmeans(
-            _ldexp(z, -exponent), self.plan.k, seed=check_seed(seed), name=self.layer_name, config=config, **options
-        )
+        result = kmeans(_ldexp(z, -exponent), self.plan.k, seed=check_seed(seed), name=self.layer_name, config=config)
         return _ldexp(result.centroids.to(z.dtype), exponent)
 
     @torch.no_grad()
-    def quantize(self: _Layer, seed: int = 0, **kmeans_options: int | float | KMeansConfig) -> _Layer:
+    def quantize(self: _Layer, seed: int = 0, *, config: KMeansConfig | None = None, **kmeans_options: Any) -> _Layer:
         """Replace Z by codes into a k × d̃ codebook; the layer moves to the ``"quantized"`` state.
 
         From ``"lowrank"`` the codebook is the k-means of Z (:func:`~lr2vq_analysis.kmeans.kmeans`);
@@ -469,9 +467,13 @@ class _LR2VQLayer(nn.Module):
         ----------
         seed : int, default 0
             Seed of the k-means initialisation.
+        config : KMeansConfig, optional
+            Options of the k-means (:func:`~lr2vq_analysis.kmeans.kmeans`); default
+            :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS` (at most 25 Lloyd iterations). Change one
+            option with ``dataclasses.replace(QUANTIZE_KMEANS, max_points_per_centroid=64)``.
         **kmeans_options
-            Passed to :func:`~lr2vq_analysis.kmeans.kmeans` (``config``, default
-            :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`; or ``max_iter``, ``tol``, ``max_points_per_centroid``).
+            Deprecated since 0.1.0, removed in 0.2.0: ``max_iter``, ``tol``, ``max_points_per_centroid``,
+            ``dtype``, ``chunk_size`` override the same fields of ``config`` (with a ``DeprecationWarning``).
 
         Returns
         -------
@@ -481,16 +483,28 @@ class _LR2VQLayer(nn.Module):
         ------
         StateError
             If the layer is already quantized.
+        InvalidParameterError
+            If ``config`` is not a KMeansConfig or a keyword option is not one of the above.
         NonFiniteError
             If the centroids or P hold NaN/Inf (e.g. after a diverged training run).
+
+        Examples
+        --------
+        >>> import dataclasses
+        >>> from lr2vq_analysis.kmeans import QUANTIZE_KMEANS
+        >>> layer = LR2VQLinear.from_dense(torch.nn.Linear(16, 8), LayerPlan(k=4, m=4, d_tilde=2))
+        >>> layer.quantize(seed=0, config=dataclasses.replace(QUANTIZE_KMEANS, max_iter=5)).state
+        'quantized'
         """
+        # stacklevel 4: past _quantize_config, this method and torch.no_grad's wrapper, to the caller
+        options = _quantize_config(config, kmeans_options, name=self.layer_name, stacklevel=4)
         self._transition("quantize")
         assert self.Z is not None
         z = self.Z.detach()
         if self.state is LayerState.DKM and self.dkm_centroids is not None:
             centroids = self.dkm_centroids.detach()
         else:
-            centroids = self._initial_centroids(z, seed, kmeans_options)
+            centroids = self._initial_centroids(z, seed, options)
         codebook = round_to_fp16_grid(centroids, name=self.layer_name)
         exponent = _unit_exponent(z)  # assign at unit scale, where float32 squared distances cannot overflow
         codes, _ = assign(_ldexp(z, -exponent), _ldexp(codebook, -exponent))
@@ -575,7 +589,7 @@ class _LR2VQLayer(nn.Module):
         target = self._transition("start_dkm")
         config = _check_dkm_config(config)
         assert self.Z is not None
-        self.dkm_centroids = self._initial_centroids(self.Z.detach(), seed, {"config": config.kmeans})
+        self.dkm_centroids = self._initial_centroids(self.Z.detach(), seed, config.kmeans or QUANTIZE_KMEANS)
         self.dkm_config = config
         self.state = target
         return self
@@ -665,6 +679,41 @@ class _LR2VQLayer(nn.Module):
             f"{self._dense_repr()}, k={plan.k}, m={plan.m}, d_tilde={plan.d_tilde}, state={self.state}, "
             f"bits={bits:.0f} ({per_weight:.3f} bits/weight)"
         )
+
+
+#: The keyword shortcuts quantize() used to pass on to kmeans(): fields of KMeansConfig.
+_KMEANS_SHORTCUTS = ("max_iter", "tol", "max_points_per_centroid", "dtype", "chunk_size")
+
+
+def _quantize_config(
+    config: object, shortcuts: Mapping[str, Any], *, name: str | None = None, stacklevel: int = 3
+) -> KMeansConfig:
+    """quantize's k-means options: ``config`` (default QUANTIZE_KMEANS) with the deprecated shortcuts folded in.
+
+    ``stacklevel`` 3 points the warning at the caller of the public method that calls this.
+    """
+    if config is None:
+        config = QUANTIZE_KMEANS  # capped iterations: see docs/kmeans.md
+    if not isinstance(config, KMeansConfig):
+        raise InvalidParameterError(
+            f"{layer_label(name)}config={config!r} is invalid; pass a KMeansConfig(max_iter=..., ...) or None"
+        )
+    if not shortcuts:
+        return config
+    unknown = sorted(set(shortcuts) - set(_KMEANS_SHORTCUTS))
+    if unknown:
+        raise InvalidParameterError(
+            f"{layer_label(name)}quantize() got unknown option(s) {unknown}; pass config=KMeansConfig(...) "
+            f"(the deprecated keyword options are {list(_KMEANS_SHORTCUTS)})"
+        )
+    example = ", ".join(f"{key}=..." for key in shortcuts)
+    warnings.warn(
+        f"quantize({example}) is deprecated since 0.1.0 and will be removed in 0.2.0; pass "
+        f"config=dataclasses.replace(QUANTIZE_KMEANS, {example}) or config=KMeansConfig(...) instead",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return dataclasses.replace(config, **{key: value for key, value in shortcuts.items() if value is not None})
 
 
 def _check_dkm_config(config: object) -> DKMConfig:
@@ -976,15 +1025,19 @@ class CompressedModel(nn.Module):
         states = {layer.state for layer in self._layers()}
         return states.pop() if len(states) == 1 else "mixed"
 
-    def quantize(self, seed: int = 0, **kmeans_options: int | float | KMeansConfig) -> CompressedModel:
+    def quantize(self, seed: int = 0, *, config: KMeansConfig | None = None, **kmeans_options: Any) -> CompressedModel:
         """Quantize every compressed layer (see :meth:`LR2VQLinear.quantize`); return self.
 
-        Every layer's k-means uses the same ``seed``; ``kmeans_options`` go to
-        :func:`~lr2vq_analysis.kmeans.kmeans` (e.g. ``max_points_per_centroid`` to subsample).
+        Every layer's k-means uses the same ``seed`` and ``config`` (default
+        :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS`; e.g.
+        ``dataclasses.replace(QUANTIZE_KMEANS, max_points_per_centroid=64)`` to subsample). The keyword
+        options ``max_iter``, ``tol``, ``max_points_per_centroid``, ``dtype`` and ``chunk_size`` are
+        deprecated since 0.1.0 (removed in 0.2.0): they still override ``config``, with a ``DeprecationWarning``.
         """
         check_seed(seed)
+        options = _quantize_config(config, kmeans_options)
         for layer in self._layers():
-            layer.quantize(seed, **kmeans_options)
+            layer.quantize(seed, config=options)
         return self
 
     def start_dkm(self, config: DKMConfig | None = None, *, seed: int = 0) -> CompressedModel:

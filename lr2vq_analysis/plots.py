@@ -21,6 +21,7 @@ import io
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,6 @@ __all__ = [
     "figure_file_stem",
     "flat_band",
     "layer_group",
-    "FLAT_TOLERANCE",
     "MAX_LAYER_PANELS",
 ]
 
@@ -276,40 +276,49 @@ def save_figure(
 # --------------------------------------------------------------------------------------------------
 
 
-#: Default tolerance of the flat band: d̃ whose total error is within this share of the minimum.
-FLAT_TOLERANCE: float = 0.02
-
 #: Above this many layers, report figures summarise the layers by kind instead of one panel (or one
 #: file) per layer.
 MAX_LAYER_PANELS: int = 12
 
 
-def flat_band(total: Sequence[float] | np.ndarray, tolerance: float = FLAT_TOLERANCE) -> tuple[int, int]:
-    """The d̃ range around the minimum of a total-error curve where it stays within ``tolerance`` of it.
+def _tolerance(tolerance: float | None) -> float:
+    """``tolerance``, or the reports' default :data:`~lr2vq_analysis.tradeoff.DEFAULT_TOLERANCE` for None."""
+    from .tradeoff import DEFAULT_TOLERANCE  # not at import time: plots does not need the fitting stages
 
-    The contiguous run of d̃ (1-based) containing the argmin whose totals are at most
-    ``min · (1 + tolerance)``: how flat the total is at the chosen d̃. A wide band means that nearby
-    d̃ cost almost nothing more; a band of one means the choice matters.
+    return DEFAULT_TOLERANCE if tolerance is None else tolerance
+
+
+def flat_band(total: Sequence[float] | np.ndarray, tolerance: float | None = None) -> tuple[int, int]:
+    """The d̃ range whose total error is within ``tolerance`` of its minimum, as reports compute it.
+
+    :func:`~lr2vq_analysis.tradeoff.near_best_range` without a rule's d̃: smallest and largest d̃
+    (1-based) with ``total <= min · (1 + tolerance)``. The default tolerance is the reports'
+    :data:`~lr2vq_analysis.tradeoff.DEFAULT_TOLERANCE` (5 %).
 
     Examples
     --------
-    >>> flat_band([0.30, 0.101, 0.100, 0.1015, 0.2], tolerance=0.02)
+    >>> flat_band([0.30, 0.104, 0.100, 0.1045, 0.2])
     (2, 4)
-    >>> flat_band([0.3, 0.1, 0.3])
-    (2, 2)
+    >>> flat_band([0.30, 0.104, 0.100, 0.1045, 0.2], tolerance=0.02)
+    (3, 3)
     """
-    values = np.asarray(total, dtype=np.float64)
-    if not 0 <= tolerance < 1:
-        raise InvalidParameterError(f"tolerance={tolerance!r} is invalid; use a number in [0, 1)")
-    best = int(np.argmin(values))
-    limit = values[best] * (1.0 + tolerance) + 1e-15
-    low = best
-    while low > 0 and values[low - 1] <= limit:
-        low -= 1
-    high = best
-    while high < values.size - 1 and values[high + 1] <= limit:
-        high += 1
-    return low + 1, high + 1
+    from .tradeoff import near_best_range
+
+    return near_best_range(total, _tolerance(tolerance))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FLAT_TOLERANCE":  # the figures' own 2 % band, replaced by the reports' tolerance
+        from .tradeoff import DEFAULT_TOLERANCE
+
+        warnings.warn(
+            "plots.FLAT_TOLERANCE is deprecated since 0.1.0 and will be removed in 0.2.0: the figures use the "
+            "reports' tolerance, lr2vq_analysis.tradeoff.DEFAULT_TOLERANCE",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return DEFAULT_TOLERANCE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _DIGITS = re.compile(r"^\d+$")
@@ -354,9 +363,23 @@ class _LayerCurves:
     n_subvectors: int | None = None
     subsample: dict[int, int] | None = None  # probe d̃ → subvectors it was trained on, for subsampled probes
     estimates: dict[int, float] | None = None  # probe d̃ → its estimate of the error on all subvectors
+    predictor: str = "rho"
+    tolerance: float = 0.05
+    band: tuple[int, int] = (1, 1)  # the reported d̃ range (near_best_range of the rule's objective)
+    flat: bool = False
+    lowrank_output: np.ndarray | None = None
+    clustering_output: np.ndarray | None = None
+
+    @property
+    def total_output(self) -> np.ndarray | None:
+        if self.lowrank_output is None or self.clustering_output is None:
+            return None
+        return self.rho * self.lowrank_output + self.clustering_output
 
     @classmethod
-    def of(cls, layer: LayerReport | TradeoffModel, measured: Sequence[float] | None) -> _LayerCurves:
+    def of(
+        cls, layer: LayerReport | TradeoffModel, measured: Sequence[float] | None, tolerance: float | None = None
+    ) -> _LayerCurves:
         model: Any = getattr(layer, "model", layer)  # LayerReport wraps a TradeoffModel
         if not all(hasattr(model, attr) for attr in ("lowrank", "clustering", "total", "k", "m", "rho")):
             raise InvalidParameterError(
@@ -390,6 +413,13 @@ class _LayerCurves:
                 if estimate is not None and math.isfinite(estimate):
                     estimates[int(probe_d)] = float(estimate)
         total = np.asarray(model.total(d), dtype=np.float64)
+        d_tilde = int(getattr(model, "d_tilde_", int(np.argmax(total <= total.min() + 1e-12)) + 1))
+        objective = model.objective() if hasattr(model, "objective") else total
+        tol = _tolerance(getattr(model, "tolerance", None) if tolerance is None else tolerance)
+        from .tradeoff import near_best_range
+
+        low_out = getattr(model, "lowrank_output_curve_", None)
+        clu_out = getattr(model, "clustering_output_curve_", None)
         return cls(
             name=_printable(str(name)),
             k=k,
@@ -399,17 +429,28 @@ class _LayerCurves:
             clustering=np.asarray(model.clustering(d), dtype=np.float64),
             total=total,
             probes=probes,
-            d_tilde=int(getattr(model, "d_tilde_", int(np.argmax(total <= total.min() + 1e-12)) + 1)),
+            d_tilde=d_tilde,
             measured=measured_arr,
             n_subvectors=None if n_sub is None else int(n_sub),
             subsample=subsample,
             estimates=estimates,
+            predictor=str(getattr(model, "predictor", "rho")),
+            tolerance=tol,
+            band=near_best_range(objective, tol, d_tilde),
+            flat=near_best_range(objective, tol)[1] == m,
+            lowrank_output=None if low_out is None else np.asarray(low_out, dtype=np.float64),
+            clustering_output=None if clu_out is None else np.asarray(clu_out, dtype=np.float64),
         )
 
 
+def _range_text(band: tuple[int, int]) -> str:
+    return f"{band[0]}–{band[1]}" if band[0] < band[1] else f"{band[0]}"
+
+
 def _flat_label(tolerance: float, band: tuple[int, int] | None = None) -> str:
-    where = "" if band is None else (f" ({_D_TILDE} = {band[0]}–{band[1]})" if band[0] < band[1] else "")
-    return f"total within {tolerance:.0%} of its minimum{where}"
+    """Legend text of the shaded d̃ range (the range reports print, see near_best_range)."""
+    where = "" if band is None else f" {_range_text(band)}"
+    return rf"near-best {_D_TILDE}{where} (rule's {_D_TILDE}, and within {tolerance:.0%} of the rule's minimum)"
 
 
 def _shade_band(ax: Axes, band: tuple[int, int], label: str) -> None:
@@ -434,14 +475,35 @@ def _open_markers(
     )
 
 
-def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: bool, tolerance: float) -> None:
+_SPACES = ("weight", "output")
+_OUTPUT_ENERGY = r"fraction of $E\Vert Wx\Vert^2$"
+
+
+def _output_curves(curves: _LayerCurves) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low-rank, clustering, total) in the layer's output space, or a clear error without them."""
+    if curves.lowrank_output is None or curves.clustering_output is None or curves.total_output is None:
+        raise InvalidParameterError(
+            f"layer {curves.name!r} has no output-space curves; analyze with model= and calibration= "
+            "(inputs of the model) to draw space='output' or 'both'"
+        )
+    return curves.lowrank_output, curves.clustering_output, curves.total_output
+
+
+def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: bool, space: str = "weight") -> None:
+    """One layer's curves in weight space (with probes and measured k-means) or in its output space."""
+    from .tradeoff import FLAT_MESSAGE
+
     d = np.arange(1, curves.m + 1)
     size = 3.5 if compact else 5.0
-    band = flat_band(curves.total, tolerance)
-    _shade_band(ax, band, _flat_label(tolerance, None if compact else band))
-    ax.plot(d, curves.lowrank, color=COLORS["blue"], marker="o", markersize=size, label="low-rank error")
-    ax.plot(d, curves.clustering, color=COLORS["orange"], marker="o", markersize=size, label="clustering error (model)")
-    if curves.measured is not None:
+    output = space == "output"
+    if output:
+        lowrank, clustering, total = _output_curves(curves)
+    else:
+        lowrank, clustering, total = curves.lowrank, curves.clustering, curves.total
+    _shade_band(ax, curves.band, _flat_label(curves.tolerance, None if compact else curves.band))
+    ax.plot(d, lowrank, color=COLORS["blue"], marker="o", markersize=size, label="low-rank error")
+    ax.plot(d, clustering, color=COLORS["orange"], marker="o", markersize=size, label="clustering error (model)")
+    if curves.measured is not None and not output:
         ax.plot(
             d,
             curves.measured,
@@ -452,10 +514,11 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
             label="clustering error (k-means)",
         )
     subsample = curves.subsample or {}
-    full = sorted(p for p in curves.probes if p not in subsample)
+    probes = {} if output else curves.probes  # probes measure k-means in weight space
+    full = sorted(p for p in probes if p not in subsample)
     if full:
         _open_markers(ax, full, curves.probes, "s", size + 3, COLORS["vermillion"], "k-means probe on all subvectors")
-    sub = sorted(p for p in curves.probes if p in subsample)
+    sub = sorted(p for p in probes if p in subsample)
     if sub:
         sizes = sorted(set(subsample[p] for p in sub))
         n_text = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
@@ -476,7 +539,7 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
             )
     ax.plot(
         d,
-        curves.total,
+        total,
         color=COLORS["black"],
         linewidth=2.2,
         label=rf"total = {_format_rho(curves.rho)}·low-rank + clustering",
@@ -485,7 +548,7 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
     ax.axvline(best, color=COLORS["grey"], linestyle="--", linewidth=1.0, zorder=0)
     ax.plot(
         [best],
-        [curves.total[best - 1]],
+        [total[best - 1]],
         linestyle="none",
         marker="*",
         markersize=size + 9,
@@ -497,21 +560,28 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
     )
     ax.set_xticks(d)
     ax.set_xlim(0.5, curves.m + 0.5)
-    top = float(np.nanmax(np.concatenate([curves.lowrank, curves.clustering, curves.total])))
-    if curves.measured is not None:
+    top = float(np.nanmax(np.concatenate([lowrank, clustering, total])))
+    if curves.measured is not None and not output:
         top = max(top, float(np.nanmax(curves.measured)))
-    if curves.probes:
-        top = max(top, max(curves.probes.values()))
+    if probes:
+        top = max(top, max(probes.values()))
     ax.set_ylim(0.0, top * 1.08 if top > 0 else 1.0)
+    flat = " flat" if curves.flat else ""
     if compact:
         ax.set_title(
-            f"{_ellipsize(_short_name(curves.name), 40)}\n" + rf"{_D_TILDE} = {best}, k = {curves.k}, m = {curves.m}",
+            f"{_ellipsize(_short_name(curves.name), 40)}\n"
+            + rf"{_D_TILDE} = {best}, range {_range_text(curves.band)}{flat}, k = {curves.k}, m = {curves.m}",
             fontsize=7.5,
         )
     else:
+        where = "in the layer's output (calibration data)" if output else "in the weights"
         ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
-        ax.set_ylabel(f"relative error ({_ENERGY})")
-        ax.set_title(f"{curves.name}  (k = {curves.k}, m = {curves.m}, ρ = {_format_rho(curves.rho)})")
+        ax.set_ylabel(f"relative error ({_OUTPUT_ENERGY if output else _ENERGY})")
+        ax.set_title(
+            f"{curves.name} {where}  (k = {curves.k}, m = {curves.m}, ρ = {_format_rho(curves.rho)})\n"
+            + rf"rule `{curves.predictor}`: {_D_TILDE} = {best}, near-best {_range_text(curves.band)}"
+            + (f"; {FLAT_MESSAGE}" if curves.flat else "")
+        )
     if legend:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
@@ -523,34 +593,42 @@ def plot_tradeoff(
     ax: Axes | None = None,
     measured: Sequence[float] | None = None,
     legend: bool = True,
-    tolerance: float = FLAT_TOLERANCE,
+    tolerance: float | None = None,
+    space: str | None = None,
 ) -> Figure:
-    """Error trade-off of one layer against d̃ = 1..m, with the predicted d̃ marked.
+    """Error trade-off of one layer against d̃ = 1..m, with the predicted d̃ and its near-best range.
 
     Draws the exact low-rank error, the modelled clustering error with the k-means probes that
-    calibrated it, the measured clustering error at every d̃ when available (crosses), and the
-    total ρ·low-rank + clustering whose minimum (star, dashed line) is the predicted d̃. A shaded
-    band marks the d̃ whose total is within ``tolerance`` of the minimum: how flat the choice is.
-    Probes trained on every subvector are open squares on the curve; probes trained on a subsample
-    (large layers) are open diamonds labelled with the subsample size: their codebook saw fewer
-    points, so their error on all subvectors lies *above* the curve by design, not by
-    miscalibration; a filled diamond marks what each one predicts for k-means on all subvectors.
-    All errors are fractions of the layer's ‖W‖².
+    calibrated it, the measured clustering error at every d̃ when available (crosses), the total
+    ρ·low-rank + clustering, and the d̃ of the layer's rule (star, dashed line). The shaded band is the
+    d̃ range the reports print (``d_tilde_range_``, :func:`~lr2vq_analysis.tradeoff.near_best_range`):
+    the rule's d̃ and every d̃ whose predicted total (the rule's objective) is within ``tolerance`` of
+    its minimum; the title names the rule and flags a flat curve ("d̃ barely matters here"). Probes
+    trained on every subvector are open squares on the curve; probes trained on a subsample (large
+    layers) are open diamonds labelled with the subsample size: their codebook saw fewer points, so
+    their error on all subvectors lies *above* the curve by design, not by miscalibration; a filled
+    diamond marks what each one predicts for k-means on all subvectors. Weight-space errors are
+    fractions of the layer's ‖W‖²; output-space errors (``analyze(..., calibration=...)``) are
+    fractions of the layer's output energy E‖Wx‖² over the calibration inputs.
 
     Parameters
     ----------
     layer : LayerReport or TradeoffModel
         One entry of ``report.layers``, or a model from :func:`~lr2vq_analysis.tradeoff.fit_tradeoff`.
     ax : matplotlib.axes.Axes, optional
-        Draw into this axes instead of a new figure.
+        Draw into this axes instead of a new figure (one space only).
     measured : sequence of float, optional
         Measured relative clustering error at d̃ = 1..m, e.g. from
         :func:`~lr2vq_analysis.probes.clustering_error_curve`; defaults to the layer's
-        ``measured_curve`` (``analyze(..., measure_full_curve=True)``).
+        ``measured_curve`` (``analyze(..., measure_full_curve=True)``). Weight space only.
     legend : bool, default True
-        Draw the legend (outside the axes, on the right).
-    tolerance : float, default FLAT_TOLERANCE
-        Width of the flat band, as a share of the minimum total (see :func:`flat_band`).
+        Draw the legend (outside the axes, on the right; below both panels for ``space="both"``).
+    tolerance : float, optional
+        Relative tolerance of the shaded range; default the layer's own (``analyze(tolerance=...)``,
+        :data:`~lr2vq_analysis.tradeoff.DEFAULT_TOLERANCE` = 5 % unless set), as in the reports.
+    space : {"weight", "output", "both"}, optional
+        The errors in the weights, in the layer's output (needs calibrated output-space curves), or both
+        side by side. Default: "both" for a calibrated layer drawn into a new figure, else "weight".
 
     Returns
     -------
@@ -559,11 +637,32 @@ def plot_tradeoff(
     Raises
     ------
     InvalidParameterError
-        If ``layer`` is neither a LayerReport nor a TradeoffModel, or ``measured`` has the wrong length.
+        If ``layer`` is neither a LayerReport nor a TradeoffModel, ``measured`` has the wrong length,
+        ``space`` is unknown, "output"/"both" is asked of a layer without output-space curves, or
+        "both" is asked with ``ax``.
     """
-    curves = _LayerCurves.of(layer, measured)
-    figure, ax = _figure_and_axes(ax, (7.0, 3.4))
-    _draw_tradeoff(ax, curves, legend=legend, compact=False, tolerance=tolerance)
+    curves = _LayerCurves.of(layer, measured, tolerance)
+    calibrated = curves.lowrank_output is not None
+    if space is None:
+        space = "both" if calibrated and ax is None else "weight"
+    if space not in (*_SPACES, "both"):
+        raise InvalidParameterError(f"space={space!r} is invalid; allowed: 'weight', 'output', 'both'")
+    if space != "both":
+        figure, ax = _figure_and_axes(ax, (7.0, 3.6))
+        _draw_tradeoff(ax, curves, legend=legend, compact=False, space=space)
+        return figure
+    if ax is not None:
+        raise InvalidParameterError("space='both' draws two panels; pass ax=None, or one space with ax")
+    _output_curves(curves)  # raises, naming the layer, when it has none
+    figure, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), layout="constrained")
+    for panel, panel_space in zip(axes, _SPACES, strict=True):
+        _draw_tradeoff(panel, curves, legend=False, compact=False, space=panel_space)
+    if legend:
+        entries: dict[str, Any] = {}
+        for panel in axes:
+            for handle, label in zip(*panel.get_legend_handles_labels(), strict=True):
+                entries.setdefault(label, handle)
+        figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3))
     return figure
 
 
@@ -605,7 +704,8 @@ def plot_tradeoff_grid(
     max_layers: int | None = None,
     layers: Sequence[str] | None = None,
     max_panels: int = MAX_LAYER_PANELS,
-    tolerance: float = FLAT_TOLERANCE,
+    tolerance: float | None = None,
+    space: str = "weight",
 ) -> Figure:
     """Small multiples of the layers' trade-offs: one panel per layer, or one per layer kind when there are many.
 
@@ -613,8 +713,8 @@ def plot_tradeoff_grid(
     legend). Above it the figure is a summary: one panel per layer kind (``attention.self.query``,
     ``intermediate.dense``, ...: see :func:`layer_group`), each with the total-error curve of every
     layer of that kind, coloured by block in model order, its predicted d̃ starred and a bar under
-    the curve spanning its flat band. For per-layer panels of a large model, pass a page of
-    names, e.g. ``layers=list(report)[12:24]``.
+    the curve spanning its near-best d̃ range (the range the reports print). For per-layer panels of
+    a large model, pass a page of names, e.g. ``layers=list(report)[12:24]``.
 
     Parameters
     ----------
@@ -627,13 +727,19 @@ def plot_tradeoff_grid(
         Draw these layers (names with or without ``.weight``), in this order.
     max_panels : int, default MAX_LAYER_PANELS
         Above this many layers, summarise by layer kind.
-    tolerance : float, default FLAT_TOLERANCE
-        Width of the flat band, as a share of the minimum total (see :func:`flat_band`).
+    tolerance : float, optional
+        Relative tolerance of the near-best d̃ ranges; default the layers' own, as in the reports
+        (:data:`~lr2vq_analysis.tradeoff.DEFAULT_TOLERANCE` unless ``analyze(tolerance=...)`` set another).
+    space : {"weight", "output"}, default "weight"
+        Per-layer panels in the weights or in the layers' outputs (calibrated reports); the summary
+        by kind always shows the weight-space totals.
 
     Returns
     -------
     matplotlib.figure.Figure
     """
+    if space not in _SPACES:
+        raise InvalidParameterError(f"space={space!r} is invalid; allowed: {_SPACES}")
     if not isinstance(ncols, int) or ncols < 1:
         raise InvalidParameterError(f"ncols={ncols!r} is invalid; use a positive integer")
     chosen = [report[name] for name in layers] if layers is not None else list(report.layers)
@@ -644,8 +750,8 @@ def plot_tradeoff_grid(
         return _plot_kind_summary(report, chosen, ncols=ncols, tolerance=tolerance)
     figure, panels = _panel_grid(len(chosen), ncols, (2.6, 2.1, 0.9))
     for index, ax in enumerate(panels):
-        _draw_tradeoff(ax, _LayerCurves.of(chosen[index], None), legend=False, compact=True, tolerance=tolerance)
-        _label_panel(ax, index, len(chosen), ncols, _ENERGY)
+        _draw_tradeoff(ax, _LayerCurves.of(chosen[index], None, tolerance), legend=False, compact=True, space=space)
+        _label_panel(ax, index, len(chosen), ncols, _OUTPUT_ENERGY if space == "output" else _ENERGY)
     entries: dict[str, Any] = {}
     for ax in panels:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -658,14 +764,14 @@ def plot_tradeoff_grid(
     figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 3))
     figure.suptitle(
         f"Error trade-off per layer (k ≤ {report.k}, m = {report.m}, ρ = {_format_rho(report.rho)}; "
-        f"errors as {_ENERGY})",
+        f"errors as {_OUTPUT_ENERGY if space == 'output' else _ENERGY})",
         x=0.01,
         horizontalalignment="left",
     )
     return figure
 
 
-def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: int, tolerance: float) -> Figure:
+def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: int, tolerance: float | None) -> Figure:
     groups = [layer_group(layer.name) for layer in layers]
     colors = _block_colors([block for block, _ in groups])
     kinds = list(dict.fromkeys(kind for _, kind in groups))
@@ -679,7 +785,7 @@ def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: 
             d = np.arange(1, total.size + 1)
             color = colors[block]
             ax.plot(d, total, color=color, linewidth=1.3, label=block or "(no block)")
-            best = int(np.argmin(total)) + 1
+            best = layer.d_tilde
             ax.plot(
                 [best],
                 [total[best - 1]],
@@ -692,8 +798,8 @@ def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: 
                 zorder=5,
             )
             top = max(top, float(total.max()))
-        for row, (layer, block) in enumerate(members):  # flat bands as bars under the curves
-            low, high = flat_band(layer.total_curve, tolerance)
+        for row, (layer, block) in enumerate(members):  # near-best ranges as bars under the curves
+            low, high = _LayerCurves.of(layer, None, tolerance).band
             y = -0.04 * top * (row + 1)
             ax.plot([low - 0.3, high + 0.3], [y, y], color=colors[block], linewidth=2.0, solid_capstyle="butt")
         ax.set_ylim(-0.04 * top * (len(members) + 1), top * 1.08 if top > 0 else 1.0)
@@ -721,7 +827,7 @@ def _plot_kind_summary(report: Report, layers: Sequence[LayerReport], *, ncols: 
         ),
         Line2D([], [], color=COLORS["grey"], linewidth=2.0),
     ]
-    labels += [rf"predicted {_D_TILDE}", f"bar: {_D_TILDE} with {_flat_label(tolerance)}"]
+    labels += [rf"predicted {_D_TILDE}", f"bar: {_flat_label(_tolerance(tolerance))}"]
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     figure.suptitle(
         f"Total error by layer kind, {len(layers)} layers (k ≤ {report.k}, m = {report.m}, "
@@ -768,20 +874,22 @@ def _row_labels(ax: Axes, layers: Sequence[LayerReport]) -> bool:
 
 
 @_styled
-def plot_overview(report: Report, *, ax: Axes | None = None, tolerance: float = FLAT_TOLERANCE) -> Figure:
-    """Predicted d̃ of every layer in model order, with each layer's knee, flat band and the global d̃.
+def plot_overview(report: Report, *, ax: Axes | None = None, tolerance: float | None = None) -> Figure:
+    """Predicted d̃ of every layer in model order, with each layer's knee, near-best range and the global d̃.
 
     Rows follow the report's (model) order; names with numbered blocks (``encoder.layer.3.…``) are
-    grouped, each block labelled at the right and separated by a line. The bar behind each d̃
-    spans the d̃ whose total is within ``tolerance`` of the layer's minimum; the shaded column does
-    the same for the model's size-weighted total around the global d̃.
+    grouped, each block labelled at the right and separated by a line. The bar behind each d̃ is the
+    layer's near-best range as the reports print it (``d_tilde_range``: the rule's d̃ and every d̃
+    whose predicted total is within ``tolerance`` of the rule's minimum); the shaded column is the
+    model's (``Report.global_d_tilde_range``, size-weighted over layers).
 
     Parameters
     ----------
     report : Report
     ax : matplotlib.axes.Axes, optional
-    tolerance : float, default FLAT_TOLERANCE
-        Width of the flat bands, as a share of the minimum total (see :func:`flat_band`).
+    tolerance : float, optional
+        Relative tolerance of the ranges; default the layers' own, as in the reports
+        (:data:`~lr2vq_analysis.tradeoff.DEFAULT_TOLERANCE` unless ``analyze(tolerance=...)`` set another).
 
     Returns
     -------
@@ -794,8 +902,15 @@ def plot_overview(report: Report, *, ax: Axes | None = None, tolerance: float = 
     y = np.arange(n)
     d_tilde = np.array([layer.d_tilde for layer in layers])
     knee = np.array([layer.knee for layer in layers])
-    _shade_band(ax, flat_band(report.total_curve, tolerance), f"model total within {tolerance:.0%} of its minimum")
-    bands = np.array([flat_band(layer.total_curve, tolerance) for layer in layers], dtype=np.float64)
+    from .tradeoff import global_d_tilde
+
+    curves = [_LayerCurves.of(layer, None, tolerance) for layer in layers]
+    _, model_band, model_flat = global_d_tilde(
+        [layer.model for layer in layers], [layer.n_weights for layer in layers], tolerance=tolerance
+    )
+    flat = f"; flat: {_D_TILDE} barely matters" if model_flat else ""
+    _shade_band(ax, model_band, f"model's {_flat_label(curves[0].tolerance, model_band)}{flat}")
+    bands = np.array([c.band for c in curves], dtype=np.float64)
     ax.hlines(
         y,
         bands[:, 0] - 0.3,
@@ -803,7 +918,7 @@ def plot_overview(report: Report, *, ax: Axes | None = None, tolerance: float = 
         color=COLORS["blue"],
         alpha=0.35,
         linewidth=5,
-        label=rf"layer's {_D_TILDE} within {tolerance:.0%}",
+        label=rf"layer's near-best {_D_TILDE}",
     )
     ax.plot(
         knee,

@@ -181,7 +181,8 @@ def run_recipe(
         Checkpoint each training stage to ``<dir>/<stage>.ckpt`` (resumed when present: a killed
         recipe run again with the same arguments continues where it stopped).
     kmeans_options : mapping, optional
-        Options of the k-means of the quantize step (:func:`~lr2vq_analysis.kmeans.kmeans`).
+        Options of the k-means of the quantize step: ``{"config": KMeansConfig(...)}`` (see
+        :meth:`~lr2vq_analysis.nn.CompressedModel.quantize`; its other keyword options are deprecated).
     seed : int, default 0
         Seeds k-means, DKM's initial centroids, and the data order and dropout of both stages.
     device : torch.device or str, optional

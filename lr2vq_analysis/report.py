@@ -439,7 +439,7 @@ class Report(Mapping[str, LayerReport]):
 
     def _repr_html_(self) -> str:
         """A summary and a table of the layers, for Jupyter."""
-        header = ["layer", "kind", "shape", "k", "knee", "d̃", "total error at d̃", "bits/weight"]
+        header = ["layer", "kind", "shape", "k", "knee", "d̃", "near-best d̃", "flat", "total error at d̃", "bits/weight"]
         rows = [
             [
                 layer.name,
@@ -448,6 +448,8 @@ class Report(Mapping[str, LayerReport]):
                 layer.k,
                 layer.knee,
                 layer.d_tilde,
+                "{}–{}".format(*layer.model.d_tilde_range_),
+                "yes" if layer.model.flat_ else "",
                 f"{layer.model.total(layer.d_tilde):.4g}",
                 f"{layer.bits_per_weight():.3g}",
             ]
@@ -455,7 +457,12 @@ class Report(Mapping[str, LayerReport]):
         ]
         summary = (
             f"<b>Report</b> of {html_text(self.source or 'a model')}: {len(self.layers)} layers, k ≤ {self.k}, "
-            f"m = {self.m}, ρ = {self.rho:.3g}, <b>global d̃ = {self.global_d_tilde}</b>"
+            f"m = {self.m}, ρ = {self.rho:.3g}, <b>global d̃ = {self.global_d_tilde}</b> "
+            + "(rule {}, near-best {}–{}{})".format(
+                html_text(self.layers[0].model.predictor),
+                *self.global_d_tilde_range,
+                "; flat: PQ (d̃ = m) is as good" if self.global_flat else "",
+            )
             + (f", {len(self.skipped)} skipped" if self.skipped else "")
         )
         return html_block(summary, header, rows, max_rows=_HTML_ROWS)

@@ -359,13 +359,17 @@ def write_markdown_report(
         "## Layers",
         "",
         "Errors at each layer's predicted d̃; k: the layer's k after the cap; knee: the number of components "
-        "that reverse water-filling gives bits at this k; bits/weight: codes, codebook and projection.",
+        "that reverse water-filling gives bits at this k; near-best d̃: the rule's d̃ and every d̃ whose predicted "
+        f"total is within {report.layers[0].model.tolerance:.0%} of the rule's minimum; flat: d̃ = m is among them "
+        "(d̃ barely matters, PQ is as good); bits/weight: codes, codebook and projection.",
         "",
     ]
-    columns = ["name", "kind", "shape", "k", "knee", "d_tilde", "lowrank_error", "clustering_error", "total_error"]
+    columns = ["name", "kind", "shape", "k", "knee", "d_tilde", "d_tilde_range", "flat", "lowrank_error"]
+    columns += ["clustering_error", "total_error"]
     frame = report.to_frame()[[*columns, "bits_per_weight"]].rename(
         columns={
             "d_tilde": "d̃",
+            "d_tilde_range": "near-best d̃",
             "lowrank_error": "low-rank",
             "clustering_error": "clustering",
             "total_error": "total",

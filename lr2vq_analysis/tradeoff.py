@@ -63,6 +63,7 @@ __all__ = [
     "FLAT_MESSAGE",
     "choose_d_tilde",
     "crossing_d_tilde",
+    "near_best_range",
     "global_d_tilde",
     "prediction_note",
     "with_output_curves",
@@ -444,6 +445,56 @@ def _within(total: np.ndarray, tolerance: float) -> np.ndarray:
     return np.nonzero(total <= total.min() * (1.0 + tolerance) + 1e-12)[0] + 1
 
 
+def near_best_range(
+    objective: Any, tolerance: float = DEFAULT_TOLERANCE, d_tilde: int | None = None
+) -> tuple[int, int]:
+    """The reported d̃ range: smallest and largest d̃ whose objective is within ``tolerance`` of its minimum.
+
+    Every d̃ range of the package (``TradeoffModel.d_tilde_range_``, the global range of
+    :func:`global_d_tilde`, report.md, ``to_frame()`` and the shaded bands of :mod:`~lr2vq_analysis.plots`)
+    is this function of a rule's objective (:func:`objective_curve`). The range spans the d̃ with
+    ``objective(d̃) <= min · (1 + tolerance)`` (1e-12 absolute slack for rounding) and, when given,
+    ``d_tilde`` (a rule such as ⌊m/2⌋ may choose a d̃ outside that set); the d̃ inside the span need
+    not all be within the tolerance when the objective has two valleys.
+
+    Parameters
+    ----------
+    objective : array-like of shape (m,)
+        The predicted total at d̃ = 1..m.
+    tolerance : float, default DEFAULT_TOLERANCE
+        Relative tolerance, >= 0.
+    d_tilde : int, optional
+        The rule's d̃, always inside the range.
+
+    Returns
+    -------
+    (int, int)
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``tolerance`` is not a finite number >= 0 or ``objective`` is empty.
+
+    Examples
+    --------
+    >>> near_best_range([0.30, 0.104, 0.100, 0.1045, 0.2], tolerance=0.05)
+    (2, 4)
+    >>> near_best_range([0.30, 0.104, 0.100, 0.1045, 0.2], tolerance=0.02)
+    (3, 3)
+    >>> near_best_range([0.30, 0.104, 0.100, 0.1045, 0.2], tolerance=0.02, d_tilde=1)
+    (1, 3)
+    """
+    values = np.asarray(objective, dtype=np.float64).ravel()
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise InvalidParameterError(f"tolerance={tolerance!r} is invalid; it must be a number >= 0")
+    if values.size == 0:
+        raise InvalidParameterError("the objective is empty; it needs one value per d̃ = 1..m")
+    inside = [int(d) for d in _within(values, float(tolerance))]
+    if d_tilde is not None:
+        inside.append(int(d_tilde))
+    return min(inside), max(inside)
+
+
 # --------------------------------------------------------------------------------------------------
 # The fitted model
 # --------------------------------------------------------------------------------------------------
@@ -672,8 +723,7 @@ class TradeoffModel:
     @property
     def d_tilde_range_(self) -> tuple[int, int]:
         """(smallest, largest) d̃ whose predicted total is within ``tolerance`` of the minimum, d̃ included."""
-        inside = [*self.d_tilde_set_, self.d_tilde]
-        return min(inside), max(inside)
+        return near_best_range(self.objective(), self.tolerance, self.d_tilde)
 
     @property
     def flat_(self) -> bool:
@@ -804,7 +854,10 @@ class TradeoffModel:
         ]
         summary = (
             f"<b>TradeoffModel</b>{' of ' + html_text(self.name) if self.name else ''}: k = {self.k}, m = {self.m}, "
-            f"ρ = {self._rho:.3g}, knee = {self.knee_}, <b>d̃ = {best}</b> (errors: fraction of ‖W‖²)"
+            f"ρ = {self._rho:.3g}, knee = {self.knee_}, <b>d̃ = {best}</b> by rule {html_text(self.predictor)}, "
+            "near-best {}–{} (within {:.0%} of the rule's minimum){} (errors: fraction of ‖W‖²)".format(
+                *self.d_tilde_range_, self.tolerance, f"; {FLAT_MESSAGE}" if self.flat_ else ""
+            )
         )
         header = ["d̃", "low-rank", "clustering (model)", "probe", f"total = {self._rho:.3g}·low-rank + clustering"]
         return html_block(summary, header, rows)
@@ -1249,7 +1302,9 @@ def global_curves(models: Any, sizes: Any) -> dict[str, np.ndarray | None]:
     }
 
 
-def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tuple[int, tuple[int, int], bool]:
+def global_d_tilde(
+    models: Any, sizes: Any, predictor: str | None = None, tolerance: float | None = None
+) -> tuple[int, tuple[int, int], bool]:
     """One d̃ for a whole model by a rule of :data:`PREDICTORS`, size-weighted over layers.
 
     The curve rules work on the size-weighted mean curves; ``knee`` takes the size-weighted median of
@@ -1263,6 +1318,8 @@ def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tup
         Weights per layer.
     predictor : str, optional
         Rule (default: the first model's ``predictor``).
+    tolerance : float, optional
+        Relative tolerance of the range (default: the first model's ``tolerance``).
 
     Returns
     -------
@@ -1285,8 +1342,9 @@ def global_d_tilde(models: Any, sizes: Any, predictor: str | None = None) -> tup
     low_out, clu_out = curves["lowrank_output"], curves["clustering_output"]
     width = low.size  # the largest m over the layers
     d = choose_d_tilde(rule, width, knee, first._rho, low, clu, low_out, clu_out)
-    inside = [int(v) for v in _within(objective_curve(rule, first._rho, low, clu, low_out, clu_out), first.tolerance)]
-    return d, (min([*inside, d]), max([*inside, d])), width in inside
+    objective = objective_curve(rule, first._rho, low, clu, low_out, clu_out)
+    tolerance = first.tolerance if tolerance is None else tolerance
+    return d, near_best_range(objective, tolerance, d), near_best_range(objective, tolerance)[1] == width
 
 
 _RULE_TEXT = {

@@ -78,3 +78,40 @@ def make_toy_cnn(widths: tuple[int, ...] = (8, 16), *, seed: int = 0, num_classe
 def toy_cnn() -> torch.nn.Module:
     """A fresh :func:`make_toy_cnn` with the default widths (8, 16) and seed 0."""
     return make_toy_cnn()
+
+
+@pytest.fixture
+def hand_model():
+    """Factory of a hand-made TradeoffModel whose totals are known by hand (m = 6, ρ = 0.5, k = 16).
+
+    Weight space: total = 0.5·low-rank + clustering = [0.31, 0.183, 0.175, 0.1815, 0.23, 0.3]. With
+    ``output=True`` also output-space curves: low-rank [0.2, 0.08, 0.03, 0.01, 0.004, 0], clustering
+    [0, 0.02, 0.05, 0.09, 0.12, 0.15] (they cross at d̃ = 3).
+    """
+    from lr2vq_analysis.tradeoff import TradeoffModel
+
+    def make(predictor: str | None = None, *, output: bool = False, tolerance: float = 0.05) -> TradeoffModel:
+        curves = {}
+        if output:
+            curves = {
+                "lowrank_output_curve": [0.2, 0.08, 0.03, 0.01, 0.004, 0.0],
+                "clustering_output_curve": [0.0, 0.02, 0.05, 0.09, 0.12, 0.15],
+            }
+        return TradeoffModel(
+            16,
+            6,
+            0.5,
+            eigenvalues=[0.4, 0.3, 0.15, 0.09, 0.04, 0.02],
+            lowrank_curve=[0.6, 0.3, 0.15, 0.06, 0.02, 0.0],
+            clustering_curve=[0.01, 0.033, 0.1, 0.1515, 0.22, 0.3],
+            knee=4,
+            probes={},
+            params={},
+            n_subvectors=512,
+            name="hand.weight",
+            predictor=predictor,
+            tolerance=tolerance,
+            **curves,
+        )
+
+    return make

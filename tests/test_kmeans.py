@@ -407,8 +407,8 @@ def test_compressed_model_quantize_uses_the_quantize_defaults(monkeypatch):
     layer = lr2vq_nn.LR2VQLinear.from_dense(torch.nn.Linear(16, 8), lr2vq_nn.LayerPlan(k=4, m=4, d_tilde=2))
     layer.quantize(seed=0)
     layer2 = lr2vq_nn.LR2VQLinear.from_dense(torch.nn.Linear(16, 8), lr2vq_nn.LayerPlan(k=4, m=4, d_tilde=2))
-    layer2.quantize(seed=0, max_iter=3)
-    assert seen == [(QUANTIZE_KMEANS, None), (QUANTIZE_KMEANS, 3)]
+    layer2.quantize(seed=0, config=KMeansConfig(max_iter=3, tol=0.0))
+    assert seen == [(QUANTIZE_KMEANS, None), (KMeansConfig(max_iter=3, tol=0.0), None)]
 
 
 def test_random_state_is_sklearns_name_for_seed():

@@ -369,3 +369,53 @@ def test_dkm_iterations_and_initial_kmeans_are_set_separately(monkeypatch):
     calls.clear()
     compress(_toy_model(), {"8.weight": LayerPlan(k=4, m=4)}, method="dkm")  # default: quantize's k-means
     assert calls[0]["config"] == QUANTIZE_KMEANS
+
+
+def _lowrank_layer() -> LR2VQLinear:
+    torch.manual_seed(0)
+    return LR2VQLinear.from_dense(nn.Linear(64, 64), LayerPlan(k=16, m=4, d_tilde=4))  # 1,024 rows of Z
+
+
+def _quantized_distortion(**quantize_options) -> float:
+    """Mean squared distance of Z's rows to their code's centroid after quantize, by brute force."""
+    layer = _lowrank_layer()
+    z = layer.Z.detach().double().clone()
+    layer.quantize(seed=0, **quantize_options)
+    return float(((z - layer.codebook.detach().double()[layer.codes.long()]) ** 2).sum(dim=1).mean())
+
+
+def test_quantize_takes_a_kmeans_config():
+    import dataclasses
+    import warnings
+
+    from lr2vq_analysis.kmeans import QUANTIZE_KMEANS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented way warns about nothing
+        one = _quantized_distortion(config=dataclasses.replace(QUANTIZE_KMEANS, max_iter=1))
+        many = _quantized_distortion(config=dataclasses.replace(QUANTIZE_KMEANS, max_iter=50))
+        default = _quantized_distortion()
+    # Lloyd iterations from the same seeded start never raise the distortion: the config reaches k-means.
+    assert many < one and default < one
+    with pytest.raises(InvalidParameterError, match=r"config=.*KMeansConfig"):
+        _lowrank_layer().quantize(config={"max_iter": 5})  # type: ignore[arg-type]
+
+
+def test_quantize_keyword_options_are_deprecated_but_still_work():
+    import dataclasses
+
+    from lr2vq_analysis.kmeans import QUANTIZE_KMEANS
+
+    with pytest.warns(DeprecationWarning, match=r"quantize\(max_iter=\.\.\.\) is deprecated.*config=") as caught:
+        old = _lowrank_layer().quantize(seed=0, max_iter=1)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    new = _lowrank_layer().quantize(seed=0, config=dataclasses.replace(QUANTIZE_KMEANS, max_iter=1))
+    torch.testing.assert_close(old.codebook, new.codebook, rtol=0, atol=0)
+    torch.testing.assert_close(old.codes, new.codes, rtol=0, atol=0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    plan = {"0.weight": LayerPlan(k=4, m=4, d_tilde=2), "2.weight": LayerPlan(k=4, m=4, d_tilde=2)}
+    with pytest.warns(DeprecationWarning) as caught:
+        compress(model, plan).quantize(seed=0, max_points_per_centroid=8)
+    assert len(caught) == 1 and caught[0].filename == __file__  # once per model, not once per layer
+    with pytest.raises(InvalidParameterError, match=r"unknown option\(s\) \['n_init'\]"):
+        compress(model, plan).quantize(n_init=3)

@@ -347,36 +347,80 @@ def test_flat_band_matches_a_brute_force_scan():
     rng = np.random.default_rng(3)
     for _ in range(200):
         total = rng.uniform(0.1, 1.0, size=rng.integers(1, 12))
-        tolerance = float(rng.choice([0.0, 0.02, 0.2, 0.5]))
-        best = int(np.argmin(total))
-        inside = total <= total[best] * (1 + tolerance) + 1e-15
-        low = best
-        while low - 1 >= 0 and inside[low - 1]:
-            low -= 1
-        high = best
-        while high + 1 < total.size and inside[high + 1]:
-            high += 1
-        assert flat_band(total, tolerance) == (low + 1, high + 1)
+        tolerance = float(rng.choice([0.0, 0.02, 0.05, 0.2, 0.5]))
+        inside = [d + 1 for d in range(total.size) if total[d] <= total.min() * (1 + tolerance) + 1e-12]
+        assert flat_band(total, tolerance) == (min(inside), max(inside))
     with pytest.raises(InvalidParameterError, match="tolerance"):
-        flat_band([1.0, 2.0], tolerance=1.5)
+        flat_band([1.0, 2.0], tolerance=-0.1)
+
+
+def test_figure_band_uses_the_reports_tolerance():
+    from lr2vq_analysis import plots
+    from lr2vq_analysis.tradeoff import DEFAULT_TOLERANCE
+
+    assert DEFAULT_TOLERANCE == 0.05
+    total = [0.31, 0.183, 0.175, 0.1815, 0.23, 0.3]  # minimum 0.175 at d̃ = 3
+    assert flat_band(total) == (2, 4)  # 5 %: ≤ 0.18375 holds at d̃ = 2, 3, 4
+    assert flat_band(total, 0.02) == (3, 3)  # 2 % (the figures' old band): ≤ 0.1785 at d̃ = 3 only
+    with pytest.warns(DeprecationWarning, match="DEFAULT_TOLERANCE"):
+        assert plots.FLAT_TOLERANCE == DEFAULT_TOLERANCE
+
+
+def shaded(ax):
+    [band] = [patch for patch in ax.patches if patch.get_label().startswith("near-best")]
+    return round(band.get_x() + 0.45, 6), round(band.get_x() + band.get_width() - 0.45, 6)
+
+
+def test_tradeoff_plot_shades_the_reported_range_against_a_hand_computed_band(hand_model):
+    ax = plot_tradeoff(hand_model("rho")).axes[0]
+    assert shaded(ax) == (2, 4)  # within 5 % of the minimum 0.175: d̃ = 2, 3, 4
+    assert "within 5% of the rule's minimum" in ax.patches[0].get_label()
+    assert "rule `rho`" in ax.get_title(loc="left") and "near-best 2–4" in ax.get_title(loc="left")
+    assert "barely matters" not in ax.get_title(loc="left")
+    assert shaded(plot_tradeoff(hand_model("rho"), tolerance=0.02).axes[0]) == (3, 3)
+    # ⌊m/2⌋ = 3 by rule; PQ's d̃ = 6 lies outside the 5 % set and widens the reported range to it.
+    assert shaded(plot_tradeoff(hand_model("pq")).axes[0]) == (2, 6)
+    flat = plot_tradeoff(hand_model("rho"), tolerance=0.75).axes[0]  # ≤ 0.30625: d̃ = 2..6, m included
+    assert shaded(flat) == (2, 6) and "d̃ barely matters here" in flat.get_title(loc="left")
+
+
+def test_tradeoff_plot_shows_the_same_range_as_the_report(report):
+    for layer in report.layers:
+        assert shaded(plot_tradeoff(layer).axes[0]) == layer.model.d_tilde_range_
+        plt.close("all")
+
+
+def test_tradeoff_plot_draws_output_space_curves_beside_the_weight_space_ones(hand_model):
+    model = hand_model(output=True)  # calibrated: the default rule is the output-space crossing
+    assert model.predictor == "crossing-output"
+    fig = plot_tradeoff(model)
+    weight_ax, output_ax = fig.axes
+    np.testing.assert_allclose(line_by_label(output_ax, "low-rank").get_ydata(), [0.2, 0.08, 0.03, 0.01, 0.004, 0])
+    np.testing.assert_allclose(line_by_label(output_ax, "clustering").get_ydata(), [0, 0.02, 0.05, 0.09, 0.12, 0.15])
+    output_total = [0.1, 0.06, 0.065, 0.095, 0.122, 0.15]  # 0.5·low-rank + clustering, by hand
+    np.testing.assert_allclose(line_by_label(output_ax, "total").get_ydata(), output_total)
+    np.testing.assert_allclose(line_by_label(weight_ax, "low-rank").get_ydata(), [0.6, 0.3, 0.15, 0.06, 0.02, 0])
+    # Crossing in the output: clustering 0.05 ≥ low-rank 0.03 first at d̃ = 3; its objective
+    # max(low-rank, clustering) = [0.2, 0.08, 0.05, 0.09, 0.12, 0.15] is within 5 % of 0.05 at d̃ = 3 only.
+    for ax in (weight_ax, output_ax):
+        assert line_by_label(ax, "predicted").get_xdata()[0] == 3
+        assert shaded(ax) == (3, 3)
+    assert line_by_label(output_ax, "predicted").get_ydata()[0] == pytest.approx(0.065)
+    assert "output" in output_ax.get_title(loc="left") and "Wx" in output_ax.get_ylabel()
+    assert len(fig.legends) == 1
+    assert len(plot_tradeoff(model, space="output").axes) == 1
+    with pytest.raises(InvalidParameterError, match=r"hand\.weight.*output-space"):
+        plot_tradeoff(hand_model(), space="output")
+    with pytest.raises(InvalidParameterError, match="two panels"):
+        plot_tradeoff(model, space="both", ax=weight_ax)
+    with pytest.raises(InvalidParameterError, match="space="):
+        plot_tradeoff(model, space="activations")
 
 
 def test_layer_group_splits_block_and_kind():
     assert layer_group("encoder.layer.11.attention.self.query.weight") == ("encoder.layer.11", "attention.self.query")
     assert layer_group("features.3.weight") == ("features.3", "(weight)")
     assert layer_group("fc.weight") == ("", "fc")
-
-
-def test_tradeoff_plot_shades_the_flat_band(report):
-    layer = report["block2.weight"]
-    ax = plot_tradeoff(layer, tolerance=0.5).axes[0]
-    total = layer.rho * layer.lowrank_curve + layer.clustering_curve
-    inside = np.flatnonzero(total <= total.min() * 1.5)
-    band = [patch for patch in ax.patches if patch.get_label().startswith("total within 50%")]
-    assert len(band) == 1
-    x0, x1 = band[0].get_x(), band[0].get_x() + band[0].get_width()
-    assert all(x0 < d + 1 < x1 for d in inside if abs(d - np.argmin(total)) <= 1)  # contiguous neighbours inside
-    assert x0 < layer.d_tilde < x1
 
 
 def test_probes_on_subsamples_are_drawn_apart_and_say_their_sample_size():
@@ -422,7 +466,7 @@ def test_overview_groups_rows_by_block_in_model_order(big_report):
     blocks = [text.get_text() for text in ax.texts]
     assert blocks == [f"encoder.layer.{b}" for b in range(4)]
     bands = next(c for c in ax.collections if c.get_label().startswith("layer's"))
-    expected = [flat_band(layer.total_curve) for layer in big_report.values()]
+    expected = [layer.model.d_tilde_range_ for layer in big_report.values()]  # the report's ranges
     segments = bands.get_segments()
     assert [(round(seg[0][0] + 0.3), round(seg[1][0] - 0.3)) for seg in segments] == expected
 

@@ -282,3 +282,24 @@ def test_module_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("NO-TORCH")
+
+
+def test_report_md_and_html_show_each_layers_near_best_range_and_flat_flag(tmp_path, hand_model):
+    from lr2vq_analysis.report import LayerReport
+
+    for predictor, tolerance, d_tilde, near_best, flat in (
+        ("rho", 0.05, 3, "2–4", False),  # within 5 % of 0.175: d̃ = 2, 3, 4
+        ("pq", 0.05, 6, "2–6", False),  # the rule's d̃ = 6 widens the range; d̃ = 6 itself is not near-best
+        ("rho", 0.75, 3, "2–6", True),  # ≤ 0.30625: d̃ = 2..6, m included: flat
+    ):
+        model = hand_model(predictor, tolerance=tolerance)  # total = [0.31, 0.183, 0.175, 0.1815, 0.23, 0.3]
+        report = Report([LayerReport("hand.weight", "linear", (64, 48), model)], k=16, m=6, source="hand")
+        markdown = report_folder.write_markdown_report(report, tmp_path).read_text()
+        assert "| d̃ | near-best d̃ | flat |" in markdown
+        row = next(line for line in markdown.splitlines() if line.startswith("| hand.weight"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[5:8] == [str(d_tilde), near_best, str(flat)]
+        assert f"within {tolerance:.0%} of the rule's minimum" in markdown
+        html = report._repr_html_()
+        assert f"<td>{near_best}</td>" in html and ("flat: PQ" in html) == flat
+        assert f"near-best {near_best}" in report.layers[0].model._repr_html_()
