@@ -14,6 +14,9 @@ Sections (each writes one JSON file and adds to one markdown table in ``--out``)
 4. ``--only finetune-mnist1d``: the same on the bundled MNIST-1D CNN (its three inner Conv1d layers at
    m = 6 or 12, as in the sweeps), fine-tuned with the sweeps' recipe (cross-entropy, Adam, one learning
    rate for both plans), with the paired difference per seed (``planner_finetune_mnist1d.csv`` / ``.md``).
+5. ``--only finetune-minilm``: the same on all-MiniLM-L6-v2 distilled into its own sentence embeddings
+   (the sweeps' MiniLM task: cosine to the original's embeddings on held-out docstrings), linears at
+   m = 8 or 16 and k ∈ {64, 128, 256}, at 1.75× and 1.85× of the source (the embeddings stay fp32).
 
 Usage::
 
@@ -21,6 +24,7 @@ Usage::
     python benchmarks/bench_planner.py                         # all of 1 and 2 (minutes on 2 loaded cores)
     python benchmarks/bench_planner.py --only finetune --seeds 5 --steps 150
     python benchmarks/bench_planner.py --only finetune-mnist1d --seeds 5 --steps 600
+    python benchmarks/bench_planner.py --only finetune-minilm --seeds 5 --steps 120 --lr 1e-3
 
 The machine these numbers come from may be shared; compare rows of one run, not runs.
 """
@@ -189,6 +193,13 @@ def finetune_section(seeds: int, steps: int, targets: list[float], out: Path) ->
 
 #: MNIST-1D: the sweeps' compressed layers (every Conv1d but the input one; fc stays fp32) at m = 6 (and 12).
 MNIST1D_SPECS = CompressionSpecs(k=256, kinds={"conv1d": {"m": 6}})
+#: MiniLM: every linear at m = 8 (and 16), as in the MiniLM sweep.
+MINILM_SPECS = CompressionSpecs(k=256, kinds={"linear": {"m": 8}})
+#: Per fine-tuned task: its specs, its two size targets (× of the source) and the planner's candidate k.
+FINETUNE_TASKS: dict[str, tuple[CompressionSpecs, list[float], dict[str, Any]]] = {
+    "mnist1d": (MNIST1D_SPECS, [10.0, 16.0], {}),
+    "minilm": (MINILM_SPECS, [1.75, 1.85], {"candidates": {"k": [64, 128, 256]}}),
+}
 
 
 def paired(allocated: list[float], uniform: list[float]) -> tuple[float, float]:
@@ -200,7 +211,10 @@ def paired(allocated: list[float], uniform: list[float]) -> tuple[float, float]:
 def finetune_task_section(
     task_name: str, seeds: int, steps: int, targets: list[float], lr: float, out: Path, **plan_options: Any
 ) -> list[dict[str, Any]]:
-    """Allocated vs best uniform plan on a sweep task, same recipe, budget and learning rate for both plans."""
+    """Allocated vs best uniform plan on a sweep task, same recipe, budget and learning rate for both plans.
+
+    The metric is the task's (accuracy for the CNNs, cosine to the original embeddings for MiniLM).
+    """
     import pandas as pd
     import torch
 
@@ -212,7 +226,8 @@ def finetune_task_section(
     task = TASKS[task_name]
     splits = task.load_splits(task.train_cut_seed)
     rows: list[dict[str, Any]] = []
-    base = plan_for_size(task.load_model(), ratio=targets[0], specs=MNIST1D_SPECS, **plan_options)
+    specs, _, defaults = FINETUNE_TASKS[task_name]
+    base = plan_for_size(task.load_model(), ratio=targets[0], specs=specs, **{**defaults, **plan_options})
     for ratio in targets:
         plan = plan_for_size(base, ratio=ratio)
         best = plan.best_uniform()
@@ -262,7 +277,7 @@ def finetune_task_section(
     frame = pd.DataFrame(rows)
     frame.to_csv(out / f"planner_finetune_{task_name}.csv", index=False)
     lines = [
-        "| target | plan | size | accuracy (mean ± sd) | allocated − uniform (paired, ± SE) |",
+        f"| target | plan | size | {task.metric} × 100 (mean ± sd) | allocated − uniform (paired, ± SE) |",
         "|---|---|---:|---|---|",
     ]
     for row in rows:
@@ -271,7 +286,7 @@ def finetune_task_section(
         )
         lines.append(
             f"| {row['target_ratio']:g}× | {row['plan']} | {row['MiB'] * 1024:.2f} KiB | "
-            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} % | {paired_text} |"
+            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_sd']:.2f} | {paired_text} |"
         )
     (out / f"planner_finetune_{task_name}.md").write_text("\n".join(lines) + "\n")
     return rows
@@ -281,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-18 presets and digits planning only")
     parser.add_argument(
-        "--only", choices=("presets", "efficientnet", "minilm", "finetune", "finetune-mnist1d"), action="append"
+        "--only",
+        choices=("presets", "efficientnet", "minilm", "finetune", "finetune-mnist1d", "finetune-minilm"),
+        action="append",
     )
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=3e-3, help="MNIST-1D learning rate (both plans)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="MNIST-1D / MiniLM learning rate (both plans)")
     parser.add_argument("--out", default="benchmarks/results/planner")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -314,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results["minilm"], indent=1), flush=True)
         if "finetune" in sections:
             results["finetune"] = finetune_section(args.seeds, args.steps, [10.0, 16.0], out)
-        if "finetune-mnist1d" in sections:
-            results["finetune_mnist1d"] = finetune_task_section(
-                "mnist1d", args.seeds, args.steps, [10.0, 16.0], args.lr, out
-            )
+        for task_name in ("mnist1d", "minilm"):
+            if f"finetune-{task_name}" in sections:
+                results[f"finetune_{task_name}"] = finetune_task_section(
+                    task_name, args.seeds, args.steps, FINETUNE_TASKS[task_name][1], args.lr, out
+                )
     name = "planner_quick.json" if args.quick else f"planner_{'_'.join(sorted(sections))}.json"
     (out / name).write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out / name}")
