@@ -190,12 +190,13 @@ def test_zoo_stages_quick_train_sweep_score(tmp_path):
     assert sorted(set(frame["seed"])) == [0, 100]  # a tuning seed and a scored seed
     assert sorted(frame.loc[frame["method"] == "lr2vq", "d_tilde"].unique()) == [1, 9]
     result = zoo_score.main(
-        ["--runs", str(runs), "--half", "all", "--weights-dir", str(tmp_path), "--quick", "--pq-rule", "pq"]
+        ["--runs", str(runs), "--half", "all", "--weights-dir", str(tmp_path), "--quick", "--pq-rules", "pq,half"]
     )
     predictions = result["predictions"][0]
     assert predictions["half"] == 4 and predictions["pq"] == 9
     assert {"rho", "crossing", "crossing-output", "rho-output", "knee"} <= set(predictions)
-    (versus,) = result["pq_comparison"]  # LR²VQ at d̃ = m against PQ at the same (k, m), scored seed only
+    assert result["pq_comparison"]["half"] == []  # ⌊9/2⌋ = 4 was not swept in the quick sweep
+    (versus,) = result["pq_comparison"]["pq"]  # LR²VQ at d̃ = m against PQ at the same (k, m), scored seed only
     assert versus["d_tilde"] == 9 and versus["lr2vq"]["n"] == versus["pq_same"]["n"] == 1
     assert (versus["lr2vq"]["k"], versus["lr2vq"]["m"]) == (versus["pq_same"]["k"], versus["pq_same"]["m"]) == (16, 9)
     scored = frame[(frame["seed"] == 0) & (frame["method"] == "pq")]

@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--runs", type=Path, nargs="+", default=None, help="zoo runs CSVs (from sweep.py) to score")
     parser.add_argument(
-        "--pq-rule", default="half", help="the rule whose d̃ LR²VQ is compared with PQ at (the chosen default)"
+        "--pq-rules",
+        default="half",
+        help="comma-separated rules at whose d̃ LR²VQ is compared with PQ (the defaults, with and without data)",
     )
     parser.add_argument("--half", choices=("dev", "held-out", "all"), default="dev")
     parser.add_argument("--weights-dir", type=Path, default=None)
@@ -362,8 +364,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["cnn"], [settings[i] for i in cnn], [predictions[i] for i in cnn], command
         )
     if args.runs is not None:
-        result["pq_comparison"] = pq_comparison(read_runs(args.runs), settings, predictions, args.pq_rule)
-        text += "\n## LR²VQ against PQ\n\n" + pq_markdown(result["pq_comparison"])
+        runs = read_runs(args.runs)
+        result["pq_comparison"] = {}
+        text += "\n## LR²VQ against PQ\n"
+        for rule in args.pq_rules.split(","):
+            result["pq_comparison"][rule] = pq_comparison(runs, settings, predictions, rule)
+            text += "\n" + pq_markdown(result["pq_comparison"][rule])
     print(text)
     if not args.quick:
         write_atomic(args.out_dir / f"{stem}.json", (json.dumps(result, indent=1, default=float) + "\n").encode())
