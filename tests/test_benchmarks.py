@@ -201,3 +201,27 @@ def test_zoo_stages_quick_train_sweep_score(tmp_path):
     assert (versus["lr2vq"]["k"], versus["lr2vq"]["m"]) == (versus["pq_same"]["k"], versus["pq_same"]["m"]) == (16, 9)
     scored = frame[(frame["seed"] == 0) & (frame["method"] == "pq")]
     assert versus["pq_same"]["mean"] == pytest.approx(100 * float(scored["accuracy"].iloc[0]))
+
+
+def test_activation_projection_benchmark_quick_and_its_pca_step_matches_an_svd():
+    """--quick covers every (layer, method); the PCA low-rank step equals a brute-force SVD truncation."""
+    import bench_activation_projection as bench
+    import numpy as np
+
+    from lr2vq_analysis.subvectors import to_subvectors
+
+    rows = bench.main(["--quick"])
+    assert len(rows) == 3 * len(bench.METHODS)  # 3 layers, one d̃
+    for layer in {r["layer"] for r in rows}:
+        by_method = {r["method"]: r for r in rows if r["layer"] == layer}
+        # the H̄ metric changes the clustering only, not the low-rank step
+        assert by_method["aware"]["lowrank_output_error"] == pytest.approx(
+            by_method["aware+metric"]["lowrank_output_error"]
+        )
+        assert all(0 < r["lowrank_output_error"] < 1 and r["output_error"] > 0 for r in by_method.values())
+    weight = load_model("digits-cnn").state_dict()["conv3.weight"].float()
+    x = to_subvectors(weight, 9)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    expected = (x @ vt[:3].T @ vt[:3]).reshape(tuple(weight.shape))
+    lowrank, _ = bench.quantize_layer(weight, np.eye(weight[0].numel()), 9, 3, 16, "pca", seed=0)
+    np.testing.assert_allclose(lowrank, expected, atol=1e-8)
