@@ -10,8 +10,8 @@ output-space relative error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of
 - ``aware``: activation-aware P, Z its H̄-weighted least-squares coordinates, k-means on Z;
 - ``aware+metric``: the same P, k-means in the H̄ metric (Z whitened by (P H̄ Pᵀ)^½, centroids mapped back),
 
-each after the low-rank step alone and after clustering, size-weighted over layers. The fine-tuned effect
-is not measured here (see docs/results.md)::
+each after the low-rank step alone and after clustering, size-weighted over layers (at d̃ = m the first two
+are plain PQ). The fine-tuned effect is not measured here (see docs/results.md)::
 
     python benchmarks/bench_activation_projection.py                 # all-MiniLM-L6-v2, 36 linears, k 256, m 8
     python benchmarks/bench_activation_projection.py --quick         # the bundled digits CNN, seconds
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         from lr2vq_analysis.experimental.sweeps import MINILM_LAYERS
 
-        rows = run("minilm", list(MINILM_LAYERS), 8, 256, [4, 7], args.samples, args.seed)
+        rows = run("minilm", list(MINILM_LAYERS), 8, 256, [4, 7, 8], args.samples, args.seed)
     print(f"python benchmarks/bench_activation_projection.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(summary(rows))
     return rows

@@ -202,6 +202,12 @@ FINETUNE_TASKS: dict[str, tuple[CompressionSpecs, list[float], dict[str, Any]]] 
 }
 
 
+def plan_histogram(layer_plan: Any) -> str:
+    """``k256/m8/d8×30 k128/m8/d4×6``: how many layers got each (k, m, d̃)."""
+    counts = Counter((p.k, p.m, p.d_tilde) for p in layer_plan.values())
+    return " ".join(f"k{k}/m{m}/d{d}×{n}" for (k, m, d), n in sorted(counts.items(), reverse=True))
+
+
 def paired(allocated: list[float], uniform: list[float]) -> tuple[float, float]:
     """Mean and standard error of the per-seed difference allocated − uniform."""
     diff = np.asarray(allocated) - np.asarray(uniform)
@@ -260,7 +266,10 @@ def finetune_task_section(
                     "target_ratio": ratio,
                     "plan": label,
                     "plan_km": " ".join(
-                        f"{name.split('.')[0]}:k{p.k}/m{p.m}/d{p.d_tilde}" for name, p in layer_plan.items()
+                        f"k{k}/m{m}/d{d}×{count}"
+                        for (k, m, d), count in sorted(
+                            Counter((p.k, p.m, p.d_tilde) for p in layer_plan.values()).items()
+                        )
                     ),
                     "MiB": size_bits / 8 / 2**20,
                     "accuracy_mean": float(np.mean(scores[label])),
