@@ -416,7 +416,7 @@ class _LayerCurves:
         d_tilde = int(getattr(model, "d_tilde_", int(np.argmax(total <= total.min() + 1e-12)) + 1))
         objective = model.objective() if hasattr(model, "objective") else total
         tol = _tolerance(getattr(model, "tolerance", None) if tolerance is None else tolerance)
-        from .tradeoff import near_best_range
+        from .tradeoff import is_flat, near_best_range
 
         low_out = getattr(model, "lowrank_output_curve_", None)
         clu_out = getattr(model, "clustering_output_curve_", None)
@@ -437,7 +437,7 @@ class _LayerCurves:
             predictor=str(getattr(model, "predictor", "rho")),
             tolerance=tol,
             band=near_best_range(objective, tol, d_tilde),
-            flat=near_best_range(objective, tol)[1] == m,
+            flat=is_flat(objective, tol),
             lowrank_output=None if low_out is None else np.asarray(low_out, dtype=np.float64),
             clustering_output=None if clu_out is None else np.asarray(clu_out, dtype=np.float64),
         )

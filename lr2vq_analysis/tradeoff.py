@@ -64,6 +64,7 @@ __all__ = [
     "choose_d_tilde",
     "crossing_d_tilde",
     "near_best_range",
+    "is_flat",
     "global_d_tilde",
     "prediction_note",
     "with_output_curves",
@@ -499,6 +500,31 @@ def near_best_range(
     return min(inside), max(inside)
 
 
+def is_flat(objective: Any, tolerance: float = DEFAULT_TOLERANCE) -> bool:
+    """True when d̃ = m (plain PQ) is within ``tolerance`` of the objective's minimum: d̃ barely matters.
+
+    The one flatness test behind ``TradeoffModel.flat_``, :func:`global_d_tilde` and the figures.
+
+    Parameters
+    ----------
+    objective : array-like of shape (m,)
+        The predicted total at d̃ = 1..m.
+    tolerance : float, default DEFAULT_TOLERANCE
+        Relative tolerance, >= 0.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> is_flat([0.30, 0.104, 0.100, 0.1045], tolerance=0.05), is_flat([0.3, 0.1, 0.2])
+    (True, False)
+    """
+    values = np.asarray(objective, dtype=np.float64).ravel()
+    return near_best_range(values, tolerance)[1] == values.size
+
+
 # --------------------------------------------------------------------------------------------------
 # The fitted model
 # --------------------------------------------------------------------------------------------------
@@ -732,7 +758,7 @@ class TradeoffModel:
     @property
     def flat_(self) -> bool:
         """True when d = m (PQ) is within the tolerance: the curve is too flat for d̃ to matter."""
-        return self.m in self.d_tilde_set_
+        return is_flat(self.objective(), self.tolerance)
 
     @property
     def flat_message_(self) -> str:
@@ -1348,7 +1374,7 @@ def global_d_tilde(
     d = choose_d_tilde(rule, width, knee, first._rho, low, clu, low_out, clu_out)
     objective = objective_curve(rule, first._rho, low, clu, low_out, clu_out)
     tolerance = first.tolerance if tolerance is None else tolerance
-    return d, near_best_range(objective, tolerance, d), near_best_range(objective, tolerance)[1] == width
+    return d, near_best_range(objective, tolerance, d), is_flat(objective, tolerance)
 
 
 _RULE_TEXT = {
