@@ -8,7 +8,7 @@ output-space relative error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of
 
 - ``pca``: weight-space PCA P, k-means on Z (what ``compress`` does today);
 - ``aware``: activation-aware P, Z its H̄-weighted least-squares coordinates, k-means on Z;
-- ``aware+metric``: the same P, k-means in the H̄ metric (Z whitened by (P H̄ Pᵀ)^½, centroids mapped back),
+- ``aware+metric``: the same P, k-means in the H̄ metric (Z times the Cholesky factor of P H̄ Pᵀ, centroids mapped back),
 
 each after the low-rank step alone and after clustering, size-weighted over layers (at d̃ = m the first two
 are plain PQ). The fine-tuned effect is not measured here (see docs/results.md)::
@@ -35,12 +35,6 @@ from lr2vq_analysis.subvectors import from_subvectors, to_subvectors
 METHODS = ("pca", "aware", "aware+metric")
 
 
-def _symmetric_root(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values, vectors = np.linalg.eigh(matrix)
-    values = np.clip(values, max(float(values.max()), 1e-300) * 1e-12, None)
-    return (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
-
-
 def quantize_layer(
     weight: torch.Tensor, metric: np.ndarray, m: int, d: int, k: int, method: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +50,8 @@ def quantize_layer(
         hbar = block_metric(metric, m)
         gram = p @ hbar @ p.T
         z = x @ hbar @ p.T @ np.linalg.inv(gram)  # H̄-weighted least-squares coordinates
-        scale = _symmetric_root(gram)[0] if method == "aware+metric" else np.eye(d)
+        # ‖(a − b) L‖² = (a − b) P H̄ Pᵀ (a − b)ᵀ with gram = L Lᵀ: Euclidean k-means on Z·L is k-means in H̄
+        scale = np.linalg.cholesky(gram) if method == "aware+metric" else np.eye(d)
     codes = kmeans(torch.from_numpy(z @ scale).float(), k, seed=seed, config=QUANTIZE_KMEANS)
     centroids = codes.centroids.double().numpy() @ np.linalg.inv(scale)
     z_hat = centroids[codes.labels.numpy()]
@@ -68,12 +63,9 @@ def quantize_layer(
 
 def calibration_batches(task: str, n: int) -> Any:
     if task == "minilm":
-        from lr2vq_analysis.experimental.datasets import docstring_splits
-        from lr2vq_analysis.experimental.models.minilm import encode_texts, minilm_tokenizer
+        from lr2vq_analysis.experimental.datasets import minilm_calibration_batches
 
-        texts = list(docstring_splits(0)["train"])[:n]
-        inputs = encode_texts(minilm_tokenizer(), texts)
-        return [{key: value[i : i + 64] for key, value in inputs.items()} for i in range(0, n, 64)]
+        return minilm_calibration_batches(n)
     from lr2vq_analysis.registry import load_dataset
 
     train = load_dataset("digits-cnn")["train"]

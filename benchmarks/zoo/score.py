@@ -142,12 +142,9 @@ def calibration_inputs(task: str, n: int) -> Any:
     import torch
 
     if task == "minilm":
-        from lr2vq_analysis.experimental.datasets import docstring_splits
-        from lr2vq_analysis.experimental.models.minilm import encode_texts, minilm_tokenizer
+        from lr2vq_analysis.experimental.datasets import minilm_calibration_batches
 
-        texts = list(docstring_splits(0)["train"])[:n]
-        inputs = encode_texts(minilm_tokenizer(), texts)
-        return [{key: value[i : i + 64] for key, value in inputs.items()} for i in range(0, n, 64)]
+        return minilm_calibration_batches(n)
     from lr2vq_analysis.experimental.sweeps import TASKS
 
     train = TASKS[task].load_splits(0)["train"]

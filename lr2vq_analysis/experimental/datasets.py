@@ -31,6 +31,7 @@ __all__ = [
     "docstring_splits",
     "DistillationTexts",
     "load_minilm_splits",
+    "minilm_calibration_batches",
     "cosine_distance",
     "cosine_similarity",
 ]
@@ -320,6 +321,31 @@ def load_minilm_splits(seed: int = 0) -> dict[str, DistillationTexts]:
         inputs = encode_texts(tokenizer, texts)
         out[name] = DistillationTexts(inputs, _embed(teacher, inputs))
     return out
+
+
+def minilm_calibration_batches(n: int, batch_size: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` training docstrings, tokenized, in batches: calibration inputs for all-MiniLM-L6-v2.
+
+    Parameters
+    ----------
+    n : int
+        Number of sentences (from the ``"train"`` split of :func:`docstring_splits`).
+    batch_size : int, default 64
+        Sentences per batch.
+    seed : int, default 0
+        Passed to :func:`docstring_splits`.
+
+    Returns
+    -------
+    list of dict
+        Tokenizer outputs (``input_ids``, ``attention_mask``, ...), one dict per batch, as
+        ``calibration=`` takes them.
+    """
+    from .models.minilm import encode_texts, minilm_tokenizer
+
+    texts = list(docstring_splits(seed)["train"])[:n]
+    inputs = encode_texts(minilm_tokenizer(), texts)
+    return [{key: value[i : i + batch_size] for key, value in inputs.items()} for i in range(0, len(texts), batch_size)]
 
 
 def cosine_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
