@@ -574,13 +574,15 @@ def _draw_tradeoff(ax: Axes, curves: _LayerCurves, *, legend: bool, compact: boo
             fontsize=7.5,
         )
     else:
-        where = "in the layer's output (calibration data)" if output else "in the weights"
+        where = "in the layer's output" if output else "in the weights"
         ax.set_xlabel(rf"clustering dimensionality {_D_TILDE}")
         ax.set_ylabel(f"relative error ({_OUTPUT_ENERGY if output else _ENERGY})")
+        # two short lines: side-by-side panels (weights | output) must not clip the title
         ax.set_title(
-            f"{curves.name} {where}  (k = {curves.k}, m = {curves.m}, ρ = {_format_rho(curves.rho)})\n"
-            + rf"rule `{curves.predictor}`: {_D_TILDE} = {best}, near-best {_range_text(curves.band)}"
-            + (f"; {FLAT_MESSAGE}" if curves.flat else "")
+            f"{curves.name} {where}\n"
+            + rf"k = {curves.k}, m = {curves.m}, ρ = {_format_rho(curves.rho)}; rule `{curves.predictor}`: "
+            + rf"{_D_TILDE} = {best}, near-best {_range_text(curves.band)}"
+            + (f";\n{FLAT_MESSAGE}" if curves.flat else "")
         )
     if legend:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
