@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_figures
 import bench_kmeans
+import bench_kmeans_start
 import bench_threads
 import calibrate_rho
 import sweep_frontier
@@ -131,6 +132,17 @@ def test_quick_kmeans_benchmark_runs_every_engine_to_comparable_distortion(tmp_p
     for _, case in table[table["d"] >= 4].groupby("case"):
         by_engine = case.groupby("engine")["inertia"].mean()
         assert (by_engine / by_engine["sklearn"]).between(0.95, 1.05).all()
+
+
+def test_quick_start_sample_benchmark_scores_every_candidate_against_the_all_points_start(tmp_path):
+    summary = bench_kmeans_start.main(["--quick", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "kmeans_start_development_quick.csv").is_file()
+    assert "Rule (pre-registered)" in (tmp_path / "kmeans_start_development_quick.md").read_text()
+    assert set(summary["setting"]) == {"analysis", "quantize"}
+    assert (summary["cases"] == 2).all()
+    # 256 per centroid at k = 256 is more than the 8192 points: the start sees them all, as the reference does.
+    same = summary[summary["candidate"].isin(["256", "all"])]
+    assert (same["max excess %"] == 0).all()
 
 
 def test_quick_threads_benchmark_measures_every_path_at_both_settings():

