@@ -28,7 +28,7 @@ Implementation notes (measurements in ``docs/kmeans.md``):
   argmin, bincount), or in faiss's fused search where faiss is importable and measured faster
   (``KMeansConfig.backend``), and the call runs single-threaded, torch's threads included (see
   :func:`~lr2vq_analysis._threads.single_threaded`).
-- The k-means++ start runs on a seeded subsample of at most ``max(16·k, 4096)`` points for d ≥ 2.
+- The k-means++ start runs on a seeded subsample of at most ``max(64·k, 4096)`` points for d ≥ 2.
 - Where faiss is importable and its search measured faster (float32 on CPU, d ≥ 2, k > 32 or d ≥ 8, and
   at least 2^17 coordinates) and ``tol == 0`` (stop only when the labels repeat), the start and the Lloyd
   loop are faiss's (``faiss.Clustering``: k-means++ on the same subsample, seeded from ``seed``; no
@@ -165,11 +165,12 @@ class KMeansConfig:
         If set and ``n > k * max_points_per_centroid``, train on ``k * max_points_per_centroid``
         points drawn at random without replacement (faiss's rule; faiss's default is 256). Labels and
         ``inertia`` still cover all n points; ``train_inertia`` covers the sample.
-    init_points_per_centroid : int or None, default 16
+    init_points_per_centroid : int or None, default 64
         The k-means++ start runs on at most ``max(k * init_points_per_centroid, 4096)`` randomly drawn
         training points (for d ≥ 2; at d = 1 the start decides the result and always sees every
-        point). None: every point. Measured in ``docs/kmeans.md``: 16 instead of 32 halves the start
-        at k = 256 for +0.0–0.3 % distortion after 25 iterations (k ≤ 128 is unaffected: 4096 points).
+        point). None: every point. Chosen by a pre-registered experiment on real weights
+        (``benchmarks/bench_kmeans_start.py``, ``docs/kmeans.md``): a start on too few points misses
+        the heavy tails of real weights (16 per centroid: up to 18 % more distortion after Lloyd).
     dtype : torch.dtype, default torch.float32
         Dtype of the distance computations (``torch.float64`` for full precision).
     chunk_size : int, optional
@@ -202,7 +203,7 @@ class KMeansConfig:
     max_iter: int = 300
     tol: float = 1e-4
     max_points_per_centroid: int | None = None
-    init_points_per_centroid: int | None = 16
+    init_points_per_centroid: int | None = 64
     dtype: torch.dtype = torch.float32
     chunk_size: int | None = None
     backend: Literal["auto", "torch", "faiss"] = "auto"
