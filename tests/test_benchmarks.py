@@ -126,7 +126,7 @@ def test_quick_analysis_scaling_measures_every_case_and_cleans_up(tmp_path, monk
 def test_quick_kmeans_benchmark_runs_every_engine_to_comparable_distortion(tmp_path):
     table = bench_kmeans.main(["--quick", "--out", str(tmp_path / "kmeans.csv")])
     assert (tmp_path / "kmeans.csv").is_file()
-    engines = {"ours", "sklearn"} | ({"faiss"} if bench_kmeans.faiss is not None else set())
+    engines = {"ours", "sklearn"} | ({"faiss", "faiss+labels"} if bench_kmeans.faiss is not None else set())
     assert set(table["engine"]) == engines
     # Same data, k-means++ start and 25 iterations: distortions agree within seed-to-seed noise (d >= 4).
     for _, case in table[table["d"] >= 4].groupby("case"):
