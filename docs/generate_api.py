@@ -165,6 +165,18 @@ def documented_parameters(doc: str | None) -> list[tuple[str, str]]:
     return entries
 
 
+def stable(text: str) -> str:
+    """``text`` without memory addresses (``<function f at 0x7f...>``), so api.md is the same on every run."""
+    return re.sub(r" at 0x[0-9a-f]+>", ">", text)
+
+
+def constant_repr(obj: object) -> str:
+    """repr of a constant; sets sorted (their order changes with string hashing from run to run)."""
+    if isinstance(obj, (set, frozenset)):
+        return f"{type(obj).__name__}({{{', '.join(sorted(map(repr, obj)))}}})"
+    return stable(repr(obj))
+
+
 def signature(obj: object, name: str) -> str:
     """``name(a, b=1, *, c=None)``: parameters and defaults, without annotations."""
     try:
@@ -173,7 +185,7 @@ def signature(obj: object, name: str) -> str:
         return name
     empty = inspect.Parameter.empty
     parameters = [p.replace(annotation=empty) for p in sig.parameters.values()]
-    return f"{name}{sig.replace(parameters=parameters, return_annotation=empty)}"
+    return stable(f"{name}{sig.replace(parameters=parameters, return_annotation=empty)}")
 
 
 def render() -> str:
@@ -185,7 +197,7 @@ def render() -> str:
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
             if not callable(obj):
-                out += [f"### `{name}`", "", f"Constant: `{obj!r}`"[:300], ""]
+                out += [f"### `{name}`", "", f"Constant: `{constant_repr(obj)}`"[:300], ""]
                 continue
             out += [f"### `{signature(obj, name)}`", "", summary(obj.__doc__), ""]
             for first, text in documented_parameters(obj.__doc__):
