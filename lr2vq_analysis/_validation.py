@@ -147,6 +147,7 @@ RULES: Mapping[str, tuple[Interval | Options, bool]] = MappingProxyType(
         "tol": (Interval("real", 0), False),
         "chunk_size": (Interval("int", 1), True),
         "init_points_per_centroid": (Interval("int", 1), True),
+        "init_tail_share": (Interval("real", 0, 1, closed="left"), False),
         "backend": (Options(("auto", "torch", "faiss")), False),
         "min_size": (Interval("int", 0), False),
         "val_fraction": (Interval("real", 0, 1, closed="neither"), False),

@@ -171,6 +171,12 @@ class KMeansConfig:
         point). None: every point. Chosen by a pre-registered experiment on real weights
         (``benchmarks/bench_kmeans_start.py``, ``docs/kmeans.md``): a start on too few points misses
         the heavy tails of real weights (16 per centroid: up to 18 % more distortion after Lloyd).
+    init_tail_share : float, default 0.0
+        Share of that start sample taken as the training points farthest from their mean (the
+        layer's rare outliers, which a uniform sample misses), the rest drawn uniformly from the other
+        points. Each point then counts for the points it stands for (1 for the farthest, ``(n − t) /
+        (sample − t)`` for the others) in a weighted k-means++, so the start's draws stay unbiased.
+        In ``[0, 1)``; 0: a uniform sample (and, where faiss runs the loop, faiss's k-means++).
     dtype : torch.dtype, default torch.float32
         Dtype of the distance computations (``torch.float64`` for full precision).
     chunk_size : int, optional
@@ -204,13 +210,21 @@ class KMeansConfig:
     tol: float = 1e-4
     max_points_per_centroid: int | None = None
     init_points_per_centroid: int | None = 64
+    init_tail_share: float = 0.0
     dtype: torch.dtype = torch.float32
     chunk_size: int | None = None
     backend: Literal["auto", "torch", "faiss"] = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the validated values in place
-        for option in ("max_iter", "tol", "max_points_per_centroid", "init_points_per_centroid", "chunk_size"):
+        for option in (
+            "max_iter",
+            "tol",
+            "max_points_per_centroid",
+            "init_points_per_centroid",
+            "init_tail_share",
+            "chunk_size",
+        ):
             set_(self, option, check_param(option, getattr(self, option)))
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise InvalidParameterError(f"dtype={self.dtype!r} is invalid; dtype must be a floating torch dtype")
@@ -467,10 +481,42 @@ def _assign_exact(
     return labels, points.exact_sqdist(centroids, labels)
 
 
+def _start_sample(
+    x: torch.Tensor, size: int, tail_share: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The k-means++ start's sample of ``size`` rows of (centred) x, and the weight of each row.
+
+    A uniform draw (no weights) when ``tail_share`` is 0. Otherwise the ``tail_share · size`` rows
+    farthest from the mean, each standing for itself, and a uniform draw of the others, each standing
+    for ``(n − t) / (size − t)`` of them: an unbiased sample of every sum the start computes.
+    """
+    n = x.shape[0]
+    n_tail = int(tail_share * size)
+    if n_tail == 0:
+        return x[torch.randperm(n, generator=generator)[:size].to(x.device)], None
+    sqnorm = (x.to(torch.float64) ** 2).sum(1)
+    tail = torch.topk(sqnorm, n_tail).indices
+    is_rest = torch.ones(n, dtype=torch.bool, device=x.device)
+    is_rest[tail] = False
+    rest = torch.nonzero(is_rest).squeeze(1)
+    drawn = rest[torch.randperm(rest.numel(), generator=generator)[: size - n_tail].to(x.device)]
+    weights = torch.ones(size, dtype=torch.float64, device=x.device)
+    weights[n_tail:] = (n - n_tail) / (size - n_tail)
+    return x[torch.cat([tail, drawn])], weights
+
+
 def _kmeans_plusplus(
-    x: torch.Tensor, k: int, generator: torch.Generator, *, use_numpy: bool | None = None
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    *,
+    weights: torch.Tensor | None = None,
+    use_numpy: bool | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ (scikit-learn's): k centres chosen among the rows of x.
+
+    With ``weights`` (float64, one per row) it is scikit-learn's weighted k-means++: the first centre
+    is drawn ∝ weight, candidates ∝ weight · D², and the best candidate lowers Σ weight · D² most.
 
     ``‖x − y‖² = [x, ‖x‖², 1]·[−2y, 1, ‖y‖²]ᵀ``, so one GEMM gives the distances of all points to
     the candidates; the distance to the nearest chosen centre is updated incrementally (an elementwise
@@ -482,7 +528,8 @@ def _kmeans_plusplus(
     if use_numpy is None:
         use_numpy = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if use_numpy:
-        return torch.from_numpy(_kmeans_plusplus_numpy(x.numpy(), k, n_trials, generator))
+        sample_weight = None if weights is None else weights.numpy()
+        return torch.from_numpy(_kmeans_plusplus_numpy(x.numpy(), k, n_trials, generator, sample_weight))
     x_sqnorm = (x * x).sum(1, keepdim=True)
     x_aug_t = torch.cat([x, x_sqnorm, torch.ones_like(x_sqnorm)], dim=1).t().contiguous()
     distances = x.new_empty((n_trials, n))
@@ -493,37 +540,50 @@ def _kmeans_plusplus(
         y = x[candidates]
         return torch.cat([-2.0 * y, torch.ones_like(y[:, :1]), (y * y).sum(1, keepdim=True)], dim=1)
 
-    chosen = torch.randint(n, (1,), generator=generator).to(x.device)[0]
+    chosen = _first_centre(n, weights, generator).to(x.device)
     closest = torch.mm(candidate_weights(chosen.view(1)), x_aug_t)[0].clamp_min_(0.0)
     for c in range(k):
         closest[chosen] = 0.0  # exact: a chosen point must carry no probability mass
         centres[c] = x[chosen]
         if c == k - 1:
             break
-        cumulative = torch.cumsum(closest, 0, dtype=torch.float64)
+        mass = closest if weights is None else closest * weights
+        cumulative = torch.cumsum(mass, 0, dtype=torch.float64)
         draws = torch.rand(n_trials, generator=generator, dtype=torch.float64).to(x.device)
         candidates = torch.searchsorted(cumulative, draws.mul_(cumulative[-1])).clamp_(max=n - 1)
         torch.mm(candidate_weights(candidates), x_aug_t, out=distances)
         distances.clamp_(min=zero, max=closest)  # squared distance to the nearest centre once chosen
-        best = torch.argmin(distances.sum(1))
+        best = torch.argmin(distances.sum(1) if weights is None else distances.to(torch.float64) @ weights)
         closest = distances[best].clone()  # a 0-d index gives a view, and the buffer is reused
         chosen = candidates[best]
     return centres
 
 
-def _kmeans_plusplus_numpy(x: np.ndarray, k: int, n_trials: int, generator: torch.Generator) -> np.ndarray:
+def _first_centre(n: int, weights: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """Index of k-means++'s first centre: uniform, or drawn ∝ weight (a 0-d CPU tensor)."""
+    if weights is None:
+        return torch.randint(n, (1,), generator=generator)[0]
+    cumulative = torch.cumsum(weights.cpu(), 0)
+    draw = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+    return torch.searchsorted(cumulative, draw).clamp_(max=n - 1)[0]
+
+
+def _kmeans_plusplus_numpy(
+    x: np.ndarray, k: int, n_trials: int, generator: torch.Generator, sample_weight: np.ndarray | None = None
+) -> np.ndarray:
     """:func:`_kmeans_plusplus` on CPU: the same draws and choices, in numpy."""
     n, d = x.shape
     x_sqnorm = np.einsum("ij,ij->i", x, x)
     x_aug_t = np.empty((d + 2, n), dtype=x.dtype)
     x_aug_t[:d], x_aug_t[d], x_aug_t[d + 1] = x.T, x_sqnorm, 1.0
-    weights = np.empty((n_trials, d + 2), dtype=x.dtype)
-    weights[:, d] = 1.0
+    candidate_rows = np.empty((n_trials, d + 2), dtype=x.dtype)
+    candidate_rows[:, d] = 1.0
     distances = np.empty((n_trials, n), dtype=x.dtype)
     cumulative_t = torch.empty(n, dtype=torch.float64)
     cumulative = cumulative_t.numpy()
     centres = np.empty((k, d), dtype=x.dtype)
-    chosen = int(torch.randint(n, (1,), generator=generator)[0])
+    weights = None if sample_weight is None else torch.from_numpy(sample_weight)
+    chosen = int(_first_centre(n, weights, generator))
     closest = np.maximum(x_sqnorm - 2.0 * (x @ x[chosen]) + x_sqnorm[chosen], 0.0).astype(x.dtype)
     for c in range(k):
         closest[chosen] = 0.0  # exact: a chosen point must carry no probability mass
@@ -531,17 +591,18 @@ def _kmeans_plusplus_numpy(x: np.ndarray, k: int, n_trials: int, generator: torc
         if c == k - 1:
             break
         # torch's float32 -> float64 cumsum: 4x faster than numpy's here (measured, n = 8192)
-        torch.cumsum(torch.from_numpy(closest), 0, dtype=torch.float64, out=cumulative_t)
+        mass = closest if sample_weight is None else closest * sample_weight
+        torch.cumsum(torch.from_numpy(mass), 0, dtype=torch.float64, out=cumulative_t)
         draws = torch.rand(n_trials, generator=generator, dtype=torch.float64).numpy() * cumulative[-1]
         candidates = np.minimum(np.searchsorted(cumulative, draws), n - 1)
-        np.multiply(x[candidates], -2.0, out=weights[:, :d])
-        weights[:, d + 1] = x_sqnorm[candidates]
-        np.matmul(weights, x_aug_t, out=distances)  # numpy's BLAS: faster than torch.mm here (measured)
+        np.multiply(x[candidates], -2.0, out=candidate_rows[:, :d])
+        candidate_rows[:, d + 1] = x_sqnorm[candidates]
+        np.matmul(candidate_rows, x_aug_t, out=distances)  # numpy's BLAS: faster than torch.mm here (measured)
         # Squared distance to the nearest centre once a candidate is chosen. Rounding can make a
         # distance slightly negative; only the winner's row is clamped (the sums are unaffected at
         # the rounding level), saving a pass over all n_trials rows.
         np.minimum(distances, closest, out=distances)
-        best = int(np.argmin(distances.sum(1)))
+        best = int(np.argmin(distances.sum(1) if sample_weight is None else distances @ sample_weight))
         closest = np.maximum(distances[best], 0.0)
         chosen = int(candidates[best])
     return centres
@@ -760,17 +821,17 @@ def _kmeans(points: torch.Tensor, k: int, seed: int, options: KMeansConfig, init
     # faiss's search inside it where that is faster.
     hand_over = tol == 0 and d > 1 and _use_faiss(options.backend, train.shape[0], d, k, train, whole_loop=True)
     if init is None:
-        seeds = train
+        seeds, seed_weights = train, None
         n_seeds = max(k * init_points_per_centroid, _MIN_INIT_POINTS) if init_points_per_centroid else n
         if d > 1 and train.shape[0] > n_seeds:
             # faiss-style: the start needs far fewer points than Lloyd (measured in docs/kmeans.md)
-            seeds = train[torch.randperm(train.shape[0], generator=generator)[:n_seeds].to(device)]
-        if hand_over:
+            seeds, seed_weights = _start_sample(train, n_seeds, options.init_tail_share, generator)
+        if hand_over and seed_weights is None:
             # faiss's k-means++ on the same sample: 5-8x cheaper than the greedy start, same distortion
-            # after Lloyd (measured in docs/kmeans.md).
+            # after Lloyd (measured in docs/kmeans.md). It ignores weights, hence not for a tail sample.
             centres = _faiss_kmeans_plusplus(seeds, k, generator)
         else:
-            centres = _kmeans_plusplus(seeds, k, generator)
+            centres = _kmeans_plusplus(seeds, k, generator, weights=seed_weights)
     else:
         centres = (init.to(device=device, dtype=torch.float64) - mean).to(dtype)
 

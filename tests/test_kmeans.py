@@ -1,9 +1,12 @@
 """The k-means engine, checked against scikit-learn's KMeans and brute-force numpy distances."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans as SklearnKMeans
+from sklearn.cluster import kmeans_plusplus
 from sklearn.datasets import make_blobs
 from threadpoolctl import threadpool_limits
 
@@ -19,6 +22,7 @@ from lr2vq_analysis.kmeans import (
     _kmeans_plusplus,
     _lloyd,
     _PointSet,
+    _start_sample,
     assign,
     kmeans,
 )
@@ -207,6 +211,84 @@ def test_kmeans_plusplus_numpy_and_torch_paths_choose_the_same_points():
         assert torch.equal(by_numpy, by_torch)
 
 
+def test_kmeans_plusplus_numpy_and_torch_paths_choose_the_same_points_with_weights():
+    x = torch.from_numpy(np.random.default_rng(9).normal(size=(3000, 6)) * np.linspace(2.0, 0.5, 6))
+    weights = torch.from_numpy(np.random.default_rng(10).uniform(0.5, 20.0, size=3000))
+    for seed in range(3):
+        by_numpy = _kmeans_plusplus(x, 48, torch.Generator().manual_seed(seed), weights=weights, use_numpy=True)
+        by_torch = _kmeans_plusplus(x, 48, torch.Generator().manual_seed(seed), weights=weights, use_numpy=False)
+        assert torch.equal(by_numpy, by_torch)
+
+
+def _potential(x: np.ndarray, centres: np.ndarray, weights: np.ndarray) -> float:
+    return float(brute_force_sqdist(x, centres).min(1) @ weights)
+
+
+def test_weighted_kmeans_plusplus_is_the_start_on_the_repeated_points():
+    # Integer weights: the weighted start must be distributed as the unweighted start on the points
+    # repeated weight times, and as scikit-learn's weighted k-means++ (its potential, 40 seeds each).
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(size=(300, 2)), rng.normal(size=(20, 2)) * 0.3 + 8.0])
+    counts = np.concatenate([np.ones(300, dtype=int), np.full(20, 15)])  # a small far group, weighted 15x
+    weights = counts.astype(np.float64)
+    repeated = np.repeat(x, counts, axis=0)
+    seeds = range(40)
+    ours = [
+        _potential(
+            x,
+            _kmeans_plusplus(
+                torch.from_numpy(x), 8, torch.Generator().manual_seed(s), weights=torch.from_numpy(weights)
+            ).numpy(),
+            weights,
+        )
+        for s in seeds
+    ]
+    on_repeated = [
+        _potential(
+            x, _kmeans_plusplus(torch.from_numpy(repeated), 8, torch.Generator().manual_seed(s)).numpy(), weights
+        )
+        for s in seeds
+    ]
+    theirs = [_potential(x, kmeans_plusplus(x, 8, sample_weight=weights, random_state=s)[0], weights) for s in seeds]
+    unweighted = [
+        _potential(x, _kmeans_plusplus(torch.from_numpy(x), 8, torch.Generator().manual_seed(s)).numpy(), weights)
+        for s in seeds
+    ]
+    se = np.std(ours, ddof=1) / np.sqrt(len(ours))
+    assert abs(np.mean(ours) - np.mean(on_repeated)) < 4 * np.hypot(se, np.std(on_repeated, ddof=1) / np.sqrt(40))
+    assert abs(np.mean(ours) - np.mean(theirs)) < 4 * np.hypot(se, np.std(theirs, ddof=1) / np.sqrt(40))
+    assert np.mean(ours) < np.mean(unweighted)  # the weights matter: ignoring them is worse for Σ w·D²
+
+
+def test_tail_start_sample_keeps_the_farthest_points_and_counts_every_point_once():
+    x = torch.from_numpy(np.random.default_rng(12).standard_t(3, size=(50_000, 4)))
+    sample, weights = _start_sample(x, 4096, 0.25, torch.Generator().manual_seed(0))
+    farthest = torch.topk((x**2).sum(1), 1024).indices
+    assert torch.equal(sample[:1024], x[farthest])
+    assert weights is not None and float(weights.sum()) == pytest.approx(50_000)
+    assert torch.unique(sample, dim=0).shape[0] == 4096  # drawn without replacement, no tail point twice
+    uniform, none = _start_sample(x, 4096, 0.0, torch.Generator().manual_seed(0))
+    assert none is None and uniform.shape == (4096, 4)
+
+
+def test_tail_start_finds_rare_outlier_rows_that_a_uniform_start_misses():
+    # 0.2 % of the rows scaled 10-40x (outlier channels): a uniform 4096-point start of 60,000 points
+    # rarely sees them; the tail start matches the start on every point.
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(60_000, 4)) * np.array([1.0, 0.7, 0.4, 0.2])
+    rows = rng.choice(60_000, 120, replace=False)
+    x[rows] *= rng.uniform(10, 40, size=(120, 1))
+    x = x.astype(np.float32)
+    base = KMeansConfig(max_iter=25, tol=0.0, backend="torch")
+
+    def mean_inertia(**fields):
+        return np.mean([kmeans(x, 32, seed=s, config=dataclasses.replace(base, **fields)).inertia for s in range(3)])
+
+    every_point = mean_inertia(init_points_per_centroid=None)
+    assert mean_inertia(init_tail_share=0.25) == pytest.approx(every_point, rel=0.03)
+    assert mean_inertia(init_tail_share=0.0) > 1.1 * every_point
+
+
 def test_duplicated_points_give_zero_distortion_and_full_clusters():
     centres = np.random.default_rng(8).normal(size=(8, 3)) * 10
     x = np.repeat(centres, 50, axis=0)
@@ -325,6 +407,7 @@ def test_estimator_errors():
         ({"tol": "x"}, "tol='x'"),
         ({"max_points_per_centroid": 0}, "max_points_per_centroid=0"),
         ({"init_points_per_centroid": -3}, "init_points_per_centroid=-3"),
+        ({"init_tail_share": 1.0}, r"init_tail_share=1.0 .*\[0, 1\)"),
         ({"chunk_size": True}, "chunk_size=True"),
         ({"dtype": torch.int64}, "dtype"),
         ({"backend": "cuda"}, r"backend='cuda'.*'auto', 'torch', 'faiss'"),
