@@ -143,6 +143,9 @@ def test_quick_start_sample_benchmark_scores_every_candidate_against_the_all_poi
     # 256 per centroid at k = 256 is more than the 8192 points: the start sees them all, as the reference does.
     same = summary[summary["candidate"].isin(["256", "all"])]
     assert (same["max excess %"] == 0).all()
+    tail = bench_kmeans_start.main(["--quick", "--experiment", "tail", "--out-dir", str(tmp_path)])
+    assert set(tail["candidate"]) == {"64", "64+tail", "all"}
+    assert "On this half it gives" in (tmp_path / "kmeans_start_tail_development_quick.md").read_text()
 
 
 def test_quick_threads_benchmark_measures_every_path_at_both_settings():
