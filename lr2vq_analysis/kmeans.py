@@ -498,8 +498,8 @@ def _start_sample(
     n_tail = int(tail_share * size)
     if n_tail == 0:
         return x[torch.randperm(n, generator=generator)[:size].to(x.device)], None
-    sqnorm = (x.to(torch.float64) ** 2).sum(1)
-    tail = torch.topk(sqnorm, n_tail).indices
+    # A reduction, not (x ** 2).sum(1): no n × d temporary (float32 norms order the points well enough).
+    tail = torch.topk(torch.linalg.vector_norm(x, dim=1), n_tail).indices
     is_rest = torch.ones(n, dtype=torch.bool, device=x.device)
     is_rest[tail] = False
     rest = torch.nonzero(is_rest).squeeze(1)
