@@ -201,17 +201,25 @@ def measure(half: str, quick: bool, large: bool = False, experiment: str = "samp
     return pd.DataFrame(rows)
 
 
+def per_case(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, layer, d̃, candidate), means over the seeds: excess inertia and time vs the all-points start."""
+    keys = ["setting", "network", "layer", "d_tilde", "candidate"]
+    means = table.groupby(keys, sort=False)[["inertia", "seconds"]].mean().reset_index()
+    reference = means[means["candidate"] == "all"].set_index(keys[:-1])
+    matched = reference.reindex(pd.MultiIndex.from_frame(means[keys[:-1]]))
+    means["excess"] = means["inertia"].to_numpy() / matched["inertia"].to_numpy() - 1
+    means["time ratio"] = means["seconds"].to_numpy() / matched["seconds"].to_numpy()
+    return means
+
+
 def summarise(table: pd.DataFrame, experiment: str = "sample") -> tuple[pd.DataFrame, dict[str, str]]:
     """Excess over the all-points start per candidate and setting, and the rule's choice per setting."""
-    means = table.groupby(["setting", "network", "layer", "d_tilde", "candidate"])[["inertia", "seconds"]].mean()
-    reference = means.xs("all", level="candidate")
+    cases_ = per_case(table)
     lines = []
-    for setting in means.index.unique(level="setting"):
+    for setting in cases_["setting"].unique():
         for candidate in EXPERIMENTS[experiment]:
-            mine = means.xs((setting, candidate), level=("setting", "candidate"))
-            ref = reference.xs(setting, level="setting")
-            excess = mine["inertia"] / ref["inertia"] - 1
-            time_ratio = mine["seconds"] / ref["seconds"]
+            mine = cases_[(cases_["setting"] == setting) & (cases_["candidate"] == candidate)]
+            excess = mine["excess"]
             lines.append(
                 {
                     "setting": setting,
@@ -221,7 +229,7 @@ def summarise(table: pd.DataFrame, experiment: str = "sample") -> tuple[pd.DataF
                     "SE %": 100 * excess.std(ddof=1) / np.sqrt(len(excess)) if len(excess) > 1 else float("nan"),
                     "p95 excess %": 100 * excess.quantile(0.95),
                     "max excess %": 100 * excess.max(),
-                    "time / all-points time (median)": time_ratio.median(),
+                    "time / all-points time (median)": mine["time ratio"].median(),
                 }
             )
     summary = pd.DataFrame(lines)
@@ -252,12 +260,10 @@ def tail_rule(rows: pd.DataFrame) -> str:
 
 
 def per_layer(table: pd.DataFrame) -> pd.DataFrame:
-    """Excess (%) and time relative to the all-points start, one row per layer and candidate."""
-    means = table.groupby(["layer", "candidate"], sort=False)[["inertia", "seconds"]].mean().reset_index()
-    reference = means[means["candidate"] == "all"].set_index("layer")
-    means["excess %"] = 100 * (means["inertia"] / means["layer"].map(reference["inertia"]) - 1)
-    means["time / all-points time"] = means["seconds"] / means["layer"].map(reference["seconds"])
-    return means[["layer", "candidate", "excess %", "seconds", "time / all-points time"]].round(3)
+    """Excess (%) and time relative to the all-points start, one row per layer and candidate (``--large``)."""
+    rows = per_case(table).assign(**{"excess %": lambda t: 100 * t["excess"]})
+    rows = rows.rename(columns={"time ratio": "time / all-points time"})
+    return rows[["layer", "candidate", "excess %", "seconds", "time / all-points time"]].round(3)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
